@@ -1,0 +1,3 @@
+//! What a Celluler cell links to use a relay as its hop.
+
+pub mod transport;

@@ -1,0 +1,1 @@
+//! QUIC link layer.

@@ -1,0 +1,331 @@
+//! Batch frames: many messages of one lane in one frame, zstd-compressed
+//! when that gains.
+//!
+//! Body of a batch frame (after the length prefix and type byte):
+//!
+//! ```text
+//! u8   lane
+//! u8   flags        bit0: data is one zstd frame
+//! u16  count        messages in the batch, 1..=Limits::max_batch_messages
+//! u32  raw_len      bytes of the concatenated messages, <= Limits::max_frame
+//! ...  data         the messages back to back, or their zstd compression
+//! ```
+//!
+//! A compressed batch is refused before decompression if its zstd header
+//! claims another size than `raw_len`, and decompression writes into a
+//! buffer of exactly `raw_len` bytes, so no frame can expand past the bound.
+
+use crate::error::DecodeError;
+use crate::frame::{FrameType, LEN_PREFIX};
+use crate::key::Keypair;
+use crate::limits::Limits;
+use crate::message::{Envelope, Lane, Message};
+use crate::wire::Reader;
+use bytes::{BufMut, Bytes, BytesMut};
+
+const FLAG_ZSTD: u8 = 1;
+/// Bytes of a batch header after the frame's length prefix and type byte.
+pub const BATCH_HEADER_LEN: usize = 8;
+
+/// A decoded batch frame whose messages are not yet parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchFrame {
+    /// The lane of every message in it.
+    pub lane: Lane,
+    /// Whether `data` is zstd-compressed.
+    pub compressed: bool,
+    /// Number of messages.
+    pub count: u16,
+    /// Length of the messages uncompressed.
+    pub raw_len: u32,
+    /// The messages, or their compression.
+    pub data: Bytes,
+}
+
+impl BatchFrame {
+    pub(crate) fn encode_body(&self, out: &mut BytesMut) {
+        out.put_u8(self.lane as u8);
+        out.put_u8(if self.compressed { FLAG_ZSTD } else { 0 });
+        out.put_u16_le(self.count);
+        out.put_u32_le(self.raw_len);
+        out.put_slice(&self.data);
+    }
+
+    pub(crate) fn decode_body(body: Bytes, limits: &Limits) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(&body);
+        let lane = Lane::from_u8(r.u8()?)?;
+        let flags = r.u8()?;
+        if flags & !FLAG_ZSTD != 0 {
+            return Err(DecodeError::Invalid {
+                field: "batch flags",
+                value: flags as u64,
+            });
+        }
+        let count = r.u16()?;
+        let max_count = limits.max_batch_messages.min(Limits::MAX_BATCH_CAP);
+        if count == 0 || count as usize > max_count {
+            return Err(DecodeError::TooLarge {
+                what: "batch count",
+                got: count as usize,
+                limit: max_count,
+            });
+        }
+        let raw_len = r.u32()?;
+        let max_raw = limits.max_frame.min(Limits::MAX_FRAME_CAP);
+        if raw_len as usize > max_raw {
+            return Err(DecodeError::TooLarge {
+                what: "batch raw length",
+                got: raw_len as usize,
+                limit: max_raw,
+            });
+        }
+        let compressed = flags & FLAG_ZSTD != 0;
+        let data = body.slice(BATCH_HEADER_LEN..);
+        if !compressed && data.len() != raw_len as usize {
+            return Err(DecodeError::Invalid {
+                field: "batch raw length",
+                value: raw_len as u64,
+            });
+        }
+        Ok(Self {
+            lane,
+            compressed,
+            count,
+            raw_len,
+            data,
+        })
+    }
+}
+
+/// What one finished batch cost on the wire.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Messages in the batch.
+    pub count: usize,
+    /// Bytes of the messages.
+    pub raw_bytes: usize,
+    /// Bytes of the whole frame as written (prefix included).
+    pub wire_bytes: usize,
+    /// Whether it was compressed.
+    pub compressed: bool,
+}
+
+/// Builds batch frames, reusing its buffer and its zstd context across
+/// batches so the steady state allocates nothing.
+pub struct BatchEncoder {
+    body: BytesMut,
+    count: usize,
+    compress_min: usize,
+    compressor: zstd::bulk::Compressor<'static>,
+    scratch: Vec<u8>,
+}
+
+impl BatchEncoder {
+    /// An encoder compressing at zstd `level` the batches of at least
+    /// `compress_min` bytes (`usize::MAX` turns compression off).
+    pub fn new(level: i32, compress_min: usize) -> std::io::Result<Self> {
+        Ok(Self {
+            body: BytesMut::with_capacity(64 * 1024),
+            count: 0,
+            compress_min,
+            compressor: zstd::bulk::Compressor::new(level)?,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Messages pushed since the last finish.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Bytes pushed since the last finish.
+    pub fn len_bytes(&self) -> usize {
+        self.body.len()
+    }
+
+    /// Whether nothing is pushed.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Whether one more message would exceed the count bound of a batch.
+    pub fn is_full(&self) -> bool {
+        self.count >= Limits::MAX_BATCH_CAP
+    }
+
+    /// Adds a message with the authenticator it holds.
+    pub fn push(&mut self, msg: &Message) {
+        msg.encode(&mut self.body);
+        self.count += 1;
+    }
+
+    /// Adds a message signed by `key`.
+    pub fn push_signed(&mut self, msg: &Message, key: &Keypair) {
+        msg.encode_signed(key, &mut self.body);
+        self.count += 1;
+    }
+
+    /// Adds an already-encoded message as it is.
+    pub fn push_envelope(&mut self, env: &Envelope) {
+        self.body.extend_from_slice(env.raw());
+        self.count += 1;
+    }
+
+    /// Adds an already-encoded message with its TTL set to `ttl`: how a relay
+    /// forwards without re-encoding.
+    pub fn push_with_ttl(&mut self, env: &Envelope, ttl: u8) {
+        self.body.put_u8(ttl);
+        self.body.extend_from_slice(&env.raw()[1..]);
+        self.count += 1;
+    }
+
+    /// Appends the batch frame of everything pushed to `out` and starts a new
+    /// batch. Compresses when the batch is at least `compress_min` bytes and
+    /// the compression is smaller. Does nothing for an empty batch.
+    ///
+    /// # Panics
+    /// If more than 65535 messages were pushed (check [`is_full`](Self::is_full)).
+    pub fn finish(&mut self, lane: Lane, out: &mut BytesMut) -> BatchStats {
+        if self.count == 0 {
+            return BatchStats::default();
+        }
+        let count = u16::try_from(self.count).expect("batch count checked with is_full");
+        let raw_len = self.body.len();
+        let mut compressed = false;
+        if raw_len >= self.compress_min {
+            self.scratch.clear();
+            self.scratch
+                .reserve(zstd::zstd_safe::compress_bound(raw_len));
+            compressed = self
+                .compressor
+                .compress_to_buffer(&self.body[..], &mut self.scratch)
+                .is_ok_and(|n| n < raw_len);
+        }
+        let data: &[u8] = if compressed {
+            &self.scratch
+        } else {
+            &self.body
+        };
+        let start = out.len();
+        let len = 1 + BATCH_HEADER_LEN + data.len();
+        out.reserve(LEN_PREFIX + len);
+        out.put_u32_le(len as u32);
+        out.put_u8(FrameType::Batch as u8);
+        out.put_u8(lane as u8);
+        out.put_u8(if compressed { FLAG_ZSTD } else { 0 });
+        out.put_u16_le(count);
+        out.put_u32_le(raw_len as u32);
+        out.put_slice(data);
+        let stats = BatchStats {
+            count: self.count,
+            raw_bytes: raw_len,
+            wire_bytes: out.len() - start,
+            compressed,
+        };
+        self.body.clear();
+        self.count = 0;
+        stats
+    }
+}
+
+/// Turns batch frames back into messages, reusing one zstd context.
+pub struct BatchDecoder {
+    limits: Limits,
+    decompressor: zstd::bulk::Decompressor<'static>,
+}
+
+impl BatchDecoder {
+    /// A decoder enforcing `limits`.
+    pub fn new(limits: Limits) -> std::io::Result<Self> {
+        Ok(Self {
+            limits: limits.clamped(),
+            decompressor: zstd::bulk::Decompressor::new()?,
+        })
+    }
+
+    /// The messages of `batch`, decompressed within `raw_len` and parsed
+    /// lazily: the iterator yields an error (and then stops) at the first
+    /// bad message, if the batch holds fewer or more messages than its
+    /// count, or if a message's lane differs from the batch's.
+    pub fn messages(&mut self, batch: &BatchFrame) -> Result<BatchMessages, DecodeError> {
+        let buf = if batch.compressed {
+            let raw_len = batch.raw_len as usize;
+            match zstd::zstd_safe::get_frame_content_size(&batch.data) {
+                Ok(Some(n)) if n == raw_len as u64 => {}
+                Ok(Some(n)) => {
+                    return Err(DecodeError::Decompress(format!(
+                        "zstd frame claims {n} bytes, batch header {raw_len}"
+                    )));
+                }
+                _ => {
+                    return Err(DecodeError::Decompress(
+                        "zstd frame without a content size".into(),
+                    ));
+                }
+            }
+            let mut out = Vec::with_capacity(raw_len);
+            let n = self
+                .decompressor
+                .decompress_to_buffer(&batch.data[..], &mut out)
+                .map_err(|e| DecodeError::Decompress(e.to_string()))?;
+            if n != raw_len {
+                return Err(DecodeError::Decompress(format!(
+                    "expanded to {n} bytes, batch header says {raw_len}"
+                )));
+            }
+            Bytes::from(out)
+        } else {
+            batch.data.clone()
+        };
+        Ok(BatchMessages {
+            buf,
+            left: batch.count as usize,
+            lane: batch.lane,
+            limits: self.limits,
+            failed: false,
+        })
+    }
+}
+
+/// The messages of one batch, parsed one at a time.
+pub struct BatchMessages {
+    buf: Bytes,
+    left: usize,
+    lane: Lane,
+    limits: Limits,
+    failed: bool,
+}
+
+impl Iterator for BatchMessages {
+    type Item = Result<Envelope, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        if self.left == 0 {
+            if self.buf.is_empty() {
+                return None;
+            }
+            self.failed = true;
+            return Some(Err(DecodeError::Trailing(self.buf.len())));
+        }
+        self.left -= 1;
+        let r = Envelope::parse(&mut self.buf, &self.limits).and_then(|e| {
+            if e.lane() == self.lane {
+                Ok(e)
+            } else {
+                Err(DecodeError::Invalid {
+                    field: "message lane in batch",
+                    value: e.lane() as u64,
+                })
+            }
+        });
+        self.failed = r.is_err();
+        Some(r)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (0, Some(self.left + 1))
+    }
+}

@@ -1,0 +1,637 @@
+//! Link frames: the length-prefixed units on a QUIC stream.
+//!
+//! ```text
+//! u32  length of what follows (type + body), at most Limits::max_frame
+//! u8   frame type
+//! ...  body
+//! ```
+//!
+//! Data travels in [`Frame::Batch`] frames, one unidirectional stream per
+//! lane. Everything else is control and travels on the link's first
+//! bidirectional stream, which starts with [`Frame::Hello`] from the
+//! connecting side and [`Frame::Welcome`] (or [`Frame::Close`]) in reply.
+
+use crate::batch::BatchFrame;
+use crate::error::DecodeError;
+use crate::key::PublicKey;
+use crate::limits::Limits;
+use crate::message::{Lane, MAX_SERVICE_NAME, MessageId, ServiceName};
+use crate::wire::Reader;
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Link protocol version carried in Hello and Welcome.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Bytes of the length prefix.
+pub const LEN_PREFIX: usize = 4;
+/// Longest agent or application version string.
+pub const MAX_AGENT: usize = 64;
+/// Longest human-readable reason or detail.
+pub const MAX_REASON: usize = 1024;
+/// Most entries in one discovery reply.
+pub const MAX_DISCOVER_ENTRIES: usize = 4096;
+
+/// The frame type byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    /// Messages of one lane.
+    Batch = 0x01,
+    /// First frame of a link, from the connecting side.
+    Hello = 0x02,
+    /// The accepting side's answer to Hello.
+    Welcome = 0x03,
+    /// Closing or refusing a link, with a reason.
+    Close = 0x04,
+    /// A cell states its services and version.
+    Announce = 0x05,
+    /// Who offers a service?
+    Discover = 0x06,
+    /// The answer to Discover.
+    DiscoverReply = 0x07,
+    /// Subscribe to (or stop) presence changes.
+    WatchPresence = 0x08,
+    /// A cell attached or detached.
+    Presence = 0x09,
+    /// A message could not be delivered, or was dropped.
+    Notice = 0x0A,
+}
+
+impl FrameType {
+    fn from_u8(v: u8) -> Result<Self, DecodeError> {
+        use FrameType::*;
+        Ok(match v {
+            0x01 => Batch,
+            0x02 => Hello,
+            0x03 => Welcome,
+            0x04 => Close,
+            0x05 => Announce,
+            0x06 => Discover,
+            0x07 => DiscoverReply,
+            0x08 => WatchPresence,
+            0x09 => Presence,
+            0x0A => Notice,
+            _ => {
+                return Err(DecodeError::Invalid {
+                    field: "frame type",
+                    value: v as u64,
+                });
+            }
+        })
+    }
+}
+
+/// What kind of node opens a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    /// An application node.
+    Cell = 0,
+    /// A peer relay.
+    Relay = 1,
+}
+
+/// Why a link is closed or refused. Also used as the QUIC application close
+/// code, so a peer that never read the Close frame still learns why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum CloseCode {
+    /// Orderly close.
+    Normal = 0,
+    /// The peer speaks a protocol version this node does not.
+    Version = 1,
+    /// The peer's key is not allowed here.
+    Unauthorized = 2,
+    /// A message claimed a source other than the link's key.
+    ForgedSource = 3,
+    /// A frame or message was over its bound.
+    Oversize = 4,
+    /// Bytes that do not decode.
+    Malformed = 5,
+    /// The node has as many links as it allows.
+    TooManyLinks = 6,
+    /// The node is shutting down.
+    Shutdown = 7,
+    /// The link sent faster than it is allowed to.
+    RateLimited = 8,
+    /// The link was silent past its idle timeout.
+    Idle = 9,
+    /// Messages with bad signatures.
+    BadSignature = 10,
+}
+
+impl CloseCode {
+    /// The code with wire value `v`; unknown values read as `Malformed`.
+    pub fn from_u16(v: u16) -> Self {
+        use CloseCode::*;
+        [
+            Normal,
+            Version,
+            Unauthorized,
+            ForgedSource,
+            Oversize,
+            Malformed,
+            TooManyLinks,
+            Shutdown,
+            RateLimited,
+            Idle,
+            BadSignature,
+        ]
+        .into_iter()
+        .find(|c| *c as u16 == v)
+        .unwrap_or(Malformed)
+    }
+}
+
+/// Why a relay reports on a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum NoticeCode {
+    /// No cell with that key is attached or known.
+    UnknownDestination = 1,
+    /// The receiver reads too slowly; a best-effort message was dropped.
+    DroppedSlowReceiver = 2,
+    /// The message was refused (expired, from the future, replayed, bad signature).
+    Refused = 3,
+    /// The message ran out of hops.
+    TtlExpired = 4,
+}
+
+impl NoticeCode {
+    fn from_u16(v: u16) -> Result<Self, DecodeError> {
+        use NoticeCode::*;
+        Ok(match v {
+            1 => UnknownDestination,
+            2 => DroppedSlowReceiver,
+            3 => Refused,
+            4 => TtlExpired,
+            _ => {
+                return Err(DecodeError::Invalid {
+                    field: "notice code",
+                    value: v as u64,
+                });
+            }
+        })
+    }
+}
+
+/// A cell's presence, as announced and as reported to watchers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PresenceInfo {
+    /// The cell.
+    pub key: PublicKey,
+    /// The application version it announced (up to 64 bytes).
+    pub app_version: String,
+    /// The services it offers (up to `Limits::max_services`).
+    pub services: Vec<ServiceName>,
+}
+
+/// One link frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// Messages of one lane, maybe compressed.
+    Batch(BatchFrame),
+    /// Opens a link.
+    Hello {
+        /// Highest protocol version the sender speaks.
+        version: u16,
+        /// Cell or relay.
+        role: Role,
+        /// Software name and version, for logs (up to 64 bytes).
+        agent: String,
+    },
+    /// Accepts a link.
+    Welcome {
+        /// The version both sides will speak.
+        version: u16,
+        /// The accepting node's key.
+        node: PublicKey,
+        /// The accepting node's clock, ms since the Unix epoch, so a cell can
+        /// see its skew against the timestamp window.
+        time_ms: u64,
+        /// Largest payload the node accepts.
+        max_payload: u32,
+        /// Largest frame the node accepts.
+        max_frame: u32,
+    },
+    /// Closes or refuses a link.
+    Close {
+        /// Why, as a code.
+        code: CloseCode,
+        /// Why, for people (up to 1024 bytes).
+        reason: String,
+    },
+    /// States services and version; replaces any earlier announcement.
+    Announce {
+        /// Application version (up to 64 bytes).
+        app_version: String,
+        /// Services offered.
+        services: Vec<ServiceName>,
+    },
+    /// Asks who offers a service.
+    Discover {
+        /// Echoed in the reply.
+        request: u32,
+        /// The service.
+        service: ServiceName,
+    },
+    /// Who offers the service.
+    DiscoverReply {
+        /// The request answered.
+        request: u32,
+        /// The cells (up to 4096), each with its version.
+        cells: Vec<(PublicKey, String)>,
+    },
+    /// Starts (true) or stops (false) presence reports on this link.
+    WatchPresence(bool),
+    /// A cell attached (`up`) or detached.
+    Presence {
+        /// Attached or detached.
+        up: bool,
+        /// Who, and what it offers.
+        info: PresenceInfo,
+    },
+    /// A report on one message.
+    Notice {
+        /// What happened.
+        code: NoticeCode,
+        /// The message.
+        id: MessageId,
+        /// Its destination cell (or all zeros).
+        subject: PublicKey,
+    },
+}
+
+impl Frame {
+    /// Appends the frame, with its length prefix.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let start = out.len();
+        out.put_u32_le(0);
+        match self {
+            Frame::Batch(b) => {
+                out.put_u8(FrameType::Batch as u8);
+                b.encode_body(out);
+            }
+            Frame::Hello {
+                version,
+                role,
+                agent,
+            } => {
+                out.put_u8(FrameType::Hello as u8);
+                out.put_u16_le(*version);
+                out.put_u8(*role as u8);
+                put_str8(out, agent, MAX_AGENT);
+            }
+            Frame::Welcome {
+                version,
+                node,
+                time_ms,
+                max_payload,
+                max_frame,
+            } => {
+                out.put_u8(FrameType::Welcome as u8);
+                out.put_u16_le(*version);
+                out.put_slice(&node.0);
+                out.put_u64_le(*time_ms);
+                out.put_u32_le(*max_payload);
+                out.put_u32_le(*max_frame);
+            }
+            Frame::Close { code, reason } => {
+                out.put_u8(FrameType::Close as u8);
+                out.put_u16_le(*code as u16);
+                let r = truncate_utf8(reason, MAX_REASON);
+                out.put_u16_le(r.len() as u16);
+                out.put_slice(r.as_bytes());
+            }
+            Frame::Announce {
+                app_version,
+                services,
+            } => {
+                out.put_u8(FrameType::Announce as u8);
+                put_str8(out, app_version, MAX_AGENT);
+                put_services(out, services);
+            }
+            Frame::Discover { request, service } => {
+                out.put_u8(FrameType::Discover as u8);
+                out.put_u32_le(*request);
+                put_str8(out, service.as_str(), MAX_SERVICE_NAME);
+            }
+            Frame::DiscoverReply { request, cells } => {
+                out.put_u8(FrameType::DiscoverReply as u8);
+                out.put_u32_le(*request);
+                let n = cells.len().min(MAX_DISCOVER_ENTRIES);
+                out.put_u16_le(n as u16);
+                for (k, v) in &cells[..n] {
+                    out.put_slice(&k.0);
+                    put_str8(out, v, MAX_AGENT);
+                }
+            }
+            Frame::WatchPresence(on) => {
+                out.put_u8(FrameType::WatchPresence as u8);
+                out.put_u8(*on as u8);
+            }
+            Frame::Presence { up, info } => {
+                out.put_u8(FrameType::Presence as u8);
+                out.put_u8(*up as u8);
+                out.put_slice(&info.key.0);
+                put_str8(out, &info.app_version, MAX_AGENT);
+                put_services(out, &info.services);
+            }
+            Frame::Notice { code, id, subject } => {
+                out.put_u8(FrameType::Notice as u8);
+                out.put_u16_le(*code as u16);
+                out.put_slice(&id.0);
+                out.put_slice(&subject.0);
+            }
+        }
+        let len = (out.len() - start - LEN_PREFIX) as u32;
+        out[start..start + LEN_PREFIX].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// The frame as bytes, with its length prefix.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut b = BytesMut::new();
+        self.encode(&mut b);
+        b.freeze()
+    }
+
+    /// If `buf` starts with a whole frame, its total length (prefix
+    /// included); `Ok(None)` if more bytes are needed; an error if the
+    /// announced length is over `limits.max_frame` or zero.
+    pub fn peek_len(buf: &[u8], limits: &Limits) -> Result<Option<usize>, DecodeError> {
+        let Some(p) = buf.get(..LEN_PREFIX) else {
+            return Ok(None);
+        };
+        let len = u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize;
+        let limit = limits.max_frame.min(Limits::MAX_FRAME_CAP);
+        if len > limit {
+            return Err(DecodeError::TooLarge {
+                what: "frame",
+                got: len,
+                limit,
+            });
+        }
+        if len == 0 {
+            return Err(DecodeError::Truncated { needed: 1 });
+        }
+        Ok((buf.len() >= LEN_PREFIX + len).then_some(LEN_PREFIX + len))
+    }
+
+    /// Takes one whole frame off the front of `buf`, if there is one.
+    pub fn take(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Frame>, DecodeError> {
+        match Self::peek_len(buf, limits)? {
+            None => Ok(None),
+            Some(n) => Self::decode(buf.split_to(n).freeze(), limits).map(Some),
+        }
+    }
+
+    /// Decodes one frame that fills `frame` exactly (prefix included).
+    pub fn decode(frame: Bytes, limits: &Limits) -> Result<Frame, DecodeError> {
+        let n = Self::peek_len(&frame, limits)?.ok_or(DecodeError::Truncated {
+            needed: LEN_PREFIX.saturating_sub(frame.len()).max(1),
+        })?;
+        if n != frame.len() {
+            return Err(DecodeError::Trailing(frame.len().saturating_sub(n)));
+        }
+        let ty = FrameType::from_u8(frame[LEN_PREFIX])?;
+        if ty == FrameType::Batch {
+            return BatchFrame::decode_body(frame.slice(LEN_PREFIX + 1..), limits)
+                .map(Frame::Batch);
+        }
+        let mut r = Reader::new(&frame[LEN_PREFIX + 1..]);
+        let f = match ty {
+            FrameType::Batch => unreachable!("handled above"),
+            FrameType::Hello => Frame::Hello {
+                version: r.u16()?,
+                role: match r.u8()? {
+                    0 => Role::Cell,
+                    1 => Role::Relay,
+                    v => {
+                        return Err(DecodeError::Invalid {
+                            field: "role",
+                            value: v as u64,
+                        });
+                    }
+                },
+                agent: r.str8("agent", MAX_AGENT)?,
+            },
+            FrameType::Welcome => Frame::Welcome {
+                version: r.u16()?,
+                node: PublicKey(r.array()?),
+                time_ms: r.u64()?,
+                max_payload: r.u32()?,
+                max_frame: r.u32()?,
+            },
+            FrameType::Close => Frame::Close {
+                code: CloseCode::from_u16(r.u16()?),
+                reason: r.str16("reason", MAX_REASON)?,
+            },
+            FrameType::Announce => Frame::Announce {
+                app_version: r.str8("app version", MAX_AGENT)?,
+                services: read_services(&mut r, limits)?,
+            },
+            FrameType::Discover => Frame::Discover {
+                request: r.u32()?,
+                service: read_service(&mut r)?,
+            },
+            FrameType::DiscoverReply => {
+                let request = r.u32()?;
+                let n = r.u16()? as usize;
+                if n > MAX_DISCOVER_ENTRIES {
+                    return Err(DecodeError::TooLarge {
+                        what: "discovery entries",
+                        got: n,
+                        limit: MAX_DISCOVER_ENTRIES,
+                    });
+                }
+                // Each entry takes at least 33 bytes: bound the allocation by
+                // what the frame can hold, not by what it claims.
+                let mut cells = Vec::with_capacity(n.min(r.remaining() / 33));
+                for _ in 0..n {
+                    cells.push((PublicKey(r.array()?), r.str8("app version", MAX_AGENT)?));
+                }
+                Frame::DiscoverReply { request, cells }
+            }
+            FrameType::WatchPresence => Frame::WatchPresence(read_bool(&mut r, "watch")?),
+            FrameType::Presence => Frame::Presence {
+                up: read_bool(&mut r, "presence state")?,
+                info: PresenceInfo {
+                    key: PublicKey(r.array()?),
+                    app_version: r.str8("app version", MAX_AGENT)?,
+                    services: read_services(&mut r, limits)?,
+                },
+            },
+            FrameType::Notice => Frame::Notice {
+                code: NoticeCode::from_u16(r.u16()?)?,
+                id: MessageId(r.array()?),
+                subject: PublicKey(r.array()?),
+            },
+        };
+        r.finish()?;
+        Ok(f)
+    }
+
+    /// The lane of a batch frame; control frames travel as control.
+    pub fn lane(&self) -> Lane {
+        match self {
+            Frame::Batch(b) => b.lane,
+            _ => Lane::Control,
+        }
+    }
+}
+
+fn read_bool(r: &mut Reader<'_>, field: &'static str) -> Result<bool, DecodeError> {
+    match r.u8()? {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(DecodeError::Invalid {
+            field,
+            value: v as u64,
+        }),
+    }
+}
+
+fn read_service(r: &mut Reader<'_>) -> Result<ServiceName, DecodeError> {
+    ServiceName::new(r.str8("service name", MAX_SERVICE_NAME)?)
+}
+
+fn read_services(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<ServiceName>, DecodeError> {
+    let n = r.u8()? as usize;
+    if n > limits.max_services {
+        return Err(DecodeError::TooLarge {
+            what: "services",
+            got: n,
+            limit: limits.max_services,
+        });
+    }
+    (0..n).map(|_| read_service(r)).collect()
+}
+
+fn put_services(out: &mut BytesMut, services: &[ServiceName]) {
+    let n = services.len().min(u8::MAX as usize);
+    out.put_u8(n as u8);
+    for s in &services[..n] {
+        put_str8(out, s.as_str(), MAX_SERVICE_NAME);
+    }
+}
+
+fn put_str8(out: &mut BytesMut, s: &str, max: usize) {
+    let s = truncate_utf8(s, max.min(u8::MAX as usize));
+    out.put_u8(s.len() as u8);
+    out.put_slice(s.as_bytes());
+}
+
+/// `s` cut to at most `max` bytes on a character boundary: an encoder never
+/// writes what its own decoder would refuse.
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn samples() -> Vec<Frame> {
+        let k = PublicKey([7; 32]);
+        let svc = ServiceName::new("chat").unwrap();
+        vec![
+            Frame::Hello {
+                version: PROTOCOL_VERSION,
+                role: Role::Cell,
+                agent: "cell/0.1".into(),
+            },
+            Frame::Welcome {
+                version: 1,
+                node: k,
+                time_ms: 1_700_000_000_000,
+                max_payload: 1 << 20,
+                max_frame: 4 << 20,
+            },
+            Frame::Close {
+                code: CloseCode::ForgedSource,
+                reason: "source is not the link's key".into(),
+            },
+            Frame::Announce {
+                app_version: "1.2.3".into(),
+                services: vec![svc.clone()],
+            },
+            Frame::Discover {
+                request: 9,
+                service: svc.clone(),
+            },
+            Frame::DiscoverReply {
+                request: 9,
+                cells: vec![(k, "1.2.3".into())],
+            },
+            Frame::WatchPresence(true),
+            Frame::Presence {
+                up: false,
+                info: PresenceInfo {
+                    key: k,
+                    app_version: String::new(),
+                    services: vec![svc],
+                },
+            },
+            Frame::Notice {
+                code: NoticeCode::UnknownDestination,
+                id: MessageId([1; 16]),
+                subject: k,
+            },
+        ]
+    }
+
+    #[test]
+    fn control_frames_round_trip_whole_and_streamed() {
+        let limits = Limits::default();
+        let mut stream = BytesMut::new();
+        for f in samples() {
+            let b = f.to_bytes();
+            assert_eq!(Frame::decode(b.clone(), &limits).unwrap(), f);
+            stream.extend_from_slice(&b);
+        }
+        // Fed one byte at a time, the stream yields the same frames.
+        let mut buf = BytesMut::new();
+        let mut out = vec![];
+        for byte in stream {
+            buf.put_u8(byte);
+            while let Some(f) = Frame::take(&mut buf, &limits).unwrap() {
+                out.push(f);
+            }
+        }
+        assert_eq!(out, samples());
+    }
+
+    #[test]
+    fn oversize_frame_is_refused_from_its_prefix() {
+        let limits = Limits {
+            max_frame: 100,
+            ..Limits::default()
+        };
+        let mut b = BytesMut::new();
+        b.put_u32_le(101);
+        assert!(matches!(
+            Frame::take(&mut b, &limits),
+            Err(DecodeError::TooLarge { what: "frame", .. })
+        ));
+    }
+
+    #[test]
+    fn long_strings_are_cut_not_corrupted() {
+        let f = Frame::Close {
+            code: CloseCode::Normal,
+            reason: "é".repeat(1000),
+        };
+        match Frame::decode(f.to_bytes(), &Limits::default()).unwrap() {
+            Frame::Close { reason, .. } => {
+                assert!(reason.len() <= MAX_REASON && reason.starts_with('é'))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Pure state machines: no I/O, time passed in as a value.

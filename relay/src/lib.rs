@@ -1,0 +1,4 @@
+//! The Celluler relay node.
+
+pub mod config;
+pub mod core;
