@@ -476,9 +476,11 @@ impl Envelope {
     /// Splits one message off the front of `buf`, checking every field and
     /// bound; on error `buf` may be partly consumed and should be dropped.
     pub fn parse(buf: &mut Bytes, limits: &Limits) -> Result<Envelope, DecodeError> {
-        let h = buf.get(..HEADER_LEN).ok_or_else(|| DecodeError::Truncated {
-            needed: HEADER_LEN - buf.len(),
-        })?;
+        let h = buf
+            .get(..HEADER_LEN)
+            .ok_or_else(|| DecodeError::Truncated {
+                needed: HEADER_LEN - buf.len(),
+            })?;
         if h[OFF_VERSION] != VERSION {
             return Err(DecodeError::Version(h[OFF_VERSION]));
         }

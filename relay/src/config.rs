@@ -1,1 +1,972 @@
-//! Relay configuration.
+//! Relay configuration: one TOML file, four sections (`[node]`, `[limits]`,
+//! `[security]`, `[link]`).
+//!
+//! Every setting has a default, and the commented example
+//! `config/relay.toml` holds exactly those defaults (it is embedded as
+//! [`EMBEDDED_DEFAULT`], and a test keeps the two equal). A file only needs
+//! the settings it changes. Unknown keys are refused, a wrong type or an
+//! impossible value is reported with the dotted field name and the line.
+//!
+//! ```
+//! use relay::config::{ConfigError, RelayConfig};
+//!
+//! let cfg = RelayConfig::from_toml_str("[limits]\nmax_payload = 2048\n", None).unwrap();
+//! assert_eq!(cfg.limits.max_payload, 2048);
+//! assert_eq!(cfg.node, RelayConfig::default().node);
+//!
+//! let err = RelayConfig::from_toml_str("[link]\nlane_weights = [8, 4, 0, 1]\n", None).unwrap_err();
+//! assert!(matches!(err, ConfigError::Invalid { field: "link.lane_weights", line: Some(2), .. }));
+//! ```
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_codec::Limits;
+use serde::{Deserialize, Serialize};
+use toml::de::{DeTable, DeValue};
+
+/// The commented example configuration (`config/relay.toml`), which sets
+/// every setting to its default. Parsing it gives [`RelayConfig::default`].
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/relay.toml");
+
+const KIB: usize = 1 << 10;
+const MIB: usize = 1 << 20;
+
+/// Bytes a frame needs beyond its largest payload (headers, signature).
+pub const FRAME_OVERHEAD: usize = 4096;
+
+/// The whole relay configuration. Missing sections and keys take their
+/// defaults; unknown ones are refused.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// `[node]`: addresses, data directory, threads.
+    pub node: NodeConfig,
+    /// `[limits]`: sizes and counts that bound memory.
+    pub limits: LimitsConfig,
+    /// `[security]`: signature checks, timestamp and replay windows.
+    pub security: SecurityConfig,
+    /// `[link]`: QUIC transport, batching, compression, lane scheduling.
+    pub link: LinkConfig,
+}
+
+/// `[node]`: where the relay listens and keeps its files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// UDP address of the QUIC listener. Default `127.0.0.1:4433`.
+    pub listen: SocketAddr,
+    /// TCP address of the HTTP admin endpoint. Default `127.0.0.1:9433`.
+    pub admin: SocketAddr,
+    /// Directory for the node key and the durable log; must not be empty.
+    /// Default `relay-data`.
+    pub data_dir: PathBuf,
+    /// Async runtime worker threads, `1..=256`. Default 2.
+    pub worker_threads: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 4433)),
+            admin: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9433)),
+            data_dir: PathBuf::from("relay-data"),
+            worker_threads: 2,
+        }
+    }
+}
+
+/// `[limits]`: bounds on sizes and counts, in bytes or items.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest message payload in bytes, `1..=16 MiB`. Default 1 MiB.
+    pub max_payload: usize,
+    /// Largest frame in bytes, `max_payload + 4096 ..= 64 MiB`. Default 4 MiB.
+    pub max_frame: usize,
+    /// Most messages in one batch frame, `1..=65535`. Default 4096.
+    pub max_batch_messages: usize,
+    /// Most simultaneous links (cells and relays), `>= 1`. Default 16384.
+    pub max_links: usize,
+    /// Most services one cell may announce, `1..=255` (a `u8` on the wire).
+    /// Default 16.
+    pub max_services_per_cell: usize,
+    /// Messages per lane per outbound link, `16..=1_048_576`. Default 8192.
+    pub lane_queue_depth: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_payload: MIB,
+            max_frame: 4 * MIB,
+            max_batch_messages: 4096,
+            max_links: 16384,
+            max_services_per_cell: 16,
+            lane_queue_depth: 8192,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The decoder bounds these limits give a link (see [`relay_codec::Limits`]).
+    #[must_use]
+    pub fn codec_limits(&self) -> Limits {
+        Limits {
+            max_payload: self.max_payload,
+            max_frame: self.max_frame,
+            max_batch_messages: self.max_batch_messages,
+            max_services: self.max_services_per_cell,
+        }
+    }
+}
+
+/// How many ingress messages from cells get their signature checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    /// No checks at the relay (receivers verify end to end). The default.
+    #[default]
+    Off,
+    /// A random `security.sample_rate` fraction is checked.
+    Sampled,
+    /// Every message is checked.
+    All,
+}
+
+/// `[security]`: signature checks and the replay windows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Which ingress messages are verified. Default [`VerifyMode::Off`].
+    pub verify: VerifyMode,
+    /// Fraction verified in [`VerifyMode::Sampled`], `0 < x <= 1.0`
+    /// (checked whatever the mode). Default 0.01.
+    pub sample_rate: f64,
+    /// Oldest timestamp accepted, ms before now, `1_000..=86_400_000`.
+    /// Default 300 000.
+    pub timestamp_past_ms: u64,
+    /// Furthest timestamp accepted, ms after now, `0..=3_600_000`.
+    /// Default 30 000.
+    pub timestamp_future_ms: u64,
+    /// How long a message id is remembered, ms, `>= timestamp_past_ms` (so a
+    /// replay older than the window fails the timestamp check). Default 300 000.
+    pub dedup_window_ms: u64,
+    /// Most ids remembered, `1_024..=100_000_000`. Default 1 000 000.
+    pub dedup_capacity: usize,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            verify: VerifyMode::Off,
+            sample_rate: 0.01,
+            timestamp_past_ms: 300_000,
+            timestamp_future_ms: 30_000,
+            dedup_window_ms: 300_000,
+            dedup_capacity: 1_000_000,
+        }
+    }
+}
+
+impl SecurityConfig {
+    /// [`Self::timestamp_past_ms`] as a [`Duration`].
+    #[must_use]
+    pub fn timestamp_past(&self) -> Duration {
+        Duration::from_millis(self.timestamp_past_ms)
+    }
+
+    /// [`Self::timestamp_future_ms`] as a [`Duration`].
+    #[must_use]
+    pub fn timestamp_future(&self) -> Duration {
+        Duration::from_millis(self.timestamp_future_ms)
+    }
+
+    /// [`Self::dedup_window_ms`] as a [`Duration`].
+    #[must_use]
+    pub fn dedup_window(&self) -> Duration {
+        Duration::from_millis(self.dedup_window_ms)
+    }
+}
+
+/// `[link]`: the QUIC transport, batching, compression and lane weights.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinkConfig {
+    /// Keep-alive interval on an idle link, ms, `>= 1`. Default 5 000.
+    pub keep_alive_ms: u64,
+    /// Idle link timeout, ms, `keep_alive_ms < x <= 86_400_000`. Default 30 000.
+    pub idle_timeout_ms: u64,
+    /// QUIC receive window per stream, bytes, `1 KiB..=1 GiB`. Default 8 MiB.
+    pub stream_window: u64,
+    /// QUIC receive window per connection, bytes, `stream_window..=4 GiB`.
+    /// Default 16 MiB.
+    pub conn_window: u64,
+    /// Target bytes per batch frame, `1 KiB..=limits.max_frame`. Default 64 KiB.
+    pub batch_bytes: usize,
+    /// Batches at least this large are zstd-compressed; any value (0
+    /// compresses every batch). Default 1024.
+    pub compress_min_bytes: usize,
+    /// zstd level, `1..=19`. Default 1.
+    pub zstd_level: i32,
+    /// Writer share of lanes `[control, high, normal, bulk]`, each `1..=1024`.
+    /// Default `[8, 4, 2, 1]`.
+    pub lane_weights: [u32; 4],
+    /// Drain time on shutdown, ms, `0..=600_000`. Default 3 000.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        Self {
+            keep_alive_ms: 5_000,
+            idle_timeout_ms: 30_000,
+            stream_window: 8 << 20,
+            conn_window: 16 << 20,
+            batch_bytes: 64 * KIB,
+            compress_min_bytes: 1024,
+            zstd_level: 1,
+            lane_weights: [8, 4, 2, 1],
+            shutdown_grace_ms: 3_000,
+        }
+    }
+}
+
+impl LinkConfig {
+    /// [`Self::keep_alive_ms`] as a [`Duration`].
+    #[must_use]
+    pub fn keep_alive(&self) -> Duration {
+        Duration::from_millis(self.keep_alive_ms)
+    }
+
+    /// [`Self::idle_timeout_ms`] as a [`Duration`].
+    #[must_use]
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// [`Self::shutdown_grace_ms`] as a [`Duration`].
+    #[must_use]
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(thiserror::Error, Debug)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Io {
+        /// The file that was asked for.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The text is not valid TOML, or a key is unknown or of the wrong type.
+    #[error("{}:{line}:{column}: {message}", show_path(path.as_deref()))]
+    Parse {
+        /// The file, if the text came from one.
+        path: Option<PathBuf>,
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column (in characters) of the error.
+        column: usize,
+        /// What is wrong, starting with the dotted key when one is known.
+        message: String,
+    },
+    /// A value is out of its bounds or contradicts another setting.
+    #[error("invalid `{field}`{}: {reason}", show_line(*line))]
+    Invalid {
+        /// Dotted name of the setting, e.g. `limits.max_frame`.
+        field: &'static str,
+        /// 1-based line of the setting, when it was set in the source text.
+        line: Option<usize>,
+        /// What the bound is and what was given.
+        reason: String,
+    },
+}
+
+fn show_path(path: Option<&Path>) -> String {
+    path.map_or_else(|| "<config>".to_owned(), |p| p.display().to_string())
+}
+
+fn show_line(line: Option<usize>) -> String {
+    line.map(|l| format!(" (line {l})")).unwrap_or_default()
+}
+
+/// One broken rule: the field blamed, another field it depends on (used for
+/// the line when the blamed field is not in the file), and why.
+struct Violation {
+    field: &'static str,
+    related: Option<&'static str>,
+    reason: String,
+}
+
+impl Violation {
+    fn new(field: &'static str, related: Option<&'static str>, reason: String) -> Self {
+        Self {
+            field,
+            related,
+            reason,
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Parses TOML text and validates it. `path` only labels errors. The
+    /// first broken rule is returned, with its line when the text sets it.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] for bad TOML, an unknown key or a wrong type;
+    /// [`ConfigError::Invalid`] for a value out of its bounds.
+    pub fn from_toml_str(src: &str, path: Option<&Path>) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(src).map_err(|e| parse_error(src, path, &e))?;
+        if let Some(v) = cfg.violations().into_iter().next() {
+            let line =
+                line_of_key(src, v.field).or_else(|| v.related.and_then(|r| line_of_key(src, r)));
+            return Err(ConfigError::Invalid {
+                field: v.field,
+                line,
+                reason: v.reason,
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// Reads, parses and validates the file at `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Io`] if the file cannot be read, otherwise as
+    /// [`Self::from_toml_str`], labelled with `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_str(&src, Some(path))
+    }
+
+    /// Checks every bound and cross-field rule; on failure returns every
+    /// broken rule as [`ConfigError::Invalid`] (without lines), in field order.
+    ///
+    /// # Errors
+    /// Every rule broken, never an empty list.
+    pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
+        let errors: Vec<ConfigError> = self
+            .violations()
+            .into_iter()
+            .map(|v| ConfigError::Invalid {
+                field: v.field,
+                line: None,
+                reason: v.reason,
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn violations(&self) -> Vec<Violation> {
+        let mut out = Vec::new();
+        self.check_bounds(&mut out);
+        self.check_rules(&mut out);
+        // Report in the order the fields appear in the file.
+        out.sort_by_key(|v| field_order(v.field));
+        out
+    }
+
+    /// Settings that only need to lie in a fixed range.
+    fn check_bounds(&self, out: &mut Vec<Violation>) {
+        let mut range = |field, value: u64, lo: u64, hi: u64| {
+            if !(lo..=hi).contains(&value) {
+                let reason = format!("must be in {lo}..={hi}, got {value}");
+                out.push(Violation::new(field, None, reason));
+            }
+        };
+        let size = |v: usize| v as u64;
+        let (n, l, s, k) = (&self.node, &self.limits, &self.security, &self.link);
+        range("node.worker_threads", size(n.worker_threads), 1, 256);
+        let payload_cap = size(Limits::MAX_PAYLOAD_CAP);
+        range("limits.max_payload", size(l.max_payload), 1, payload_cap);
+        let batch_cap = size(Limits::MAX_BATCH_CAP);
+        range(
+            "limits.max_batch_messages",
+            size(l.max_batch_messages),
+            1,
+            batch_cap,
+        );
+        range("limits.max_links", size(l.max_links), 1, u64::MAX);
+        let services_cap = size(Limits::MAX_SERVICES_CAP);
+        range(
+            "limits.max_services_per_cell",
+            size(l.max_services_per_cell),
+            1,
+            services_cap,
+        );
+        range(
+            "limits.lane_queue_depth",
+            size(l.lane_queue_depth),
+            16,
+            1 << 20,
+        );
+        range(
+            "security.timestamp_past_ms",
+            s.timestamp_past_ms,
+            1_000,
+            86_400_000,
+        );
+        range(
+            "security.timestamp_future_ms",
+            s.timestamp_future_ms,
+            0,
+            3_600_000,
+        );
+        range(
+            "security.dedup_capacity",
+            size(s.dedup_capacity),
+            1_024,
+            100_000_000,
+        );
+        range("link.keep_alive_ms", k.keep_alive_ms, 1, u64::MAX);
+        range("link.stream_window", k.stream_window, size(KIB), 1 << 30);
+        range("link.shutdown_grace_ms", k.shutdown_grace_ms, 0, 600_000);
+    }
+
+    /// Settings whose bounds are not a plain integer range, or depend on
+    /// another setting.
+    fn check_rules(&self, out: &mut Vec<Violation>) {
+        let (n, l, s, k) = (&self.node, &self.limits, &self.security, &self.link);
+        if !(1..=19).contains(&k.zstd_level) {
+            let reason = format!("must be in 1..=19, got {}", k.zstd_level);
+            out.push(Violation::new("link.zstd_level", None, reason));
+        }
+        if n.data_dir.as_os_str().is_empty() {
+            out.push(Violation::new(
+                "node.data_dir",
+                None,
+                "must not be empty".to_owned(),
+            ));
+        }
+        let min_frame = l.max_payload.saturating_add(FRAME_OVERHEAD);
+        if l.max_frame < min_frame || l.max_frame > Limits::MAX_FRAME_CAP {
+            out.push(Violation::new(
+                "limits.max_frame",
+                Some("limits.max_payload"),
+                format!(
+                    "must be in limits.max_payload + {FRAME_OVERHEAD} ({min_frame})..={}, got {}",
+                    Limits::MAX_FRAME_CAP,
+                    l.max_frame
+                ),
+            ));
+        }
+        if !(s.sample_rate > 0.0 && s.sample_rate <= 1.0) {
+            out.push(Violation::new(
+                "security.sample_rate",
+                None,
+                format!(
+                    "must be greater than 0.0 and at most 1.0, got {}",
+                    s.sample_rate
+                ),
+            ));
+        }
+        if s.dedup_window_ms < s.timestamp_past_ms {
+            out.push(Violation::new(
+                "security.dedup_window_ms",
+                Some("security.timestamp_past_ms"),
+                format!(
+                    "must be >= security.timestamp_past_ms ({}), or a replay older than the \
+                     dedup window but inside the timestamp window is accepted; got {}",
+                    s.timestamp_past_ms, s.dedup_window_ms
+                ),
+            ));
+        }
+        if k.idle_timeout_ms <= k.keep_alive_ms || k.idle_timeout_ms > 86_400_000 {
+            out.push(Violation::new(
+                "link.idle_timeout_ms",
+                Some("link.keep_alive_ms"),
+                format!(
+                    "must be greater than link.keep_alive_ms ({}) and at most 86400000, got {}",
+                    k.keep_alive_ms, k.idle_timeout_ms
+                ),
+            ));
+        }
+        if k.conn_window < k.stream_window || k.conn_window > 4 << 30 {
+            out.push(Violation::new(
+                "link.conn_window",
+                Some("link.stream_window"),
+                format!(
+                    "must be in link.stream_window ({})..={}, got {}",
+                    k.stream_window,
+                    4u64 << 30,
+                    k.conn_window
+                ),
+            ));
+        }
+        if k.batch_bytes < KIB || k.batch_bytes > l.max_frame {
+            out.push(Violation::new(
+                "link.batch_bytes",
+                Some("limits.max_frame"),
+                format!(
+                    "must be in {KIB}..=limits.max_frame ({}), got {}",
+                    l.max_frame, k.batch_bytes
+                ),
+            ));
+        }
+        if k.lane_weights.iter().any(|w| !(1..=1024).contains(w)) {
+            out.push(Violation::new(
+                "link.lane_weights",
+                None,
+                format!("each weight must be in 1..=1024, got {:?}", k.lane_weights),
+            ));
+        }
+    }
+}
+
+/// Position of a dotted field in the example file, for a stable error order.
+fn field_order(field: &str) -> usize {
+    FIELDS
+        .iter()
+        .position(|f| *f == field)
+        .unwrap_or(usize::MAX)
+}
+
+/// Every setting, dotted, in file order.
+const FIELDS: &[&str] = &[
+    "node.listen",
+    "node.admin",
+    "node.data_dir",
+    "node.worker_threads",
+    "limits.max_payload",
+    "limits.max_frame",
+    "limits.max_batch_messages",
+    "limits.max_links",
+    "limits.max_services_per_cell",
+    "limits.lane_queue_depth",
+    "security.verify",
+    "security.sample_rate",
+    "security.timestamp_past_ms",
+    "security.timestamp_future_ms",
+    "security.dedup_window_ms",
+    "security.dedup_capacity",
+    "link.keep_alive_ms",
+    "link.idle_timeout_ms",
+    "link.stream_window",
+    "link.conn_window",
+    "link.batch_bytes",
+    "link.compress_min_bytes",
+    "link.zstd_level",
+    "link.lane_weights",
+    "link.shutdown_grace_ms",
+];
+
+/// Turns a toml error into [`ConfigError::Parse`], with the line and column
+/// of its span and, when the span falls on a key or its value, the dotted
+/// key in front of the message.
+fn parse_error(src: &str, path: Option<&Path>, err: &toml::de::Error) -> ConfigError {
+    let offset = err.span().map_or(src.len(), |s| s.start);
+    let (line, column) = line_col(src, offset);
+    let message = match DeTable::parse(src)
+        .ok()
+        .and_then(|t| key_at(t.get_ref(), offset, ""))
+    {
+        Some(key) => format!("`{key}`: {}", err.message()),
+        None => err.message().to_owned(),
+    };
+    ConfigError::Parse {
+        path: path.map(Path::to_owned),
+        line,
+        column,
+        message,
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset into `src`.
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(src.len());
+    while !src.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &src[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+fn covers(span: &Range<usize>, offset: usize) -> bool {
+    span.start <= offset && offset < span.end.max(span.start + 1)
+}
+
+/// The dotted key whose name or value covers `offset`, innermost first.
+fn key_at(table: &DeTable<'_>, offset: usize, prefix: &str) -> Option<String> {
+    for (key, value) in table {
+        let dotted = if prefix.is_empty() {
+            key.get_ref().to_string()
+        } else {
+            format!("{prefix}.{}", key.get_ref())
+        };
+        if let DeValue::Table(inner) = value.get_ref()
+            && let Some(found) = key_at(inner, offset, &dotted)
+        {
+            return Some(found);
+        }
+        if covers(&key.span(), offset) || covers(&value.span(), offset) {
+            return Some(dotted);
+        }
+    }
+    None
+}
+
+/// 1-based line where the dotted `field` is set in `src`, if it is.
+fn line_of_key(src: &str, field: &str) -> Option<usize> {
+    let root = DeTable::parse(src).ok()?;
+    let mut table = root.get_ref();
+    let mut parts = field.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (key, value) = table.get_key_value(part)?;
+        if parts.peek().is_none() {
+            return Some(line_col(src, key.span().start).0);
+        }
+        match value.get_ref() {
+            DeValue::Table(inner) => table = inner,
+            _ => return None,
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(src: &str) -> Result<RelayConfig, ConfigError> {
+        RelayConfig::from_toml_str(src, Some(Path::new("test.toml")))
+    }
+
+    /// Asserts `src` is refused as an invalid `field` at `line`.
+    fn assert_invalid(src: &str, field: &str, line: Option<usize>) {
+        match parse(src) {
+            Err(ConfigError::Invalid {
+                field: f, line: l, ..
+            }) => {
+                assert_eq!((f, l), (field, line), "for {src:?}");
+            }
+            other => panic!("expected Invalid {field} for {src:?}, got {other:?}"),
+        }
+    }
+
+    /// Asserts `src` is refused as a parse error at `line` naming `words`.
+    fn assert_parse_error(src: &str, want_line: usize, words: &[&str]) -> String {
+        match parse(src) {
+            Err(e @ ConfigError::Parse { .. }) => {
+                let ConfigError::Parse { line, message, .. } = &e else {
+                    unreachable!()
+                };
+                assert_eq!(*line, want_line, "line for {src:?}: {message}");
+                for w in words {
+                    assert!(message.contains(w), "{message:?} should name {w:?}");
+                }
+                e.to_string()
+            }
+            other => panic!("expected a parse error for {src:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let cfg = RelayConfig::default();
+        assert!(cfg.validate().is_ok(), "{:?}", cfg.validate());
+        assert_eq!(cfg.node.listen, "127.0.0.1:4433".parse().unwrap());
+        assert_eq!(cfg.node.admin, "127.0.0.1:9433".parse().unwrap());
+        assert_eq!(cfg.limits.max_payload, 1 << 20);
+        assert_eq!(cfg.link.lane_weights, [8, 4, 2, 1]);
+        assert_eq!(cfg.security.verify, VerifyMode::Off);
+        assert_eq!(cfg.link.idle_timeout(), Duration::from_secs(30));
+        assert_eq!(cfg.security.dedup_window(), Duration::from_secs(300));
+        assert_eq!(cfg.limits.codec_limits(), Limits::default());
+    }
+
+    #[test]
+    fn example_file_equals_defaults() {
+        let parsed = RelayConfig::from_toml_str(EMBEDDED_DEFAULT, None).unwrap();
+        assert_eq!(parsed, RelayConfig::default());
+    }
+
+    #[test]
+    fn example_file_sets_every_setting() {
+        let example: toml::Table = toml::from_str(EMBEDDED_DEFAULT).unwrap();
+        let defaults = toml::Table::try_from(RelayConfig::default()).unwrap();
+        let keys = |t: &toml::Table| -> Vec<String> {
+            let mut out = Vec::new();
+            for (section, v) in t {
+                for key in v.as_table().unwrap().keys() {
+                    out.push(format!("{section}.{key}"));
+                }
+            }
+            out.sort();
+            out
+        };
+        let mut fields: Vec<String> = FIELDS.iter().map(ToString::to_string).collect();
+        fields.sort();
+        assert_eq!(keys(&example), keys(&defaults));
+        assert_eq!(keys(&example), fields);
+    }
+
+    #[test]
+    fn every_example_key_has_a_comment_above() {
+        let lines: Vec<&str> = EMBEDDED_DEFAULT.lines().map(str::trim).collect();
+        let mut keys = 0;
+        for (i, line) in lines.iter().enumerate() {
+            if line.is_empty() || line.starts_with('#') || line.starts_with('[') {
+                continue;
+            }
+            keys += 1;
+            let above = if i == 0 { "" } else { lines[i - 1] };
+            assert!(
+                above.starts_with("# ") && above.len() > 10,
+                "line {} `{line}` has no comment directly above it",
+                i + 1
+            );
+        }
+        assert_eq!(keys, FIELDS.len());
+    }
+
+    #[test]
+    fn serialized_defaults_round_trip() {
+        let text = toml::to_string(&RelayConfig::default()).unwrap();
+        assert_eq!(parse(&text).unwrap(), RelayConfig::default());
+    }
+
+    #[test]
+    fn partial_file_overrides_only_what_it_sets() {
+        let src = "\
+[node]
+listen = \"0.0.0.0:5000\"
+
+[security]
+verify = \"sampled\"
+sample_rate = 0.5
+";
+        let cfg = parse(src).unwrap();
+        let mut want = RelayConfig::default();
+        want.node.listen = "0.0.0.0:5000".parse().unwrap();
+        want.security.verify = VerifyMode::Sampled;
+        want.security.sample_rate = 0.5;
+        assert_eq!(cfg, want);
+        assert_eq!(parse("").unwrap(), RelayConfig::default());
+    }
+
+    #[test]
+    fn dotted_and_inline_keys_work_too() {
+        let cfg = parse("link.zstd_level = 3\nlimits = { max_links = 7 }\n").unwrap();
+        assert_eq!(cfg.link.zstd_level, 3);
+        assert_eq!(cfg.limits.max_links, 7);
+        assert_invalid("link.zstd_level = 30\n", "link.zstd_level", Some(1));
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_name_and_line() {
+        let src =
+            "[node]\nlisten = \"127.0.0.1:1\"\n\n[limits]\nmax_payload = 10\nmax_paylod = 10\n";
+        let shown = assert_parse_error(src, 6, &["max_paylod", "limits.max_paylod"]);
+        assert!(shown.starts_with("test.toml:6:"), "{shown}");
+
+        assert_parse_error("[nodes]\nlisten = 1\n", 1, &["nodes"]);
+        assert_parse_error("\n\ntypo = 1\n", 3, &["typo"]);
+    }
+
+    #[test]
+    fn wrong_type_names_field_and_line() {
+        let shown = assert_parse_error("[node]\n\nlisten = 5\n", 3, &["node.listen"]);
+        assert!(shown.starts_with("test.toml:3:10:"), "{shown}");
+        assert_parse_error(
+            "[link]\nkeep_alive_ms = 1\nzstd_level = \"fast\"\n",
+            3,
+            &["link.zstd_level"],
+        );
+        assert_parse_error("[limits]\nmax_links = -1\n", 2, &["limits.max_links"]);
+        assert_parse_error(
+            "[link]\nlane_weights = [1, 2, 3]\n",
+            2,
+            &["link.lane_weights"],
+        );
+        assert_parse_error("node = 5\n", 1, &["node"]);
+    }
+
+    #[test]
+    fn bad_verify_mode_names_field() {
+        assert_parse_error(
+            "[security]\nverify = \"sometimes\"\n",
+            2,
+            &["security.verify", "sometimes", "sampled"],
+        );
+    }
+
+    #[test]
+    fn syntax_error_has_line_and_column() {
+        match parse("[node]\nlisten = \"127.0.0.1:1\n") {
+            Err(ConfigError::Parse { line, column, .. }) => {
+                assert_eq!(line, 2);
+                assert!(column > 1);
+            }
+            other => panic!("got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn impossible_values_name_the_field() {
+        assert_invalid(
+            "[limits]\nmax_payload = 1048576\nmax_frame = 1048576\n",
+            "limits.max_frame",
+            Some(3),
+        );
+        // max_frame left at its default: the line points at what broke it.
+        assert_invalid(
+            "[limits]\nmax_payload = 16777216\n",
+            "limits.max_frame",
+            Some(2),
+        );
+        assert_invalid(
+            "[limits]\nmax_frame = 67108865\n",
+            "limits.max_frame",
+            Some(2),
+        );
+        assert_invalid(
+            "[link]\nkeep_alive_ms = 30000\nidle_timeout_ms = 30000\n",
+            "link.idle_timeout_ms",
+            Some(3),
+        );
+        assert_invalid(
+            "[security]\ntimestamp_past_ms = 600000\ndedup_window_ms = 599999\n",
+            "security.dedup_window_ms",
+            Some(3),
+        );
+        assert_invalid(
+            "[link]\nlane_weights = [8, 4, 0, 1]\n",
+            "link.lane_weights",
+            Some(2),
+        );
+        assert_invalid(
+            "[node]\nworker_threads = 0\n",
+            "node.worker_threads",
+            Some(2),
+        );
+        assert_invalid("[node]\ndata_dir = \"\"\n", "node.data_dir", Some(2));
+        assert_invalid(
+            "[security]\nsample_rate = 0.0\n",
+            "security.sample_rate",
+            Some(2),
+        );
+        assert_invalid(
+            "[security]\nsample_rate = nan\n",
+            "security.sample_rate",
+            Some(2),
+        );
+        assert_invalid(
+            "[security]\ndedup_capacity = 10\n",
+            "security.dedup_capacity",
+            Some(2),
+        );
+        assert_invalid(
+            "[limits]\nmax_services_per_cell = 256\n",
+            "limits.max_services_per_cell",
+            Some(2),
+        );
+        assert_invalid(
+            "[limits]\nlane_queue_depth = 15\n",
+            "limits.lane_queue_depth",
+            Some(2),
+        );
+        assert_invalid("[link]\nconn_window = 1024\n", "link.conn_window", Some(2));
+        assert_invalid("[link]\nbatch_bytes = 512\n", "link.batch_bytes", Some(2));
+        assert_invalid("[link]\nzstd_level = 0\n", "link.zstd_level", Some(2));
+    }
+
+    #[test]
+    fn first_error_in_file_order_and_validate_lists_all() {
+        let src = "[node]\nworker_threads = 0\n[link]\nzstd_level = 20\n";
+        assert_invalid(src, "node.worker_threads", Some(2));
+        let cfg: RelayConfig = toml::from_str(src).unwrap();
+        let errors = cfg.validate().unwrap_err();
+        let fields: Vec<&str> = errors
+            .iter()
+            .map(|e| match e {
+                ConfigError::Invalid { field, line, .. } => {
+                    assert_eq!(*line, None);
+                    *field
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(fields, ["node.worker_threads", "link.zstd_level"]);
+        assert_eq!(
+            errors[0].to_string(),
+            "invalid `node.worker_threads`: must be in 1..=256, got 0"
+        );
+    }
+
+    #[test]
+    fn load_reads_a_file_and_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(&file, "[limits]\nmax_links = 3\n").unwrap();
+        assert_eq!(RelayConfig::load(&file).unwrap().limits.max_links, 3);
+
+        std::fs::write(&file, "[limits]\nmax_linkz = 3\n").unwrap();
+        let err = RelayConfig::load(&file).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}:2:1:", file.display())),
+            "{err}"
+        );
+
+        let missing = dir.path().join("missing.toml");
+        match RelayConfig::load(&missing) {
+            Err(ConfigError::Io { path, .. }) => assert_eq!(path, missing),
+            other => panic!("got {other:?}"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn frame_rule_matches_validation(payload in 0usize..(20 << 20), frame in 0usize..(70 << 20)) {
+            let mut cfg = RelayConfig::default();
+            cfg.limits.max_payload = payload;
+            cfg.limits.max_frame = frame;
+            cfg.link.batch_bytes = KIB;
+            let ok = (1..=16 << 20).contains(&payload)
+                && frame >= payload + 4096
+                && frame <= 64 << 20;
+            prop_assert_eq!(cfg.validate().is_ok(), ok);
+        }
+
+        #[test]
+        fn any_valid_config_round_trips(
+            workers in 1usize..=256,
+            payload in 1usize..=(16 << 20),
+            extra in 4096usize..=(4 << 20),
+            past in 1_000u64..=86_400_000,
+            more in 0u64..1_000_000,
+            weights in proptest::array::uniform4(1u32..=1024),
+            rate in 0.0001f64..=1.0,
+        ) {
+            let mut cfg = RelayConfig::default();
+            cfg.node.worker_threads = workers;
+            cfg.limits.max_payload = payload;
+            cfg.limits.max_frame = (payload + extra).min(64 << 20);
+            cfg.security.timestamp_past_ms = past;
+            cfg.security.dedup_window_ms = past + more;
+            cfg.security.sample_rate = rate;
+            cfg.link.lane_weights = weights;
+            cfg.link.batch_bytes = KIB;
+            prop_assert!(cfg.validate().is_ok());
+            let text = toml::to_string(&cfg).unwrap();
+            prop_assert_eq!(RelayConfig::from_toml_str(&text, None).unwrap(), cfg);
+        }
+    }
+}
