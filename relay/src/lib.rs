@@ -1,4 +1,5 @@
-//! The Celluler relay node.
+//! The Celluler relay node: pure decision-making state machines in [`core`],
+//! configuration in [`config`].
 
 pub mod config;
 pub mod core;
