@@ -27,6 +27,8 @@ pub const LEN_PREFIX: usize = 4;
 pub const MAX_AGENT: usize = 64;
 /// Longest human-readable reason or detail.
 pub const MAX_REASON: usize = 1024;
+/// Hello flag: send me notices about my messages.
+const HELLO_NOTICES: u8 = 1;
 /// Most entries in one discovery reply.
 pub const MAX_DISCOVER_ENTRIES: usize = 4096;
 
@@ -196,6 +198,9 @@ pub enum Frame {
         version: u16,
         /// Cell or relay.
         role: Role,
+        /// Whether the sender wants [`Frame::Notice`]s about its messages
+        /// (unknown destination, dropped for a slow receiver, refused).
+        notices: bool,
         /// Software name and version, for logs (up to 64 bytes).
         agent: String,
     },
@@ -274,11 +279,13 @@ impl Frame {
             Frame::Hello {
                 version,
                 role,
+                notices,
                 agent,
             } => {
                 out.put_u8(FrameType::Hello as u8);
                 out.put_u16_le(*version);
                 out.put_u8(*role as u8);
+                out.put_u8(if *notices { HELLO_NOTICES } else { 0 });
                 put_str8(out, agent, MAX_AGENT);
             }
             Frame::Welcome {
@@ -408,6 +415,16 @@ impl Frame {
                     v => {
                         return Err(DecodeError::Invalid {
                             field: "role",
+                            value: v as u64,
+                        });
+                    }
+                },
+                notices: match r.u8()? {
+                    0 => false,
+                    HELLO_NOTICES => true,
+                    v => {
+                        return Err(DecodeError::Invalid {
+                            field: "hello flags",
                             value: v as u64,
                         });
                     }
@@ -544,6 +561,7 @@ mod tests {
             Frame::Hello {
                 version: PROTOCOL_VERSION,
                 role: Role::Cell,
+                notices: true,
                 agent: "cell/0.1".into(),
             },
             Frame::Welcome {

@@ -21,11 +21,16 @@ pub fn verify_batch(envs: &[&Envelope]) -> Result<(), VerifyError> {
                 _ => VerifyError::Unsigned,
             });
         };
-        keys.push(
-            e.source()
-                .verifying_key()
-                .map_err(|_| VerifyError::BadKey)?,
-        );
+        let key = e
+            .source()
+            .verifying_key()
+            .map_err(|_| VerifyError::BadKey)?;
+        // Batch verification does not refuse small-order keys the way
+        // `verify_strict` does; refuse them here so both paths agree.
+        if key.is_weak() {
+            return Err(VerifyError::BadKey);
+        }
+        keys.push(key);
         sigs.push(Signature::from_bytes(&s));
         msgs.push(e.authenticated_bytes());
     }

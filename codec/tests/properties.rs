@@ -373,6 +373,7 @@ fn control_frames_refuse_bad_values() {
     let hello = Frame::Hello {
         version: 1,
         role: Role::Cell,
+        notices: false,
         agent: "x".into(),
     }
     .to_bytes();

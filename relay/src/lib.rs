@@ -1,5 +1,14 @@
-//! The Celluler relay node: pure decision-making state machines in [`core`],
-//! configuration in [`config`].
+//! The Celluler relay node.
+//!
+//! - [`core`]: pure state machines (router and presence table, dedup window,
+//!   freshness window, lane scheduler) that take events and the time as
+//!   values and return decisions;
+//! - [`node`]: the tokio/quinn shell that owns sockets, tasks and the clock;
+//! - [`config`]: the TOML configuration and its validation;
+//! - [`metrics`] and [`admin`]: Prometheus counters and the admin HTTP endpoint.
 
+pub mod admin;
 pub mod config;
 pub mod core;
+pub mod metrics;
+pub mod node;

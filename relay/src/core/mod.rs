@@ -6,8 +6,12 @@
 
 pub mod dedup;
 pub mod freshness;
-pub mod lanes;
+pub mod router;
 
 pub use dedup::{DedupVerdict, DedupWindow};
 pub use freshness::{FreshnessWindow, Staleness};
-pub use lanes::{DEFAULT_LANE_WEIGHTS, LANES, LaneScheduler, MAX_LANE_WEIGHT};
+/// The lane scheduler lives in the client crate because cells and relays
+/// share the link writer that uses it.
+pub use relay_client::lanes;
+pub use relay_client::lanes::{DEFAULT_LANE_WEIGHTS, LANES, LaneScheduler, MAX_LANE_WEIGHT};
+pub use router::{LinkId, PresenceReport, Route, Router};

@@ -1,7 +1,7 @@
 //! The lane scheduler: which lane's queue a link writer drains next.
 //!
 //! Lanes are indices `0..LANES`, 0 the most urgent (control, high, normal,
-//! bulk); the codec's `Lane` enum will name them. Each pick is one batch
+//! bulk), as `relay_codec::Lane::index` numbers them. Each pick is one batch
 //! from one lane; a pick is the unit of share, so the writer should bound
 //! the size of a batch (bytes and messages) to keep a bulk pick from
 //! costing much more link time than a control pick.

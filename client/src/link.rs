@@ -1,0 +1,481 @@
+//! The link layer shared by cells and relays: bounded lane queues, the
+//! writer that drains them into batch frames on one QUIC stream per lane,
+//! the frame reader, and the Hello/Welcome handshake.
+//!
+//! Nothing here blocks a tokio worker: producers push into lock-free
+//! `ArrayQueue`s and wake the writer through a `Notify`; a full queue is
+//! reported to the producer, which decides (drop and count, or wait).
+
+use crate::lanes::{LANES, LaneScheduler};
+use bytes::BytesMut;
+use crossbeam_queue::ArrayQueue;
+use quinn::{Connection, RecvStream, SendStream};
+use relay_codec::batch::BatchStats;
+use relay_codec::frame::{CloseCode, PROTOCOL_VERSION, Role};
+use relay_codec::{BatchEncoder, DecodeError, Envelope, Frame, Lane, Limits, PublicKey};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::sync::Notify;
+
+/// Why a link failed.
+#[derive(Debug, Error)]
+pub enum LinkError {
+    /// The QUIC connection failed or was closed.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Writing to a stream failed.
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// Reading from a stream failed.
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadError),
+    /// The peer sent bytes that do not decode.
+    #[error("bad frame from peer: {0}")]
+    Decode(#[from] DecodeError),
+    /// The peer refused or closed the link, saying why.
+    #[error("refused by peer ({code:?}): {reason}")]
+    Refused {
+        /// The peer's code.
+        code: CloseCode,
+        /// The peer's words.
+        reason: String,
+    },
+    /// The peer broke the link protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// A step took longer than allowed.
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    /// A stream ended in the middle of a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// Local resource failure (e.g. a compressor could not be made).
+    #[error("local: {0}")]
+    Local(String),
+}
+
+/// A message waiting on an outbound lane, with when it was queued (for the
+/// time-in-relay histogram).
+#[derive(Clone, Debug)]
+pub struct Outbound {
+    /// The encoded message.
+    pub env: Envelope,
+    /// When it entered the queue.
+    pub queued_at: Instant,
+}
+
+/// One bounded lock-free queue per lane for one outbound link, and the
+/// wake-up of its writer.
+pub struct LaneQueues {
+    lanes: [ArrayQueue<Outbound>; LANES],
+    notify: Notify,
+    /// Woken whenever the writer has taken messages, for producers that
+    /// wait for room instead of dropping.
+    space: Notify,
+    closed: AtomicBool,
+}
+
+impl LaneQueues {
+    /// Queues holding at most `depth` messages per lane (at least 1).
+    pub fn new(depth: usize) -> Self {
+        let depth = depth.max(1);
+        Self {
+            lanes: std::array::from_fn(|_| ArrayQueue::new(depth)),
+            notify: Notify::new(),
+            space: Notify::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues `item` on its lane; gives it back if the lane is full or the
+    /// link closed. Call [`wake`](Self::wake) after a run of pushes.
+    pub fn push(&self, item: Outbound) -> Result<(), Outbound> {
+        if self.is_closed() {
+            return Err(item);
+        }
+        self.lanes[item.env.lane().index()].push(item)
+    }
+
+    /// Queues `item`, waiting for room while its lane is full (for a cell's
+    /// own sends, where waiting is the right backpressure). Gives the item
+    /// back only if the link is closed. Wakes the writer.
+    pub async fn push_wait(&self, mut item: Outbound) -> Result<(), Outbound> {
+        loop {
+            let room = self.space.notified();
+            tokio::pin!(room);
+            // Register before trying, so a wake between the try and the
+            // await is not lost.
+            room.as_mut().enable();
+            match self.push(item) {
+                Ok(()) => {
+                    self.wake();
+                    return Ok(());
+                }
+                Err(back) if self.is_closed() => return Err(back),
+                Err(back) => {
+                    item = back;
+                    self.wake();
+                    room.await;
+                }
+            }
+        }
+    }
+
+    /// Wakes the writer. Cheap when it is already awake.
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Stops accepting messages; the writer sends what is queued, then ends.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.notify.notify_one();
+        self.space.notify_waiters();
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Messages queued on all lanes.
+    pub fn len(&self) -> usize {
+        self.lanes.iter().map(ArrayQueue::len).sum()
+    }
+
+    /// Whether every lane is empty.
+    pub fn is_empty(&self) -> bool {
+        self.lanes.iter().all(ArrayQueue::is_empty)
+    }
+
+    /// Messages queued on `lane`.
+    pub fn lane_len(&self, lane: Lane) -> usize {
+        self.lanes[lane.index()].len()
+    }
+
+    fn nonempty(&self) -> [bool; LANES] {
+        std::array::from_fn(|i| !self.lanes[i].is_empty())
+    }
+}
+
+/// How a link writer batches.
+#[derive(Clone, Debug)]
+pub struct WriterConfig {
+    /// Lane weights for the scheduler (control, high, normal, bulk).
+    pub weights: [u32; LANES],
+    /// Close a batch once it holds this many bytes.
+    pub batch_bytes: usize,
+    /// Close a batch once it holds this many messages (at most 65535).
+    pub max_batch_messages: usize,
+    /// zstd level for batches that gain.
+    pub zstd_level: i32,
+    /// Only batches of at least this many bytes are offered to zstd.
+    pub compress_min: usize,
+    /// Whether to decrement each message's TTL (a relay forwarding) or not
+    /// (a cell sending its own messages).
+    pub decrement_ttl: bool,
+    /// After the queues close, how long to wait for the peer to read what
+    /// was sent.
+    pub drain_timeout: Duration,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            weights: crate::lanes::DEFAULT_LANE_WEIGHTS,
+            batch_bytes: 64 * 1024,
+            max_batch_messages: 4096,
+            zstd_level: 1,
+            compress_min: 1024,
+            decrement_ttl: false,
+            drain_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// What a writer reports as it sends; the relay counts and times with it.
+pub trait WriteObserver: Send + 'static {
+    /// One message left its queue for the wire.
+    fn on_message(&mut self, _lane: Lane, _bytes: usize, _queued_at: Instant) {}
+    /// One batch frame was written.
+    fn on_batch(&mut self, _lane: Lane, _stats: &BatchStats) {}
+}
+
+/// A writer observer that ignores everything.
+pub struct NoObserver;
+impl WriteObserver for NoObserver {}
+
+/// Drains `queues` into batch frames until the queues are closed and empty
+/// or the connection fails. Lanes are picked by the weighted scheduler;
+/// each lane has its own unidirectional stream with a QUIC priority (control
+/// highest), opened on first use.
+///
+/// Batching needs no timer: while a write is in flight, new messages pile up
+/// in the queues and leave together in the next batch; on an idle link a
+/// message leaves at once.
+pub async fn run_writer<O: WriteObserver>(
+    conn: Connection,
+    queues: std::sync::Arc<LaneQueues>,
+    cfg: WriterConfig,
+    mut obs: O,
+) -> Result<(), LinkError> {
+    let mut sched = LaneScheduler::new(cfg.weights);
+    let mut enc = BatchEncoder::new(cfg.zstd_level, cfg.compress_min)
+        .map_err(|e| LinkError::Local(e.to_string()))?;
+    let mut streams: [Option<SendStream>; LANES] = Default::default();
+    let mut out = BytesMut::with_capacity(cfg.batch_bytes + 4096);
+    let max_msgs = cfg.max_batch_messages.clamp(1, Limits::MAX_BATCH_CAP);
+    loop {
+        let Some(i) = sched.next(queues.nonempty()) else {
+            if queues.is_closed() && queues.is_empty() {
+                break;
+            }
+            queues.notify.notified().await;
+            continue;
+        };
+        let lane = Lane::ALL[i];
+        while let Some(item) = queues.lanes[i].pop() {
+            obs.on_message(lane, item.env.len(), item.queued_at);
+            if cfg.decrement_ttl {
+                enc.push_with_ttl(&item.env, item.env.ttl().saturating_sub(1));
+            } else {
+                enc.push_envelope(&item.env);
+            }
+            if enc.len_bytes() >= cfg.batch_bytes || enc.count() >= max_msgs {
+                break;
+            }
+        }
+        queues.space.notify_waiters();
+        let stats = enc.finish(lane, &mut out);
+        if stats.count == 0 {
+            continue;
+        }
+        obs.on_batch(lane, &stats);
+        let stream = match &mut streams[i] {
+            Some(s) => s,
+            slot => {
+                let s = conn.open_uni().await?;
+                // Higher lanes get higher QUIC priority.
+                let _ = s.set_priority((LANES - i) as i32);
+                slot.insert(s)
+            }
+        };
+        stream.write_chunk(out.split().freeze()).await?;
+    }
+    // Queues closed and drained: end the streams and wait (bounded) until
+    // the peer has read them, so a caller that exits next loses nothing.
+    for s in streams.iter_mut().flatten() {
+        let _ = s.finish();
+    }
+    for s in streams.iter_mut().flatten() {
+        let _ = tokio::time::timeout(cfg.drain_timeout, s.stopped()).await;
+    }
+    Ok(())
+}
+
+/// Reads whole frames from a QUIC stream, within `limits`.
+pub struct FrameReader {
+    stream: RecvStream,
+    buf: BytesMut,
+    limits: Limits,
+}
+
+impl FrameReader {
+    /// A reader over `stream`.
+    pub fn new(stream: RecvStream, limits: Limits) -> Self {
+        Self {
+            stream,
+            buf: BytesMut::with_capacity(64 * 1024),
+            limits,
+        }
+    }
+
+    /// The next frame; `Ok(None)` when the stream ended cleanly between frames.
+    pub async fn next(&mut self) -> Result<Option<Frame>, LinkError> {
+        loop {
+            if let Some(f) = Frame::take(&mut self.buf, &self.limits)? {
+                return Ok(Some(f));
+            }
+            match self.stream.read_chunk(256 * 1024, true).await? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                None if self.buf.is_empty() => return Ok(None),
+                None => return Err(LinkError::Truncated),
+            }
+        }
+    }
+
+    /// Stops the stream, telling the peer to stop sending on it.
+    pub fn stop(&mut self, code: CloseCode) {
+        let _ = self.stream.stop(quinn::VarInt::from_u32(code as u32));
+    }
+}
+
+/// Writes one frame to a stream.
+pub async fn write_frame(stream: &mut SendStream, frame: &Frame) -> Result<(), LinkError> {
+    stream.write_chunk(frame.to_bytes()).await?;
+    Ok(())
+}
+
+/// Closes the connection with `code` after sending a Close frame on
+/// `control` (best effort), so the peer can print why.
+pub async fn close_with(
+    conn: &Connection,
+    control: Option<&mut SendStream>,
+    code: CloseCode,
+    reason: &str,
+) {
+    if let Some(s) = control {
+        let frame = Frame::Close {
+            code,
+            reason: reason.to_owned(),
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(500), write_frame(s, &frame)).await;
+        let _ = s.finish();
+        // Give the Close frame a moment to reach the peer before the
+        // connection close discards unsent stream data.
+        let _ = tokio::time::timeout(Duration::from_millis(200), s.stopped()).await;
+    }
+    conn.close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
+}
+
+/// What the accepting side said in its Welcome.
+#[derive(Clone, Debug)]
+pub struct Welcome {
+    /// The protocol version in use.
+    pub version: u16,
+    /// The accepting node's key.
+    pub node: PublicKey,
+    /// Its clock, ms since the Unix epoch.
+    pub time_ms: u64,
+    /// Largest payload it accepts.
+    pub max_payload: u32,
+    /// Largest frame it accepts.
+    pub max_frame: u32,
+}
+
+/// The connecting side of the handshake: opens the control stream, sends
+/// Hello, and waits (at most `timeout`) for Welcome. A Close in reply comes
+/// back as [`LinkError::Refused`] with the peer's reason.
+pub async fn hello(
+    conn: &Connection,
+    role: Role,
+    notices: bool,
+    agent: &str,
+    limits: Limits,
+    timeout: Duration,
+) -> Result<(SendStream, FrameReader, Welcome), LinkError> {
+    let step = async {
+        let (mut send, recv) = conn.open_bi().await?;
+        let _ = send.set_priority(LANES as i32 + 1);
+        write_frame(
+            &mut send,
+            &Frame::Hello {
+                version: PROTOCOL_VERSION,
+                role,
+                notices,
+                agent: agent.to_owned(),
+            },
+        )
+        .await?;
+        let mut reader = FrameReader::new(recv, limits);
+        match reader.next().await {
+            Ok(Some(Frame::Welcome {
+                version,
+                node,
+                time_ms,
+                max_payload,
+                max_frame,
+            })) => Ok((
+                send,
+                reader,
+                Welcome {
+                    version,
+                    node,
+                    time_ms,
+                    max_payload,
+                    max_frame,
+                },
+            )),
+            Ok(Some(Frame::Close { code, reason })) => Err(LinkError::Refused { code, reason }),
+            Ok(Some(other)) => Err(LinkError::Protocol(format!(
+                "expected Welcome, got {:?}",
+                other.lane()
+            ))),
+            Ok(None) => Err(LinkError::Protocol(
+                "control stream ended before Welcome".into(),
+            )),
+            Err(e) => Err(refusal_from_close(conn).unwrap_or(e)),
+        }
+    };
+    match tokio::time::timeout(timeout, step).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(refusal_from_close(conn).unwrap_or(e)),
+        Err(_) => {
+            Err(refusal_from_close(conn).unwrap_or(LinkError::Timeout("waiting for Welcome")))
+        }
+    }
+}
+
+/// If the peer closed the connection with an application code, that code
+/// and reason as a [`LinkError::Refused`].
+pub fn refusal_from_close(conn: &Connection) -> Option<LinkError> {
+    match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(c) => Some(LinkError::Refused {
+            code: CloseCode::from_u16(u16::try_from(c.error_code.into_inner()).unwrap_or(u16::MAX)),
+            reason: String::from_utf8_lossy(&c.reason).into_owned(),
+        }),
+        _ => None,
+    }
+}
+
+/// The Hello a connecting node sent.
+#[derive(Clone, Debug)]
+pub struct Hello {
+    /// Highest version it speaks.
+    pub version: u16,
+    /// Cell or relay.
+    pub role: Role,
+    /// Whether it wants notices about its messages.
+    pub notices: bool,
+    /// Its software, for logs.
+    pub agent: String,
+}
+
+/// The accepting side of the handshake: waits (at most `timeout`) for the
+/// control stream and its Hello. The caller answers with Welcome or Close.
+pub async fn accept_hello(
+    conn: &Connection,
+    limits: Limits,
+    timeout: Duration,
+) -> Result<(SendStream, FrameReader, Hello), LinkError> {
+    let step = async {
+        let (send, recv) = conn.accept_bi().await?;
+        let _ = send.set_priority(LANES as i32 + 1);
+        let mut reader = FrameReader::new(recv, limits);
+        match reader.next().await? {
+            Some(Frame::Hello {
+                version,
+                role,
+                notices,
+                agent,
+            }) => Ok((
+                send,
+                reader,
+                Hello {
+                    version,
+                    role,
+                    notices,
+                    agent,
+                },
+            )),
+            Some(_) => Err(LinkError::Protocol("first frame is not Hello".into())),
+            None => Err(LinkError::Protocol(
+                "control stream ended before Hello".into(),
+            )),
+        }
+    };
+    tokio::time::timeout(timeout, step)
+        .await
+        .map_err(|_| LinkError::Timeout("waiting for Hello"))?
+}
