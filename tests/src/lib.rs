@@ -1,1 +1,247 @@
+//! Harness for end-to-end tests: starts the real `relay` binary on free
+//! loopback ports with a temporary data directory, reads its ready line,
+//! scrapes its admin endpoint, and stops it (SIGTERM, then kill) when the
+//! test ends, whatever happens.
+//!
+//! The binaries are found beside the test executable's directory
+//! (`target/<profile>/`); `cargo test --workspace` builds them because the
+//! `relay` and `relay-client` packages have integration tests of their own.
 
+use relay_codec::{NodeAddr, PublicKey};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+/// How long a relay may take to print its ready line.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Path of a workspace binary (`relay`, `cell`, `relay-bench`).
+///
+/// # Panics
+/// If it is not built, with the command that builds it.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace --bins` (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
+}
+
+/// A `relay` process started for one test.
+pub struct RelayProcess {
+    child: Child,
+    /// The relay's key.
+    pub key: PublicKey,
+    /// Its QUIC address.
+    pub quic: SocketAddr,
+    /// Its admin HTTP address.
+    pub admin: SocketAddr,
+    /// Its data directory (removed when the test ends).
+    pub dir: tempfile::TempDir,
+    log: Arc<Mutex<String>>,
+}
+
+impl RelayProcess {
+    /// A relay with the embedded defaults on free loopback ports.
+    pub fn start() -> Self {
+        Self::start_with_config("")
+    }
+
+    /// A relay with `toml` as its config file (ports and data directory are
+    /// still set by flags).
+    pub fn start_with_config(toml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cmd = Command::new(bin_path("relay"));
+        if !toml.is_empty() {
+            let cfg = dir.path().join("relay.toml");
+            std::fs::write(&cfg, toml).expect("write config");
+            cmd.arg("--config").arg(cfg);
+        }
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "info,quinn=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn relay");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "relay printed no ready line within {START_TIMEOUT:?}; stderr:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        let field = |name: &str| -> String {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in ready line {line:?}"))
+                .to_string()
+        };
+        let key: PublicKey = field("key=").parse().expect("key in ready line");
+        let quic: SocketAddr = field("quic=").parse().expect("quic address");
+        let admin: SocketAddr = field("admin=http://").parse().expect("admin address");
+        RelayProcess {
+            child,
+            key,
+            quic,
+            admin,
+            dir,
+            log,
+        }
+    }
+
+    /// `KEY@HOST:PORT` of this relay, for cells.
+    pub fn addr(&self) -> NodeAddr {
+        NodeAddr {
+            key: self.key,
+            host: self.quic.ip().to_string(),
+            port: self.quic.port(),
+        }
+    }
+
+    /// What the relay logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle`, or panics with the log.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.log().contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "relay log has no {needle:?} after {timeout:?}:\n{}",
+            self.log()
+        );
+    }
+
+    /// GETs `path` from the admin endpoint: (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let mut s =
+            TcpStream::connect_timeout(&self.admin, Duration::from_secs(5)).expect("admin connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("admin response");
+        let status = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// The sum of every sample of metric `name` whose labels contain
+    /// `labels` (e.g. `reason="duplicate"`; empty for all).
+    pub fn metric(&self, name: &str, labels: &str) -> f64 {
+        let (_, body) = self.http_get("/metrics");
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            })
+            .filter(|l| labels.is_empty() || l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Waits until `metric(name, labels) >= at_least`, or panics.
+    pub fn wait_metric(&self, name: &str, labels: &str, at_least: f64, timeout: Duration) -> f64 {
+        let end = Instant::now() + timeout;
+        loop {
+            let v = self.metric(name, labels);
+            if v >= at_least {
+                return v;
+            }
+            if Instant::now() > end {
+                panic!(
+                    "{name}{{{labels}}} is {v}, expected at least {at_least} within {timeout:?}; relay log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                return self.child.wait().expect("wait relay");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
