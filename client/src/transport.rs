@@ -213,6 +213,100 @@ pub fn server_endpoint(
     make_endpoint(addr, Some(cfg))
 }
 
+/// Like [`server_endpoint`], but counts in `not_quic` every received
+/// datagram that cannot be a QUIC packet (empty, fixed bit clear, or a long
+/// header of an unknown version too short to negotiate). quinn drops such
+/// datagrams silently; the count lets an operator see garbage arriving.
+pub fn server_endpoint_counting(
+    addr: SocketAddr,
+    cfg: quinn::ServerConfig,
+    not_quic: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<quinn::Endpoint, TransportError> {
+    use quinn::Runtime;
+    let socket =
+        std::net::UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+    enlarge_buffers(&socket);
+    let inner = quinn::TokioRuntime
+        .wrap_udp_socket(socket)
+        .map_err(|source| TransportError::Endpoint { addr, source })?;
+    quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(cfg),
+        Arc::new(CountingSocket { inner, not_quic }),
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TransportError::Endpoint { addr, source })
+}
+
+/// A UDP socket that counts datagrams which cannot be QUIC, passing
+/// everything through unchanged.
+#[derive(Debug)]
+struct CountingSocket {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    not_quic: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Whether `p` could be a QUIC packet (RFC 9000 §17: the fixed bit is set in
+/// every packet of versions 1 and 2; a long header carries a 4-byte version).
+pub fn plausible_quic(p: &[u8]) -> bool {
+    match p.first() {
+        None => false,
+        Some(b) if b & 0x40 == 0 => false,
+        Some(b) if b & 0x80 != 0 => p.len() >= 7,
+        Some(_) => true,
+    }
+}
+
+impl quinn::AsyncUdpSocket for CountingSocket {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = self.inner.poll_recv(cx, bufs, meta);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            let mut bad = 0;
+            for (buf, m) in bufs.iter().zip(meta.iter()).take(*n) {
+                let stride = m.stride.max(1);
+                bad += buf[..m.len]
+                    .chunks(stride)
+                    .filter(|d| !plausible_quic(d))
+                    .count() as u64;
+            }
+            if bad > 0 {
+                self.not_quic
+                    .fetch_add(bad, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
 /// A QUIC endpoint bound to `bind` (e.g. `0.0.0.0:0`) for dialling out with
 /// `connect_with`, a [`client_config`] and [`SERVER_NAME`]. Call from within
 /// a tokio runtime.

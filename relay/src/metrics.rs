@@ -224,6 +224,7 @@ pub struct Metrics {
     bytes_out: LaneCounters,
     drops: [Counter; DropReason::ALL.len()],
     dedup_hits: Counter,
+    not_quic: Counter,
     links: [Gauge; 2],
     links_opened: [Counter; 2],
     links_closed: [Counter; CloseReason::ALL.len()],
@@ -304,6 +305,13 @@ impl Metrics {
             dedup_hits.clone(),
         );
 
+        let not_quic = Counter::default();
+        r.register(
+            "celluler_not_quic_datagrams",
+            "UDP datagrams on the QUIC port that cannot be QUIC packets (dropped)",
+            not_quic.clone(),
+        );
+
         let links = family_children::<Gauge, 2>(
             &mut r,
             "celluler_links",
@@ -375,6 +383,7 @@ impl Metrics {
             bytes_out,
             drops,
             dedup_hits,
+            not_quic,
             links,
             links_opened,
             links_closed,
@@ -421,6 +430,11 @@ impl Metrics {
     #[inline]
     pub fn dropped(&self, reason: DropReason, n: u64) {
         self.drops[reason as usize].inc_by(n);
+    }
+
+    /// Counts `n` datagrams that were not QUIC.
+    pub fn not_quic(&self, n: u64) {
+        self.not_quic.inc_by(n);
     }
 
     /// Counts one dedup-window hit.
@@ -614,6 +628,7 @@ mod tests {
             "celluler_bytes_out_total",
             "celluler_drops_total",
             "celluler_dedup_hits_total",
+            "celluler_not_quic_datagrams_total",
             "celluler_links",
             "celluler_links_opened_total",
             "celluler_links_closed_total",

@@ -136,6 +136,9 @@ struct Shared {
     shutting_down: AtomicBool,
     sampled: AtomicU64,
     started: Instant,
+    /// Datagrams the QUIC socket saw that cannot be QUIC; folded into the
+    /// metrics and logged once a second at most.
+    not_quic: Arc<AtomicU64>,
 }
 
 /// A running relay: bound sockets and a key, ready to [`run`](Node::run).
@@ -166,7 +169,9 @@ impl Node {
             ..TransportTuning::default()
         };
         let server = transport::server_config(keypair.signing_key(), &tuning)?;
-        let endpoint = transport::server_endpoint(cfg.node.listen, server)?;
+        let not_quic = Arc::new(AtomicU64::new(0));
+        let endpoint =
+            transport::server_endpoint_counting(cfg.node.listen, server, not_quic.clone())?;
         let quic_addr = endpoint
             .local_addr()
             .map_err(|e| transport::TransportError::Bind {
@@ -203,6 +208,7 @@ impl Node {
             shutting_down: AtomicBool::new(false),
             sampled: AtomicU64::new(0),
             started: Instant::now(),
+            not_quic,
             cfg,
         });
         Ok(Node {
@@ -254,6 +260,7 @@ impl Node {
         let admin_task = tokio::spawn(admin::serve(self.admin, state, async {
             let _ = admin_stopped.await;
         }));
+        let garbage_task = tokio::spawn(report_not_quic(shared.clone()));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -296,6 +303,7 @@ impl Node {
             b"relay shutting down",
         );
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        garbage_task.abort();
         let _ = admin_stop.send(());
         let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
         info!("stopped");
@@ -498,6 +506,25 @@ impl Shared {
                 self.metrics.dropped(DropReason::SlowReceiver, 1);
                 from.notice(NoticeCode::DroppedSlowReceiver, id, to.key);
             }
+        }
+    }
+}
+
+/// Folds the socket's count of non-QUIC datagrams into the metrics and logs
+/// it, at most once a second, so a flood of garbage costs one line a second.
+async fn report_not_quic(shared: Arc<Shared>) {
+    let mut seen = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = shared.not_quic.load(Ordering::Relaxed);
+        if now > seen {
+            shared.metrics.not_quic(now - seen);
+            warn!(
+                count = now - seen,
+                "dropped UDP datagrams that are not QUIC packets"
+            );
+            seen = now;
         }
     }
 }
