@@ -502,6 +502,9 @@ impl Shared {
                     woken.push(to.clone());
                 }
             }
+            Err(_) if to.queues.is_closed() => {
+                self.metrics.dropped(DropReason::Shutdown, 1);
+            }
             Err(_) => {
                 self.metrics.dropped(DropReason::SlowReceiver, 1);
                 from.notice(NoticeCode::DroppedSlowReceiver, id, to.key);
