@@ -227,11 +227,19 @@ pub async fn run_writer<O: WriteObserver>(
     let mut out = BytesMut::with_capacity(cfg.batch_bytes + 4096);
     let max_msgs = cfg.max_batch_messages.clamp(1, Limits::MAX_BATCH_CAP);
     loop {
+        // Take nothing off the queues for a dead connection: what stays
+        // queued goes out on the next one (a cell reconnecting).
+        if let Some(e) = conn.close_reason() {
+            return Err(e.into());
+        }
         let Some(i) = sched.next(queues.nonempty()) else {
             if queues.is_closed() && queues.is_empty() {
                 break;
             }
-            queues.notify.notified().await;
+            tokio::select! {
+                _ = queues.notify.notified() => {}
+                e = conn.closed() => return Err(e.into()),
+            }
             continue;
         };
         let lane = Lane::ALL[i];
@@ -268,8 +276,9 @@ pub async fn run_writer<O: WriteObserver>(
     for s in streams.iter_mut().flatten() {
         let _ = s.finish();
     }
+    let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
     for s in streams.iter_mut().flatten() {
-        let _ = tokio::time::timeout(cfg.drain_timeout, s.stopped()).await;
+        let _ = tokio::time::timeout_at(deadline, s.stopped()).await;
     }
     Ok(())
 }
@@ -399,8 +408,8 @@ pub async fn hello(
             )),
             Ok(Some(Frame::Close { code, reason })) => Err(LinkError::Refused { code, reason }),
             Ok(Some(other)) => Err(LinkError::Protocol(format!(
-                "expected Welcome, got {:?}",
-                other.lane()
+                "expected Welcome, got {}",
+                other.name()
             ))),
             Ok(None) => Err(LinkError::Protocol(
                 "control stream ended before Welcome".into(),

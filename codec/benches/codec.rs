@@ -40,18 +40,20 @@ fn text_payload(i: u64, size: usize) -> Bytes {
     Bytes::from(s)
 }
 
-/// A pseudo-random, incompressible payload.
+/// A pseudo-random, incompressible payload (splitmix64, so every seed,
+/// small ones included, gives full-entropy bytes from the first one).
 fn random_payload(seed: u64, size: usize) -> Bytes {
-    let mut x = seed | 1;
-    (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect::<Vec<u8>>()
-        .into()
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut out = Vec::with_capacity(size + 8);
+    while out.len() < size {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(size);
+    out.into()
 }
 
 fn message(size: usize, i: u64, text: bool) -> Message {

@@ -487,6 +487,22 @@ impl Frame {
         Ok(f)
     }
 
+    /// The frame type's name, for logs and error messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Batch(_) => "Batch",
+            Frame::Hello { .. } => "Hello",
+            Frame::Welcome { .. } => "Welcome",
+            Frame::Close { .. } => "Close",
+            Frame::Announce { .. } => "Announce",
+            Frame::Discover { .. } => "Discover",
+            Frame::DiscoverReply { .. } => "DiscoverReply",
+            Frame::WatchPresence(_) => "WatchPresence",
+            Frame::Presence { .. } => "Presence",
+            Frame::Notice { .. } => "Notice",
+        }
+    }
+
     /// The lane of a batch frame; control frames travel as control.
     pub fn lane(&self) -> Lane {
         match self {

@@ -846,29 +846,11 @@ async fn control_loop(
                 return None;
             }
             other => {
-                let reason = format!(
-                    "unexpected {:?} frame on the control stream",
-                    frame_name(&other)
-                );
+                let reason = format!("unexpected {:?} frame on the control stream", other.name());
                 warn!(peer = %handle.key, "closing link: {reason}");
                 return Some((CloseCode::Malformed, reason));
             }
         }
-    }
-}
-
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Batch(_) => "Batch",
-        Frame::Hello { .. } => "Hello",
-        Frame::Welcome { .. } => "Welcome",
-        Frame::Close { .. } => "Close",
-        Frame::Announce { .. } => "Announce",
-        Frame::Discover { .. } => "Discover",
-        Frame::DiscoverReply { .. } => "DiscoverReply",
-        Frame::WatchPresence(_) => "WatchPresence",
-        Frame::Presence { .. } => "Presence",
-        Frame::Notice { .. } => "Notice",
     }
 }
 
@@ -897,7 +879,7 @@ async fn ingress(shared: Arc<Shared>, from: Arc<LinkHandle>, recv: quinn::RecvSt
             Ok(Some(other)) => {
                 return fail(
                     CloseCode::Malformed,
-                    format!("{} frame on a data stream", frame_name(&other)),
+                    format!("{} frame on a data stream", other.name()),
                 );
             }
             Ok(None) => return,

@@ -1,1 +1,427 @@
-fn main() {}
+//! `cell`: a Celluler cell on the command line, for scripts, tests and
+//! poking at a relay.
+//!
+//! ```text
+//! cell keygen --out cell.key                 # new identity; prints its public key
+//! cell id --key cell.key                     # prints the public key
+//! cell listen --relay KEY@HOST:PORT --key cell.key [--count N] [--timeout SECS] [--service NAME]...
+//! cell send --relay KEY@HOST:PORT --key cell.key (--to KEY | --broadcast | --service NAME) [MESSAGE]
+//! cell discover --relay KEY@HOST:PORT --key cell.key SERVICE
+//! ```
+//!
+//! Output meant for programs (public keys, received messages, discovery
+//! results) goes to stdout, one item per line; everything for people goes
+//! to stderr. Logs: `RUST_LOG` (default `warn`), on stderr.
+
+use anyhow::{Context as _, anyhow, bail};
+use base64::Engine as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use relay_client::cell::{AuthMode, Cell, CellOptions, Event, Received, ReceivedAuth};
+use relay_codec::keyfile::{read_keyfile, write_keyfile};
+use relay_codec::{Destination, Keypair, Lane, NodeAddr, PublicKey, ServiceName};
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::io::AsyncBufReadExt as _;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cell",
+    version,
+    about = "A Celluler cell on the command line: make keys, send, listen, discover",
+    after_help = "Machine-readable output (keys, JSON lines) goes to stdout; notes and errors \
+                  to stderr. Logs: RUST_LOG (default warn)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a new identity in a secret key file (mode 0600) and print its
+    /// public key. Never overwrites a file.
+    Keygen {
+        /// Where to write the key file.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Print the public key of a key file.
+    Id {
+        /// The key file.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// Attach to a relay and print each message received as one JSON line.
+    ///
+    /// Prints `listening as KEY on RELAY` on stderr once attached. Exits 0
+    /// after --count messages, or when --timeout runs out (with a note on
+    /// stderr saying how many arrived).
+    Listen {
+        #[command(flatten)]
+        link: LinkArgs,
+        /// Exit after this many messages.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Exit after this many seconds.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+        /// Announce a service this cell offers (repeatable).
+        #[arg(long = "service", value_name = "NAME")]
+        services: Vec<String>,
+    },
+    /// Send MESSAGE, or each line of stdin when MESSAGE is absent, then
+    /// flush and close.
+    Send {
+        #[command(flatten)]
+        link: LinkArgs,
+        #[command(flatten)]
+        target: Target,
+        /// Priority lane: control, high, normal or bulk.
+        #[arg(long, default_value = "normal", value_name = "LANE")]
+        lane: Lane,
+        /// Sign each message (receivers verify it) or rely on the relay's
+        /// proof of this cell's link.
+        #[arg(long, value_enum, default_value_t = AuthArg::Signed)]
+        auth: AuthArg,
+        /// The message; without it, each line of stdin is one message.
+        message: Option<String>,
+    },
+    /// Ask the relay which cells offer SERVICE; prints one JSON line per cell.
+    Discover {
+        #[command(flatten)]
+        link: LinkArgs,
+        /// The service name.
+        service: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct LinkArgs {
+    /// The relay: its public key, host and UDP port.
+    #[arg(long, value_name = "KEY@HOST:PORT")]
+    relay: String,
+    /// This cell's secret key file (create one with `cell keygen`).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// Give up reaching the relay after this many seconds.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    connect_timeout: f64,
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// Send to one cell, by its public key.
+    #[arg(long, value_name = "KEY")]
+    to: Option<String>,
+    /// Send to every attached cell.
+    #[arg(long)]
+    broadcast: bool,
+    /// Send to every cell offering this service.
+    #[arg(long, value_name = "NAME")]
+    service: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AuthArg {
+    /// An ed25519 signature on each message.
+    Signed,
+    /// No signature: receivers trust the relay.
+    Link,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(run(cli)),
+        Err(e) => Err(anyhow!("cannot start the async runtime: {e}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, whatever the error chain holds.
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("cell: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Keygen { out } => {
+            let kp = Keypair::generate();
+            write_keyfile(&out, &kp)?;
+            println!("{}", kp.public());
+            eprintln!(
+                "wrote a new secret key to {} (keep it private)",
+                out.display()
+            );
+            Ok(())
+        }
+        Cmd::Id { key } => {
+            println!("{}", read_keyfile(&key)?.public());
+            Ok(())
+        }
+        Cmd::Listen {
+            link,
+            count,
+            timeout,
+            services,
+        } => listen(link, count, timeout, services).await,
+        Cmd::Send {
+            link,
+            target,
+            lane,
+            auth,
+            message,
+        } => send(link, target, lane, auth, message).await,
+        Cmd::Discover { link, service } => discover(link, service).await,
+    }
+}
+
+fn seconds(what: &str, secs: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| anyhow!("{what} must be a number of seconds, 0 or more; got {secs}"))
+}
+
+fn service_name(s: &str) -> anyhow::Result<ServiceName> {
+    ServiceName::new(s).map_err(|e| anyhow!("service name {s:?}: {e} (1 to 64 bytes of text)"))
+}
+
+/// Reads the key, parses the relay address and connects.
+async fn connect(link: &LinkArgs, mut opts: CellOptions) -> anyhow::Result<(Cell, NodeAddr)> {
+    let relay: NodeAddr = link
+        .relay
+        .parse()
+        .map_err(|e| anyhow!("--relay {:?}: {e}", link.relay))?;
+    let key = read_keyfile(&link.key)?;
+    opts.connect_timeout = seconds("--connect-timeout", link.connect_timeout)?;
+    if opts.connect_timeout.is_zero() {
+        bail!("--connect-timeout must be above 0");
+    }
+    let cell = Cell::connect(&relay, key, opts).await?;
+    Ok((cell, relay))
+}
+
+async fn listen(
+    link: LinkArgs,
+    count: Option<u64>,
+    timeout: Option<f64>,
+    services: Vec<String>,
+) -> anyhow::Result<()> {
+    let timeout = timeout.map(|t| seconds("--timeout", t)).transpose()?;
+    let services = services
+        .iter()
+        .map(|s| service_name(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let first_service = services.first().cloned();
+    let opts = CellOptions {
+        services,
+        ..CellOptions::default()
+    };
+    let (mut cell, relay) = connect(&link, opts).await?;
+    if let Some(service) = first_service {
+        // The control stream is ordered: once the relay answers this, it has
+        // processed our announcement, so "listening" below means
+        // "discoverable" too.
+        cell.discover(&service).await?;
+    }
+    eprintln!("listening as {} on {relay}", cell.public_key());
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut received = 0u64;
+    let stdout = std::io::stdout();
+    let outcome: anyhow::Result<()> = loop {
+        if count.is_some_and(|c| received >= c) {
+            break Ok(());
+        }
+        let next = async {
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, cell.next_event()).await.ok(),
+                None => Some(cell.next_event().await),
+            }
+        };
+        let event = tokio::select! {
+            e = next => e,
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("interrupted after {received} message(s)");
+                break Ok(());
+            }
+        };
+        match event {
+            None => {
+                eprintln!(
+                    "timed out after {}s with {received} message(s)",
+                    timeout.unwrap_or_default().as_secs_f64()
+                );
+                break Ok(());
+            }
+            Some(None) => break Err(anyhow!("the link to the relay ended")),
+            Some(Some(Event::Message(m))) => {
+                let line = message_json(&m).to_string();
+                let mut out = stdout.lock();
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    // Whoever reads stdout is gone: nothing more to do.
+                    break Ok(());
+                }
+                received += 1;
+            }
+            Some(Some(Event::Disconnected { reason })) => {
+                eprintln!("link lost: {reason}; reconnecting")
+            }
+            Some(Some(Event::Reconnected)) => eprintln!("link re-established"),
+            Some(Some(other)) => tracing::debug!(?other, "event"),
+        }
+    };
+    let stats = cell.stats();
+    if stats.dropped_bad_signature + stats.dropped_unsupported > 0 {
+        eprintln!(
+            "dropped {} message(s) with bad signatures and {} unsupported (sealed) one(s)",
+            stats.dropped_bad_signature, stats.dropped_unsupported
+        );
+    }
+    let _ = cell.close().await;
+    outcome
+}
+
+fn message_json(m: &Received) -> serde_json::Value {
+    let destination = match &m.destination {
+        Destination::Cell(k) => k.to_string(),
+        Destination::Broadcast => "broadcast".to_owned(),
+        Destination::Service(s) => format!("service:{s}"),
+    };
+    let (encoding, payload) = match std::str::from_utf8(&m.payload) {
+        Ok(s) => ("utf8", s.to_owned()),
+        Err(_) => (
+            "base64",
+            base64::engine::general_purpose::STANDARD.encode(&m.payload),
+        ),
+    };
+    let auth = match m.auth {
+        ReceivedAuth::Signature => "signature",
+        _ => "link",
+    };
+    serde_json::json!({
+        "id": m.id.to_string(),
+        "source": m.source.to_string(),
+        "destination": destination,
+        "lane": m.lane.name(),
+        "timestamp_ms": m.timestamp_ms,
+        "auth": auth,
+        "encoding": encoding,
+        "payload": payload,
+    })
+}
+
+async fn send(
+    link: LinkArgs,
+    target: Target,
+    lane: Lane,
+    auth: AuthArg,
+    message: Option<String>,
+) -> anyhow::Result<()> {
+    let destination = match (&target.to, target.broadcast, &target.service) {
+        (Some(k), _, _) => Destination::Cell(
+            k.parse::<PublicKey>()
+                .map_err(|e| anyhow!("--to {k:?}: {e}"))?,
+        ),
+        (_, true, _) => Destination::Broadcast,
+        (_, _, Some(s)) => Destination::Service(service_name(s)?),
+        _ => bail!("say where to send: --to KEY, --broadcast or --service NAME"),
+    };
+    let opts = CellOptions {
+        auth: match auth {
+            AuthArg::Signed => AuthMode::Signed,
+            AuthArg::Link => AuthMode::Link,
+        },
+        // Nobody reads notices here.
+        notices: false,
+        ..CellOptions::default()
+    };
+    let (cell, _) = connect(&link, opts).await?;
+    let mut sent = 0u64;
+    let sending: anyhow::Result<()> = async {
+        let handle = cell.handle();
+        let send_one = |payload: Vec<u8>| {
+            let destination = destination.clone();
+            let handle = handle.clone();
+            async move {
+                let msg =
+                    relay_codec::Message::new(handle.public_key(), destination, payload.into())
+                        .with_lane(lane);
+                handle.send_message(msg).await
+            }
+        };
+        match message {
+            Some(m) => {
+                send_one(m.into_bytes()).await?;
+                sent += 1;
+            }
+            None => {
+                let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    let n = stdin
+                        .read_until(b'\n', &mut line)
+                        .await
+                        .context("reading stdin")?;
+                    if n == 0 {
+                        break;
+                    }
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
+                        if line.last() == Some(&b'\r') {
+                            line.pop();
+                        }
+                    }
+                    send_one(line.clone()).await?;
+                    sent += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let closed = cell.close().await;
+    match (&sending, &closed) {
+        (Ok(()), Ok(())) => eprintln!("sent {sent} message(s)"),
+        (_, Err(relay_client::cell::CellError::Unsent { count, .. })) => {
+            eprintln!("queued {sent} message(s); {count} of them were not sent",)
+        }
+        _ => eprintln!("queued {sent} message(s) before the error"),
+    }
+    sending?;
+    closed?;
+    Ok(())
+}
+
+async fn discover(link: LinkArgs, service: String) -> anyhow::Result<()> {
+    let service = service_name(&service)?;
+    let opts = CellOptions {
+        reconnect: false,
+        notices: false,
+        ..CellOptions::default()
+    };
+    let (cell, _) = connect(&link, opts).await?;
+    let found = cell.discover(&service).await;
+    let _ = cell.close().await;
+    let mut out = std::io::stdout().lock();
+    for (key, app_version) in found? {
+        let line = serde_json::json!({ "key": key.to_string(), "app_version": app_version });
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    Ok(())
+}

@@ -1,0 +1,1744 @@
+//! The cell side of a link: what an application links to use a relay as its
+//! hop.
+//!
+//! A [`Cell`] holds one QUIC link to one relay (see `DESIGN.md`, "Links and
+//! lanes"): the first bidirectional stream carries control frames both ways
+//! (Hello/Welcome, Announce, Discover, presence, notices, Close), and each
+//! side sends its messages in batch frames on unidirectional streams it
+//! opens, one per lane.
+//!
+//! What the cell checks ("What is checked where"): the relay proved its key
+//! during the TLS handshake (pinned from [`NodeAddr::key`]); every received
+//! message that carries an ed25519 signature is verified before the
+//! application sees it, duplicates are dropped, and messages the cell cannot
+//! check yet (sealed with an AEAD tag) are dropped and counted. Unsigned
+//! messages are delivered marked [`ReceivedAuth::Link`]: the relay vouched
+//! for their source.
+//!
+//! Backpressure: sending waits while the lane's queue is full (own messages
+//! are never dropped); receiving waits while the event queue is full, which
+//! slows this cell's own link only (the relay drops or stores for it).
+
+use crate::lanes::LANES;
+use crate::link::{self, FrameReader, LaneQueues, LinkError, NoObserver, Outbound, WriterConfig};
+use crate::transport::{self, TransportError, TransportTuning};
+use bytes::{Bytes, BytesMut};
+use lru::LruCache;
+use quinn::{Connection, ConnectionError, SendStream};
+use relay_codec::frame::{CloseCode, MAX_AGENT, NoticeCode, PROTOCOL_VERSION, PresenceInfo, Role};
+use relay_codec::message::SIGNATURE_LEN;
+use relay_codec::{
+    Authenticator, BatchDecoder, DecodeError, Destination, Envelope, Frame, KeyError, Keypair,
+    Kind, Lane, Limits, Message, MessageId, NodeAddr, PublicKey, ServiceName,
+};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use thiserror::Error;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+/// Signed messages in one batch above which verification leaves the async
+/// worker for the blocking pool (about 25 µs each).
+const VERIFY_INLINE_MAX: usize = 32;
+/// Control frames waiting to be written to the relay.
+const CONTROL_QUEUE: usize = 256;
+/// How long [`Cell::close`] waits for the relay to take its Close frame,
+/// and then for the endpoint to go idle.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// How this cell authenticates the messages it sends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Each message carries an ed25519 signature by this cell's key, which
+    /// every receiver checks end to end (about 25 µs per message to sign and
+    /// as much to verify).
+    #[default]
+    Signed,
+    /// No signature: receivers trust the relay, which proved this cell's key
+    /// when the link was set up and only forwards messages whose source is
+    /// the link's key.
+    Link,
+}
+
+/// How a [`Cell`] links to its relay. `CellOptions::default()` just works.
+#[derive(Clone, Debug)]
+pub struct CellOptions {
+    /// Software name and version sent in Hello, for the relay's logs (at
+    /// most 64 bytes).
+    pub agent: String,
+    /// Application version announced to the relay (at most 64 bytes; empty:
+    /// none).
+    pub app_version: String,
+    /// Services this cell offers, announced when it attaches; other cells
+    /// find it with [`Cell::discover`] and reach it with
+    /// [`Cell::send_to_service`].
+    pub services: Vec<ServiceName>,
+    /// Whether the relay should send [`Event::Notice`]s about this cell's
+    /// messages (unknown destination, dropped for a slow receiver, refused).
+    pub notices: bool,
+    /// How sent messages are authenticated.
+    pub auth: AuthMode,
+    /// Bound on reaching the relay: name resolution, QUIC handshake, and
+    /// separately the Hello/Welcome exchange.
+    pub connect_timeout: Duration,
+    /// Whether to reconnect (with backoff) after the link is lost. The first
+    /// connection is never retried: [`Cell::connect`] returns its error.
+    pub reconnect: bool,
+    /// First delay before reconnecting; doubled after each failed attempt.
+    pub backoff_initial: Duration,
+    /// Longest delay between reconnect attempts.
+    pub backoff_max: Duration,
+    /// Outbound messages queued per lane before sending waits.
+    pub queue_depth: usize,
+    /// Events (messages, presence, notices) held for the application before
+    /// the link stops reading from the relay.
+    pub event_queue: usize,
+    /// Message ids remembered to drop duplicates.
+    pub dedup_capacity: usize,
+    /// How long [`Cell::discover`] waits for the relay's answer.
+    pub request_timeout: Duration,
+    /// QUIC windows, keep-alive and idle timeout.
+    pub tuning: TransportTuning,
+    /// Bounds on what this cell sends and accepts.
+    pub limits: Limits,
+    /// How outbound messages are batched (`decrement_ttl` is always off for
+    /// a cell's own messages).
+    pub writer: WriterConfig,
+}
+
+impl Default for CellOptions {
+    /// Signed messages, notices on, reconnect on with 100 ms to 5 s backoff,
+    /// a 5 s connect timeout, 4096 messages per lane, 65 536 events and
+    /// remembered ids, default tuning, limits and batching.
+    fn default() -> Self {
+        Self {
+            agent: format!("relay-client/{}", env!("CARGO_PKG_VERSION")),
+            app_version: String::new(),
+            services: Vec::new(),
+            notices: true,
+            auth: AuthMode::Signed,
+            connect_timeout: Duration::from_secs(5),
+            reconnect: true,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            queue_depth: 4096,
+            event_queue: 65_536,
+            dedup_capacity: 65_536,
+            request_timeout: Duration::from_secs(5),
+            tuning: TransportTuning::default(),
+            limits: Limits::default(),
+            writer: WriterConfig::default(),
+        }
+    }
+}
+
+/// How a received message was authenticated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReceivedAuth {
+    /// Its ed25519 signature by the source was verified by this cell.
+    Signature,
+    /// It was unsigned: its source is what the relay vouched for (the relay
+    /// proved the sender's link key).
+    Link,
+}
+
+/// A message delivered to this cell, after the end-to-end checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// Its id (a hash of its authenticated bytes).
+    pub id: MessageId,
+    /// Who sent it.
+    pub source: PublicKey,
+    /// Where it was sent: this cell, a broadcast, or a service.
+    pub destination: Destination,
+    /// Its lane.
+    pub lane: Lane,
+    /// The sender's clock when it was sent, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The application bytes.
+    pub payload: Bytes,
+    /// How its origin was established.
+    pub auth: ReceivedAuth,
+}
+
+/// Something that happened on the link, in the order it happened per lane.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A message for this cell.
+    Message(Received),
+    /// A watched cell attached (`up`) or detached; see
+    /// [`Cell::watch_presence`].
+    Presence {
+        /// Attached or detached.
+        up: bool,
+        /// Who, and what it offers.
+        info: PresenceInfo,
+    },
+    /// The relay reports on a message this cell sent (when
+    /// [`CellOptions::notices`] is on).
+    Notice {
+        /// What happened.
+        code: NoticeCode,
+        /// The message.
+        id: MessageId,
+        /// Its destination cell (all zeros if none).
+        subject: PublicKey,
+    },
+    /// The link to the relay was lost. With [`CellOptions::reconnect`] the
+    /// cell is reconnecting; queued messages wait for the new link.
+    Disconnected {
+        /// Why, for people.
+        reason: String,
+    },
+    /// The link is back: services re-announced, presence re-watched.
+    Reconnected,
+}
+
+/// Counters of what this cell received and dropped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CellStats {
+    /// Messages delivered to the application.
+    pub received: u64,
+    /// Messages dropped because their signature did not verify.
+    pub dropped_bad_signature: u64,
+    /// Messages dropped because their id was seen recently.
+    pub dropped_duplicate: u64,
+    /// Messages dropped because this cell cannot check or use them (sealed
+    /// with an AEAD tag, or acknowledgements of durable messages).
+    pub dropped_unsupported: u64,
+    /// Presence, notice and link events dropped because the event queue was
+    /// full (messages are never dropped this way: the link waits instead).
+    pub dropped_events: u64,
+    /// Times the link was re-established after being lost.
+    pub reconnects: u64,
+}
+
+/// Why a cell operation failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum CellError {
+    /// A local I/O failure.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The relay's host name did not resolve.
+    #[error("cannot resolve relay host {host:?}: {reason}; check HOST in KEY@HOST:PORT")]
+    Resolve {
+        /// The host.
+        host: String,
+        /// What the resolver said.
+        reason: String,
+    },
+    /// The QUIC endpoint or TLS configuration could not be built.
+    #[error("{0}")]
+    Transport(#[from] TransportError),
+    /// The QUIC connection to the relay could not be set up.
+    #[error("could not connect to the relay at {addr}: {reason}")]
+    Connect {
+        /// The relay's address.
+        addr: SocketAddr,
+        /// What failed, with a hint.
+        reason: String,
+    },
+    /// The link protocol failed.
+    #[error("link to the relay failed: {0}")]
+    Link(LinkError),
+    /// The relay refused the link, saying why.
+    #[error("the relay refused the link ({code:?}): {reason}")]
+    Refused {
+        /// The relay's code.
+        code: CloseCode,
+        /// The relay's words.
+        reason: String,
+    },
+    /// A step took longer than allowed.
+    #[error("{0}")]
+    Timeout(String),
+    /// A payload is over the limit in force (this cell's, or the relay's
+    /// from its Welcome, whichever is lower).
+    #[error(
+        "payload is {size} bytes, over the limit of {limit}; split it into smaller messages \
+         (or raise max_payload on the relay and in CellOptions::limits)"
+    )]
+    PayloadTooLarge {
+        /// The payload's length.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// An argument is not acceptable.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// The cell was closed.
+    #[error("the cell is closed")]
+    Closed,
+    /// The link is down (reconnecting, or for good without
+    /// [`CellOptions::reconnect`]).
+    #[error("the link to the relay is down: {0}")]
+    Disconnected(String),
+    /// On close, messages were still queued and could not be sent.
+    #[error("{count} queued message(s) were not sent: {reason}")]
+    Unsent {
+        /// How many.
+        count: usize,
+        /// Why.
+        reason: String,
+    },
+    /// A key or address is not valid.
+    #[error("{0}")]
+    Key(#[from] KeyError),
+}
+
+impl From<LinkError> for CellError {
+    fn from(e: LinkError) -> Self {
+        match e {
+            LinkError::Refused { code, reason } => CellError::Refused { code, reason },
+            e => CellError::Link(e),
+        }
+    }
+}
+
+/// A cell linked to a relay: send, receive, announce, discover.
+///
+/// Sending methods take `&self` and are also available on a cloneable
+/// [`CellHandle`] (see [`Cell::handle`]) for other tasks; receiving
+/// ([`next_event`](Self::next_event), [`recv`](Self::recv)) takes
+/// `&mut self`. Dropping a `Cell` closes it in the background; call
+/// [`close`](Self::close) to wait until queued messages are flushed.
+///
+/// ```no_run
+/// use relay_client::cell::{Cell, CellOptions, Event};
+/// use relay_codec::{Keypair, Lane, NodeAddr};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let relay: NodeAddr = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa@127.0.0.1:4433".parse()?;
+/// let mut cell = Cell::connect(&relay, Keypair::generate(), CellOptions::default()).await?;
+/// let peer = Keypair::generate().public();
+/// cell.send(peer, Lane::Normal, &b"hello"[..]).await?;
+/// while let Some(event) = cell.next_event().await {
+///     if let Event::Message(msg) = event {
+///         println!("{} says {:?}", msg.source, msg.payload);
+///         break;
+///     }
+/// }
+/// cell.close().await?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct Cell {
+    handle: CellHandle,
+    events: mpsc::Receiver<Event>,
+    shutdown: watch::Sender<bool>,
+    supervisor: Option<JoinHandle<Result<(), CellError>>>,
+}
+
+/// A cloneable handle for sending and control on a [`Cell`], for tasks
+/// other than the one receiving. It fails with [`CellError::Closed`] once
+/// the cell is closed.
+#[derive(Clone)]
+pub struct CellHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for CellHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CellHandle")
+            .field("key", &self.shared.key.public())
+            .field("relay", &self.shared.relay)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Cell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cell")
+            .field("key", &self.handle.shared.key.public())
+            .field("relay", &self.handle.shared.relay)
+            .finish()
+    }
+}
+
+/// The cells offering a service, with their application versions.
+type Discovered = Vec<(PublicKey, String)>;
+
+/// State shared by the handles and the link tasks.
+struct Shared {
+    key: Keypair,
+    relay: NodeAddr,
+    opts: CellOptions,
+    /// Outbound lanes; they outlive each connection, so queued messages
+    /// survive a reconnect.
+    queues: Arc<LaneQueues>,
+    nonce: AtomicU64,
+    counters: Counters,
+    control: mpsc::Sender<Frame>,
+    pending: Mutex<HashMap<u32, oneshot::Sender<Discovered>>>,
+    next_request: AtomicU32,
+    announced: Mutex<Announced>,
+    dedup: Mutex<LruCache<MessageId, ()>>,
+    /// Largest payload accepted: ours, lowered to the relay's from Welcome.
+    max_payload: AtomicUsize,
+    link: Mutex<LinkState>,
+    /// Set by close (or drop): no more sends.
+    closing: AtomicBool,
+}
+
+#[derive(Default)]
+struct Counters {
+    received: AtomicU64,
+    dropped_bad_signature: AtomicU64,
+    dropped_duplicate: AtomicU64,
+    dropped_unsupported: AtomicU64,
+    dropped_events: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+/// What the relay should know about this cell, re-sent on reconnect.
+struct Announced {
+    app_version: String,
+    services: Vec<ServiceName>,
+    watch: bool,
+}
+
+#[derive(Default)]
+struct LinkState {
+    up: bool,
+    /// Why the link went down, while it is down.
+    down_reason: Option<String>,
+}
+
+/// Per-connection state the control reader fills in.
+#[derive(Default)]
+struct ConnState {
+    /// The relay's Close frame, if it sent one.
+    close: Mutex<Option<(CloseCode, String)>>,
+    /// Signalled when the relay ended its control stream.
+    peer_done: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these small locks leaves consistent
+    // data (each critical section is one map/cache operation).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Milliseconds since the Unix epoch by this machine's clock.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn random_u64() -> u64 {
+    getrandom::u64().unwrap_or_else(|_| {
+        // No OS randomness: the clock is a poor but usable fallback for a
+        // nonce start or a jitter.
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    })
+}
+
+impl Shared {
+    fn emit(&self, events: &mpsc::Sender<Event>, event: Event) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = events.try_send(event) {
+            self.counters.dropped_events.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        lock(&self.link).up
+    }
+
+    fn set_up(&self) {
+        let mut l = lock(&self.link);
+        l.up = true;
+        l.down_reason = None;
+    }
+
+    fn set_down(&self, reason: &str) {
+        let mut l = lock(&self.link);
+        l.up = false;
+        l.down_reason = Some(reason.to_owned());
+    }
+
+    /// The error for a send the queues refused.
+    fn closed_error(&self) -> CellError {
+        if self.closing.load(Ordering::Acquire) {
+            return CellError::Closed;
+        }
+        match &lock(&self.link).down_reason {
+            Some(r) => CellError::Disconnected(r.clone()),
+            None => CellError::Closed,
+        }
+    }
+
+    fn announce_frame(&self) -> Option<Frame> {
+        let a = lock(&self.announced);
+        (!a.app_version.is_empty() || !a.services.is_empty()).then(|| Frame::Announce {
+            app_version: a.app_version.clone(),
+            services: a.services.clone(),
+        })
+    }
+
+    fn writer_config(&self) -> WriterConfig {
+        WriterConfig {
+            decrement_ttl: false,
+            ..self.opts.writer.clone()
+        }
+    }
+
+    fn fail_pending(&self) {
+        // Dropping the senders wakes the waiting discover calls.
+        lock(&self.pending).clear();
+    }
+}
+
+impl Cell {
+    /// Connects to `relay` as `key` and sets up the link: resolves the host,
+    /// dials it over QUIC (pinning the relay's key), exchanges Hello and
+    /// Welcome, and announces [`CellOptions::services`] and
+    /// [`CellOptions::app_version`] if set.
+    ///
+    /// Errors if the relay cannot be reached within
+    /// [`CellOptions::connect_timeout`], proves another key, or refuses the
+    /// link ([`CellError::Refused`] with its reason). Once connected, a lost
+    /// link is re-established in the background (see
+    /// [`CellOptions::reconnect`]).
+    pub async fn connect(
+        relay: &NodeAddr,
+        key: Keypair,
+        opts: CellOptions,
+    ) -> Result<Cell, CellError> {
+        validate(&opts)?;
+        let limits = opts.limits.clamped();
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let dedup = NonZeroUsize::new(opts.dedup_capacity).unwrap_or(NonZeroUsize::MIN);
+        let shared = Arc::new(Shared {
+            key,
+            relay: relay.clone(),
+            queues: Arc::new(LaneQueues::new(opts.queue_depth)),
+            nonce: AtomicU64::new(random_u64()),
+            counters: Counters::default(),
+            control: control_tx,
+            pending: Mutex::new(HashMap::new()),
+            next_request: AtomicU32::new(1),
+            announced: Mutex::new(Announced {
+                app_version: opts.app_version.clone(),
+                services: opts.services.clone(),
+                watch: false,
+            }),
+            dedup: Mutex::new(LruCache::new(dedup)),
+            max_payload: AtomicUsize::new(limits.max_payload),
+            link: Mutex::new(LinkState::default()),
+            closing: AtomicBool::new(false),
+            opts: CellOptions { limits, ..opts },
+        });
+        let mut dialer = Dialer::default();
+        // On failure the endpoint is dropped without waiting: a half-open
+        // attempt would only hold the caller up.
+        let established = dial(&shared, &mut dialer).await?;
+        let (events_tx, events_rx) = mpsc::channel(shared.opts.event_queue.max(1));
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let supervisor = tokio::spawn(supervise(
+            shared.clone(),
+            dialer,
+            established,
+            control_rx,
+            shutdown_rx,
+            events_tx,
+        ));
+        Ok(Cell {
+            handle: CellHandle { shared },
+            events: events_rx,
+            shutdown: shutdown_tx,
+            supervisor: Some(supervisor),
+        })
+    }
+
+    /// A cloneable handle for sending from other tasks.
+    pub fn handle(&self) -> CellHandle {
+        self.handle.clone()
+    }
+
+    /// This cell's public key: its identity and the source of its messages.
+    pub fn public_key(&self) -> PublicKey {
+        self.handle.public_key()
+    }
+
+    /// The relay this cell links to.
+    pub fn relay(&self) -> &NodeAddr {
+        &self.handle.shared.relay
+    }
+
+    /// Whether the link is up right now.
+    pub fn is_connected(&self) -> bool {
+        self.handle.shared.is_up()
+    }
+
+    /// Sends `payload` to the cell `to` on `lane`; see
+    /// [`CellHandle::send_message`] for what is stamped and checked.
+    pub async fn send(
+        &self,
+        to: PublicKey,
+        lane: Lane,
+        payload: impl Into<Bytes>,
+    ) -> Result<MessageId, CellError> {
+        self.handle.send(to, lane, payload).await
+    }
+
+    /// Sends `payload` to every cell attached to the mesh.
+    pub async fn broadcast(
+        &self,
+        lane: Lane,
+        payload: impl Into<Bytes>,
+    ) -> Result<MessageId, CellError> {
+        self.handle.broadcast(lane, payload).await
+    }
+
+    /// Sends `payload` to every cell that announced `service`.
+    pub async fn send_to_service(
+        &self,
+        service: &ServiceName,
+        lane: Lane,
+        payload: impl Into<Bytes>,
+    ) -> Result<MessageId, CellError> {
+        self.handle.send_to_service(service, lane, payload).await
+    }
+
+    /// Sends a message built by the caller; see [`CellHandle::send_message`].
+    pub async fn send_message(&self, msg: Message) -> Result<MessageId, CellError> {
+        self.handle.send_message(msg).await
+    }
+
+    /// The next event: a message, a presence change, a notice, or the link
+    /// going down or coming back. `None` once the cell has stopped for good
+    /// (the link was lost without [`CellOptions::reconnect`]).
+    ///
+    /// Cancel-safe: dropping the future loses no event.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// The next message, **discarding** every other event (presence,
+    /// notices, disconnects) until one arrives; use
+    /// [`next_event`](Self::next_event) to see those. `None` once the cell
+    /// has stopped for good. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Received> {
+        loop {
+            if let Event::Message(m) = self.events.recv().await? {
+                return Some(m);
+            }
+        }
+    }
+
+    /// Replaces this cell's announcement (application version and
+    /// services); it is re-sent after a reconnect.
+    pub async fn announce(
+        &self,
+        app_version: &str,
+        services: Vec<ServiceName>,
+    ) -> Result<(), CellError> {
+        self.handle.announce(app_version, services).await
+    }
+
+    /// Asks the relay which cells offer `service`: their keys and
+    /// application versions.
+    pub async fn discover(
+        &self,
+        service: &ServiceName,
+    ) -> Result<Vec<(PublicKey, String)>, CellError> {
+        self.handle.discover(service).await
+    }
+
+    /// Starts (`true`) or stops presence events ([`Event::Presence`]);
+    /// re-sent after a reconnect.
+    pub async fn watch_presence(&self, on: bool) -> Result<(), CellError> {
+        self.handle.watch_presence(on).await
+    }
+
+    /// Counters of what was received and dropped.
+    pub fn stats(&self) -> CellStats {
+        self.handle.stats()
+    }
+
+    /// Closes the cell: stops reconnecting, sends every queued message and
+    /// waits (bounded by `WriterConfig::drain_timeout` per lane) until the
+    /// relay has received them, then closes the link with
+    /// [`CloseCode::Normal`] and waits (about a second at most) for the
+    /// endpoint to finish.
+    ///
+    /// Errors with [`CellError::Unsent`] if messages were still queued and
+    /// could not be sent (the link was down, or failed while flushing).
+    pub async fn close(mut self) -> Result<(), CellError> {
+        self.handle.shared.closing.store(true, Ordering::Release);
+        let _ = self.shutdown.send(true);
+        let Some(supervisor) = self.supervisor.take() else {
+            return Ok(());
+        };
+        match supervisor.await {
+            Ok(r) => r,
+            Err(e) => Err(CellError::Link(LinkError::Local(format!(
+                "link task failed: {e}"
+            )))),
+        }
+    }
+}
+
+impl Drop for Cell {
+    fn drop(&mut self) {
+        // The supervisor sees the shutdown (or the dropped sender) and
+        // closes the link in the background.
+        self.handle.shared.closing.store(true, Ordering::Release);
+        let _ = self.shutdown.send(true);
+    }
+}
+
+impl CellHandle {
+    /// This cell's public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.shared.key.public()
+    }
+
+    /// Sends `payload` to the cell `to` on `lane`.
+    pub async fn send(
+        &self,
+        to: PublicKey,
+        lane: Lane,
+        payload: impl Into<Bytes>,
+    ) -> Result<MessageId, CellError> {
+        self.send_to(Destination::Cell(to), lane, payload.into())
+            .await
+    }
+
+    /// Sends `payload` to every cell attached to the mesh.
+    pub async fn broadcast(
+        &self,
+        lane: Lane,
+        payload: impl Into<Bytes>,
+    ) -> Result<MessageId, CellError> {
+        self.send_to(Destination::Broadcast, lane, payload.into())
+            .await
+    }
+
+    /// Sends `payload` to every cell that announced `service`.
+    pub async fn send_to_service(
+        &self,
+        service: &ServiceName,
+        lane: Lane,
+        payload: impl Into<Bytes>,
+    ) -> Result<MessageId, CellError> {
+        self.send_to(Destination::Service(service.clone()), lane, payload.into())
+            .await
+    }
+
+    async fn send_to(
+        &self,
+        destination: Destination,
+        lane: Lane,
+        payload: Bytes,
+    ) -> Result<MessageId, CellError> {
+        let msg = Message::new(self.public_key(), destination, payload).with_lane(lane);
+        self.send_message(msg).await
+    }
+
+    /// Queues `msg` for the relay and returns its id.
+    ///
+    /// The source must be this cell's key (the relay closes a link that
+    /// sends as anyone else). A message without an authenticator is stamped
+    /// (timestamp now if it is 0, the next nonce if it is 0) and then signed
+    /// or left unsigned per [`CellOptions::auth`]; a message that already
+    /// carries an authenticator is sent exactly as it is. Other fields
+    /// (lane, TTL, QoS, trace, kind) are kept.
+    ///
+    /// Waits while the lane's queue is full: own messages are never
+    /// dropped. Errors if the payload is over the limit, or the cell is
+    /// closed (or disconnected for good).
+    pub async fn send_message(&self, mut msg: Message) -> Result<MessageId, CellError> {
+        let s = &self.shared;
+        if s.closing.load(Ordering::Acquire) {
+            return Err(CellError::Closed);
+        }
+        if msg.source != s.key.public() {
+            return Err(CellError::Invalid(format!(
+                "message source {} is not this cell's key {}; the relay only forwards a \
+                 cell's own messages",
+                msg.source,
+                s.key.public()
+            )));
+        }
+        let limit = s.max_payload.load(Ordering::Relaxed);
+        if msg.payload.len() > limit {
+            return Err(CellError::PayloadTooLarge {
+                size: msg.payload.len(),
+                limit,
+            });
+        }
+        let mut buf = BytesMut::with_capacity(msg.encoded_len() + SIGNATURE_LEN);
+        if msg.auth == Authenticator::None {
+            if msg.timestamp_ms == 0 {
+                msg.timestamp_ms = now_ms();
+            }
+            if msg.nonce == 0 {
+                msg.nonce = s.nonce.fetch_add(1, Ordering::Relaxed);
+            }
+            match s.opts.auth {
+                AuthMode::Signed => msg.encode_signed(&s.key, &mut buf),
+                AuthMode::Link => msg.encode(&mut buf),
+            }
+        } else {
+            msg.encode(&mut buf);
+        }
+        let env = Envelope::parse(&mut buf.freeze(), &s.opts.limits)
+            .map_err(|e| CellError::Invalid(format!("message does not encode: {e}")))?;
+        let id = env.id();
+        s.queues
+            .push_wait(Outbound {
+                env,
+                queued_at: std::time::Instant::now(),
+            })
+            .await
+            .map_err(|_| s.closed_error())?;
+        Ok(id)
+    }
+
+    /// Replaces this cell's announcement; see [`Cell::announce`].
+    pub async fn announce(
+        &self,
+        app_version: &str,
+        services: Vec<ServiceName>,
+    ) -> Result<(), CellError> {
+        check_announcement(app_version, &services, &self.shared.opts.limits)?;
+        {
+            let mut a = lock(&self.shared.announced);
+            a.app_version = app_version.to_owned();
+            a.services = services.clone();
+        }
+        self.control(Frame::Announce {
+            app_version: app_version.to_owned(),
+            services,
+        })
+        .await
+    }
+
+    /// Starts or stops presence events; see [`Cell::watch_presence`].
+    pub async fn watch_presence(&self, on: bool) -> Result<(), CellError> {
+        lock(&self.shared.announced).watch = on;
+        self.control(Frame::WatchPresence(on)).await
+    }
+
+    /// Sends a control frame if the link is up. While it is down the frame
+    /// is not needed: the state it carries is re-sent on reconnect.
+    async fn control(&self, frame: Frame) -> Result<(), CellError> {
+        let s = &self.shared;
+        if s.closing.load(Ordering::Acquire) {
+            return Err(CellError::Closed);
+        }
+        if !s.is_up() {
+            return Ok(());
+        }
+        s.control.send(frame).await.map_err(|_| s.closed_error())
+    }
+
+    /// Asks the relay which cells offer `service`; see [`Cell::discover`].
+    pub async fn discover(
+        &self,
+        service: &ServiceName,
+    ) -> Result<Vec<(PublicKey, String)>, CellError> {
+        let s = &self.shared;
+        if s.closing.load(Ordering::Acquire) {
+            return Err(CellError::Closed);
+        }
+        if !s.is_up() {
+            return Err(s.closed_error());
+        }
+        let request = s.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&s.pending).insert(request, tx);
+        let frame = Frame::Discover {
+            request,
+            service: service.clone(),
+        };
+        let timeout = s.opts.request_timeout;
+        let answer = tokio::time::timeout(timeout, async {
+            s.control.send(frame).await.map_err(|_| s.closed_error())?;
+            rx.await.map_err(|_| s.closed_error())
+        })
+        .await;
+        lock(&s.pending).remove(&request);
+        match answer {
+            Ok(r) => r,
+            Err(_) => Err(CellError::Timeout(format!(
+                "the relay did not answer discover {service:?} within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// Counters of what was received and dropped.
+    pub fn stats(&self) -> CellStats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CellStats {
+            received: get(&c.received),
+            dropped_bad_signature: get(&c.dropped_bad_signature),
+            dropped_duplicate: get(&c.dropped_duplicate),
+            dropped_unsupported: get(&c.dropped_unsupported),
+            dropped_events: get(&c.dropped_events),
+            reconnects: get(&c.reconnects),
+        }
+    }
+}
+
+fn validate(opts: &CellOptions) -> Result<(), CellError> {
+    if opts.agent.len() > MAX_AGENT {
+        return Err(CellError::Invalid(format!(
+            "agent is {} bytes; at most {MAX_AGENT}",
+            opts.agent.len()
+        )));
+    }
+    check_announcement(&opts.app_version, &opts.services, &opts.limits)?;
+    if opts.connect_timeout.is_zero() {
+        return Err(CellError::Invalid(
+            "connect_timeout must be above zero".into(),
+        ));
+    }
+    if opts.backoff_initial.is_zero() || opts.backoff_max < opts.backoff_initial {
+        return Err(CellError::Invalid(
+            "backoff_initial must be above zero and at most backoff_max".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_announcement(
+    app_version: &str,
+    services: &[ServiceName],
+    limits: &Limits,
+) -> Result<(), CellError> {
+    if app_version.len() > MAX_AGENT {
+        return Err(CellError::Invalid(format!(
+            "app_version is {} bytes; at most {MAX_AGENT}",
+            app_version.len()
+        )));
+    }
+    if services.len() > limits.max_services {
+        return Err(CellError::Invalid(format!(
+            "{} services announced; at most {}",
+            services.len(),
+            limits.max_services
+        )));
+    }
+    Ok(())
+}
+
+/// Client endpoints, one per address family, reused across reconnects.
+#[derive(Default)]
+struct Dialer {
+    v4: Option<quinn::Endpoint>,
+    v6: Option<quinn::Endpoint>,
+}
+
+impl Dialer {
+    fn endpoint_for(&mut self, addr: SocketAddr) -> Result<quinn::Endpoint, CellError> {
+        let (slot, bind): (_, SocketAddr) = if addr.is_ipv4() {
+            (&mut self.v4, (std::net::Ipv4Addr::UNSPECIFIED, 0).into())
+        } else {
+            (&mut self.v6, (std::net::Ipv6Addr::UNSPECIFIED, 0).into())
+        };
+        if let Some(ep) = slot {
+            return Ok(ep.clone());
+        }
+        let ep = transport::client_endpoint(bind)?;
+        *slot = Some(ep.clone());
+        Ok(ep)
+    }
+
+    /// Waits (bounded) until every connection of the endpoints is closed.
+    async fn close(&mut self) {
+        for ep in [self.v4.take(), self.v6.take()].into_iter().flatten() {
+            let _ = tokio::time::timeout(CLOSE_GRACE, ep.wait_idle()).await;
+        }
+    }
+}
+
+/// A link that passed the handshake.
+struct Established {
+    conn: Connection,
+    control: SendStream,
+    reader: FrameReader,
+    /// The writer's batch size, fitted to the relay's largest frame.
+    batch_bytes: usize,
+}
+
+/// Bytes a message adds beyond its payload at most (header, longest
+/// destination, signature), plus a batch frame's own header.
+const MESSAGE_OVERHEAD: usize =
+    relay_codec::message::HEADER_LEN + relay_codec::message::MAX_SERVICE_NAME + SIGNATURE_LEN + 16;
+
+/// The largest payload to send and the batch size to write with, given our
+/// limits and the relay's (from Welcome): every frame the writer makes fits
+/// the relay's `max_frame` (a batch closes at the first message that takes
+/// it past `batch_bytes`, so it can hold `batch_bytes` plus one message).
+fn sizes(
+    our_payload: usize,
+    our_batch: usize,
+    relay_payload: usize,
+    relay_frame: usize,
+) -> (usize, usize) {
+    let room = relay_frame.saturating_sub(MESSAGE_OVERHEAD);
+    let payload = our_payload.min(relay_payload).min(room.saturating_sub(1));
+    let batch = our_batch.min(room - payload).max(1);
+    (payload, batch)
+}
+
+/// Resolves the relay and connects to the first address that answers,
+/// giving each address an equal share of the connect timeout.
+async fn dial(shared: &Shared, dialer: &mut Dialer) -> Result<Established, CellError> {
+    let opts = &shared.opts;
+    let relay = &shared.relay;
+    let target = relay.host_port();
+    let deadline = Instant::now() + opts.connect_timeout;
+    let addrs: Vec<SocketAddr> =
+        tokio::time::timeout_at(deadline, tokio::net::lookup_host(&target))
+            .await
+            .map_err(|_| {
+                CellError::Timeout(format!(
+                    "resolving relay host {:?} took longer than {:?}",
+                    relay.host, opts.connect_timeout
+                ))
+            })?
+            .map_err(|e| CellError::Resolve {
+                host: relay.host.clone(),
+                reason: e.to_string(),
+            })?
+            .collect();
+    if addrs.is_empty() {
+        return Err(CellError::Resolve {
+            host: relay.host.clone(),
+            reason: "no addresses".into(),
+        });
+    }
+    let cfg = transport::client_config(shared.key.signing_key(), relay.key.0, &opts.tuning)?;
+    let mut last = None;
+    for (i, &addr) in addrs.iter().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let share = left / (addrs.len() - i) as u32;
+        match attempt(shared, dialer, cfg.clone(), addr, share).await {
+            Ok(e) => return Ok(e),
+            // Another address may answer; anything else is the relay's word.
+            Err(e @ (CellError::Timeout(_) | CellError::Connect { .. })) => {
+                tracing::debug!(%addr, error = %e, "relay address failed");
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.expect("at least one address was tried"))
+}
+
+async fn attempt(
+    shared: &Shared,
+    dialer: &mut Dialer,
+    cfg: quinn::ClientConfig,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Established, CellError> {
+    let opts = &shared.opts;
+    let ep = dialer.endpoint_for(addr)?;
+    let connecting = ep
+        .connect_with(cfg, addr, transport::SERVER_NAME)
+        .map_err(|e| CellError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+    let conn = match tokio::time::timeout(timeout, connecting).await {
+        Err(_) => {
+            return Err(CellError::Timeout(format!(
+                "could not reach the relay at {addr} within {:.1}s; check that it runs there \
+                 and that UDP port {} is reachable",
+                opts.connect_timeout.as_secs_f64(),
+                addr.port()
+            )));
+        }
+        Ok(Err(e)) => return Err(handshake_error(addr, e)),
+        Ok(Ok(c)) => c,
+    };
+    let hello = link::hello(
+        &conn,
+        Role::Cell,
+        opts.notices,
+        &opts.agent,
+        opts.limits,
+        opts.connect_timeout,
+    )
+    .await;
+    let (mut control, reader, welcome) = match hello {
+        Ok(v) => v,
+        Err(LinkError::Timeout(_)) => {
+            conn.close(code(CloseCode::Normal), b"no Welcome");
+            return Err(CellError::Timeout(format!(
+                "the relay at {addr} accepted the connection but did not answer Hello within {:?}",
+                opts.connect_timeout
+            )));
+        }
+        Err(e) => {
+            conn.close(code(CloseCode::Normal), b"handshake failed");
+            return Err(e.into());
+        }
+    };
+    if welcome.version == 0 || welcome.version > PROTOCOL_VERSION {
+        let reason = format!(
+            "relay answered with protocol version {}; this cell speaks up to {PROTOCOL_VERSION}",
+            welcome.version
+        );
+        link::close_with(&conn, Some(&mut control), CloseCode::Version, &reason).await;
+        return Err(CellError::Link(LinkError::Protocol(reason)));
+    }
+    let (max_payload, batch_bytes) = sizes(
+        opts.limits.max_payload,
+        opts.writer.batch_bytes,
+        welcome.max_payload as usize,
+        welcome.max_frame as usize,
+    );
+    shared.max_payload.store(max_payload, Ordering::Relaxed);
+    let skew = welcome.time_ms as i64 - now_ms() as i64;
+    if skew.abs() > 10_000 {
+        tracing::warn!(
+            skew_ms = skew,
+            "this machine's clock differs from the relay's by {:.1}s; the relay refuses \
+             messages outside its timestamp window (by default 300s past, 30s future); \
+             check NTP",
+            skew as f64 / 1000.0
+        );
+    }
+    // Announce and watch before returning, so a connect that returned is
+    // visible to discovery as early as possible.
+    let mut frames: Vec<Frame> = shared.announce_frame().into_iter().collect();
+    if lock(&shared.announced).watch {
+        frames.push(Frame::WatchPresence(true));
+    }
+    for f in &frames {
+        if let Err(e) = link::write_frame(&mut control, f).await {
+            conn.close(code(CloseCode::Normal), b"announce failed");
+            return Err(e.into());
+        }
+    }
+    tracing::debug!(%addr, relay = %shared.relay.key.short(), "linked to relay");
+    shared.set_up();
+    Ok(Established {
+        conn,
+        control,
+        reader,
+        batch_bytes,
+    })
+}
+
+fn code(c: CloseCode) -> quinn::VarInt {
+    quinn::VarInt::from_u32(c as u32)
+}
+
+fn handshake_error(addr: SocketAddr, e: ConnectionError) -> CellError {
+    let hint = match &e {
+        ConnectionError::TransportError(_) | ConnectionError::ConnectionClosed(_) => {
+            "; check that the KEY in KEY@HOST:PORT is the relay's public key and that it is a \
+             Celluler relay"
+        }
+        _ => "",
+    };
+    if let ConnectionError::ApplicationClosed(c) = &e {
+        return CellError::Refused {
+            code: CloseCode::from_u16(u16::try_from(c.error_code.into_inner()).unwrap_or(u16::MAX)),
+            reason: String::from_utf8_lossy(&c.reason).into_owned(),
+        };
+    }
+    CellError::Connect {
+        addr,
+        reason: format!("{e}{hint}"),
+    }
+}
+
+/// How a connection's life ended.
+enum End {
+    /// The cell closed; the result of flushing.
+    Shutdown(Result<(), CellError>),
+    /// The link was lost, for this reason.
+    Lost(String),
+}
+
+async fn supervise(
+    shared: Arc<Shared>,
+    mut dialer: Dialer,
+    first: Established,
+    mut control_rx: mpsc::Receiver<Frame>,
+    mut shutdown: watch::Receiver<bool>,
+    events: mpsc::Sender<Event>,
+) -> Result<(), CellError> {
+    let mut established = first;
+    let result = loop {
+        match serve(
+            &shared,
+            established,
+            &mut control_rx,
+            &mut shutdown,
+            &events,
+        )
+        .await
+        {
+            End::Shutdown(r) => break r,
+            End::Lost(reason) => {
+                shared.set_down(&reason);
+                shared.fail_pending();
+                tracing::warn!(relay = %shared.relay, "link to the relay lost: {reason}");
+                shared.emit(
+                    &events,
+                    Event::Disconnected {
+                        reason: reason.clone(),
+                    },
+                );
+                if !shared.opts.reconnect {
+                    shared.queues.close();
+                    break unsent(&shared, &reason);
+                }
+                match reconnect(&shared, &mut dialer, &mut control_rx, &mut shutdown).await {
+                    Some(e) => established = e,
+                    None => {
+                        shared.queues.close();
+                        break unsent(&shared, &reason);
+                    }
+                }
+                shared.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(relay = %shared.relay, "link to the relay re-established");
+                shared.emit(&events, Event::Reconnected);
+            }
+        }
+    };
+    dialer.close().await;
+    result
+}
+
+/// Completes once the cell is closing (or dropped). The guard `wait_for`
+/// returns is released at once: it must not be held across an await.
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+fn unsent(shared: &Shared, reason: &str) -> Result<(), CellError> {
+    match shared.queues.len() {
+        0 => Ok(()),
+        count => Err(CellError::Unsent {
+            count,
+            reason: format!("the link to the relay was down ({reason})"),
+        }),
+    }
+}
+
+/// Redials with exponential backoff and jitter until it works or the cell
+/// is closed (`None`).
+async fn reconnect(
+    shared: &Shared,
+    dialer: &mut Dialer,
+    control_rx: &mut mpsc::Receiver<Frame>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Established> {
+    let opts = &shared.opts;
+    let mut delay = opts.backoff_initial;
+    loop {
+        // Equal jitter: between half the delay and the whole of it, so
+        // cells cut off together do not all come back at once.
+        let half = delay / 2;
+        let jitter = half.mul_f64((random_u64() % 1_000_001) as f64 / 1_000_000.0);
+        let sleep = tokio::time::sleep(half + jitter);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                _ = stopping(shutdown) => return None,
+                // Control frames raced with the link going down; the state
+                // they carry is re-sent on reconnect.
+                Some(_) = control_rx.recv() => {}
+            }
+        }
+        let dialed = tokio::select! {
+            r = dial(shared, dialer) => r,
+            _ = stopping(shutdown) => return None,
+        };
+        match dialed {
+            Ok(e) => return Some(e),
+            Err(e) => tracing::warn!(
+                relay = %shared.relay,
+                retry_in = ?(delay * 2).min(opts.backoff_max),
+                "reconnecting failed: {e}"
+            ),
+        }
+        delay = (delay * 2).min(opts.backoff_max);
+    }
+}
+
+/// Runs one connection until it is lost or the cell closes.
+async fn serve(
+    shared: &Arc<Shared>,
+    established: Established,
+    control_rx: &mut mpsc::Receiver<Frame>,
+    shutdown: &mut watch::Receiver<bool>,
+    events: &mpsc::Sender<Event>,
+) -> End {
+    let Established {
+        conn,
+        mut control,
+        reader,
+        batch_bytes,
+    } = established;
+    let state = Arc::new(ConnState::default());
+    let writer_cfg = WriterConfig {
+        batch_bytes,
+        ..shared.writer_config()
+    };
+    let mut writer = tokio::spawn(link::run_writer(
+        conn.clone(),
+        shared.queues.clone(),
+        writer_cfg.clone(),
+        NoObserver,
+    ));
+    tokio::spawn(read_control(
+        conn.clone(),
+        reader,
+        shared.clone(),
+        events.clone(),
+        state.clone(),
+    ));
+    tokio::spawn(accept_data(conn.clone(), shared.clone(), events.clone()));
+    shared.set_up();
+    let end = loop {
+        tokio::select! {
+            _ = stopping(shutdown) => {
+                let r = graceful_close(shared, &conn, &mut control, &mut writer, &writer_cfg, &state).await;
+                break End::Shutdown(r);
+            }
+            e = conn.closed() => break End::Lost(describe_close(&e, &state)),
+            frame = control_rx.recv() => {
+                // The sender lives in `shared`, so the channel never ends here.
+                let Some(frame) = frame else { continue };
+                if let Err(e) = link::write_frame(&mut control, &frame).await {
+                    let reason = conn
+                        .close_reason()
+                        .map(|e| describe_close(&e, &state))
+                        .unwrap_or_else(|| format!("writing to the control stream failed: {e}"));
+                    conn.close(code(CloseCode::Normal), b"control stream failed");
+                    break End::Lost(reason);
+                }
+            }
+            r = &mut writer => {
+                let reason = match r {
+                    Ok(Ok(())) => "the writer stopped".to_owned(),
+                    Ok(Err(e)) => conn
+                        .close_reason()
+                        .map(|e| describe_close(&e, &state))
+                        .unwrap_or_else(|| format!("sending failed: {e}")),
+                    Err(e) => format!("the writer failed: {e}"),
+                };
+                conn.close(code(CloseCode::Normal), b"data stream failed");
+                break End::Lost(reason);
+            }
+        }
+    };
+    // A writer left on a dead connection would take messages off the
+    // queues and lose them; the next connection gets a new one.
+    writer.abort();
+    end
+}
+
+/// Flushes the queues, tells the relay with a Close frame, lets it close
+/// first (bounded), then closes.
+async fn graceful_close(
+    shared: &Shared,
+    conn: &Connection,
+    control: &mut SendStream,
+    writer: &mut JoinHandle<Result<(), LinkError>>,
+    writer_cfg: &WriterConfig,
+    state: &ConnState,
+) -> Result<(), CellError> {
+    shared.queues.close();
+    // run_writer waits up to drain_timeout for each lane's stream.
+    let bound = writer_cfg.drain_timeout * LANES as u32 + Duration::from_secs(1);
+    let flushed = match tokio::time::timeout(bound, &mut *writer).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(format!("sending failed: {e}")),
+        Ok(Err(e)) => Err(format!("the writer failed: {e}")),
+        Err(_) => Err(format!("flushing took longer than {bound:?}")),
+    };
+    writer.abort();
+    let result = match (flushed, shared.queues.len()) {
+        (Ok(()), 0) => Ok(()),
+        (Ok(()), count) => Err(CellError::Unsent {
+            count,
+            reason: "the writer ended early".into(),
+        }),
+        (Err(reason), count) => Err(CellError::Unsent { count, reason }),
+    };
+    let close = Frame::Close {
+        code: CloseCode::Normal,
+        reason: "cell closing".into(),
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_millis(500),
+        link::write_frame(control, &close),
+    )
+    .await;
+    let _ = control.finish();
+    // Close once the relay has the Close frame (acknowledged: QUIC keeps
+    // received stream data readable after a close), or has closed itself.
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        tokio::select! {
+            _ = control.stopped() => {}
+            _ = conn.closed() => {}
+            _ = state.peer_done.notified() => {}
+        }
+    })
+    .await;
+    conn.close(code(CloseCode::Normal), b"cell closing");
+    shared.set_down("the cell closed");
+    result
+}
+
+fn describe_close(e: &ConnectionError, state: &ConnState) -> String {
+    match e {
+        ConnectionError::ApplicationClosed(c) => {
+            let code =
+                CloseCode::from_u16(u16::try_from(c.error_code.into_inner()).unwrap_or(u16::MAX));
+            let reason = lock(&state.close)
+                .as_ref()
+                .map(|(_, r)| r.clone())
+                .unwrap_or_else(|| String::from_utf8_lossy(&c.reason).into_owned());
+            format!("the relay closed the link ({code:?}): {reason}")
+        }
+        ConnectionError::TimedOut => "the relay stopped answering (idle timeout)".into(),
+        ConnectionError::Reset => "the relay reset the connection (did it restart?)".into(),
+        ConnectionError::LocallyClosed => "closed by this cell".into(),
+        e => format!("connection lost: {e}"),
+    }
+}
+
+/// Closes the link because the relay broke the protocol.
+fn violation(conn: &Connection, c: CloseCode, reason: String) {
+    tracing::warn!("closing the link: {reason}");
+    conn.close(code(c), reason.as_bytes());
+}
+
+fn decode_close_code(e: &DecodeError) -> CloseCode {
+    match e {
+        DecodeError::TooLarge { .. } => CloseCode::Oversize,
+        _ => CloseCode::Malformed,
+    }
+}
+
+/// Reads the relay's control frames. Never waits on the application: a
+/// full event queue drops presence and notice events (counted), so discovery
+/// answers keep flowing.
+async fn read_control(
+    conn: Connection,
+    mut reader: FrameReader,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+    state: Arc<ConnState>,
+) {
+    loop {
+        match reader.next().await {
+            Ok(Some(frame)) => match frame {
+                Frame::Presence { up, info } => shared.emit(&events, Event::Presence { up, info }),
+                Frame::Notice { code, id, subject } => {
+                    shared.emit(&events, Event::Notice { code, id, subject })
+                }
+                Frame::DiscoverReply { request, cells } => {
+                    match lock(&shared.pending).remove(&request) {
+                        Some(tx) => {
+                            let _ = tx.send(cells);
+                        }
+                        None => tracing::debug!(request, "discover reply nobody waits for"),
+                    }
+                }
+                Frame::Close { code, reason } => {
+                    tracing::debug!(?code, %reason, "relay sent Close");
+                    *lock(&state.close) = Some((code, reason));
+                }
+                other => {
+                    violation(
+                        &conn,
+                        CloseCode::Malformed,
+                        format!(
+                            "the relay sent a {} frame on the control stream",
+                            other.name()
+                        ),
+                    );
+                    break;
+                }
+            },
+            Ok(None) => break,
+            Err(LinkError::Decode(e)) => {
+                violation(
+                    &conn,
+                    decode_close_code(&e),
+                    format!("bad control frame from the relay: {e}"),
+                );
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    state.peer_done.notify_one();
+}
+
+/// Accepts the relay's data streams (one per lane) and reads each in its
+/// own task, so lanes do not wait on each other and each stays in order.
+async fn accept_data(conn: Connection, shared: Arc<Shared>, events: mpsc::Sender<Event>) {
+    let mut readers = JoinSet::new();
+    loop {
+        tokio::select! {
+            s = conn.accept_uni() => match s {
+                Ok(recv) => {
+                    readers.spawn(read_data(conn.clone(), recv, shared.clone(), events.clone()));
+                }
+                Err(_) => break,
+            },
+            Some(_) = readers.join_next(), if !readers.is_empty() => {}
+        }
+    }
+    // Let the readers deliver what they have already read.
+    while readers.join_next().await.is_some() {}
+}
+
+async fn read_data(
+    conn: Connection,
+    recv: quinn::RecvStream,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+) {
+    let limits = shared.opts.limits;
+    let mut reader = FrameReader::new(recv, limits);
+    let mut decoder = match BatchDecoder::new(limits) {
+        Ok(d) => d,
+        Err(e) => {
+            violation(
+                &conn,
+                CloseCode::Shutdown,
+                format!("cannot create a zstd decoder: {e}"),
+            );
+            return;
+        }
+    };
+    loop {
+        let batch = match reader.next().await {
+            Ok(Some(Frame::Batch(b))) => b,
+            Ok(Some(other)) => {
+                violation(
+                    &conn,
+                    CloseCode::Malformed,
+                    format!(
+                        "the relay sent a {} frame on a data stream; only batches belong there",
+                        other.name()
+                    ),
+                );
+                return;
+            }
+            Ok(None) => return,
+            Err(LinkError::Decode(e)) => {
+                violation(
+                    &conn,
+                    decode_close_code(&e),
+                    format!("bad data frame from the relay: {e}"),
+                );
+                return;
+            }
+            Err(_) => return,
+        };
+        let envs: Result<Vec<Envelope>, DecodeError> =
+            decoder.messages(&batch).and_then(|it| it.collect());
+        let envs = match envs {
+            Ok(v) => v,
+            Err(e) => {
+                violation(
+                    &conn,
+                    decode_close_code(&e),
+                    format!("bad batch from the relay: {e}"),
+                );
+                return;
+            }
+        };
+        for r in check(&shared, envs).await {
+            if events.send(Event::Message(r)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The end-to-end checks: signatures (batch-verified), unsupported
+/// authenticators and kinds, duplicates. Returns what passes, in order.
+async fn check(shared: &Shared, envs: Vec<Envelope>) -> Vec<Received> {
+    let signed = envs
+        .iter()
+        .filter(|e| matches!(e.authenticator(), Authenticator::Signature(_)))
+        .count();
+    let (envs, sig_ok) = if signed > VERIFY_INLINE_MAX {
+        match tokio::task::spawn_blocking(move || {
+            let ok = verify_signed(&envs);
+            (envs, ok)
+        })
+        .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!("signature verification task failed: {e}");
+                return Vec::new();
+            }
+        }
+    } else {
+        let ok = verify_signed(&envs);
+        (envs, ok)
+    };
+    let c = &shared.counters;
+    let mut out = Vec::with_capacity(envs.len());
+    let mut ok = sig_ok.into_iter();
+    for env in envs {
+        let auth = match env.authenticator() {
+            Authenticator::Signature(_) => {
+                if !ok.next().unwrap_or(false) {
+                    c.dropped_bad_signature.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(source = %env.source().short(), "dropped a message with a bad signature");
+                    continue;
+                }
+                ReceivedAuth::Signature
+            }
+            Authenticator::None => ReceivedAuth::Link,
+            Authenticator::AeadTag(_) => {
+                c.dropped_unsupported.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(source = %env.source().short(), "dropped a sealed message (sealing is not supported yet)");
+                continue;
+            }
+        };
+        if env.kind() != Kind::Data {
+            c.dropped_unsupported.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        // Only after the signature passed: a forged copy must not make the
+        // genuine message look like a duplicate.
+        let id = env.id();
+        if lock(&shared.dedup).put(id, ()).is_some() {
+            c.dropped_duplicate.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        c.received.fetch_add(1, Ordering::Relaxed);
+        out.push(Received {
+            id,
+            source: env.source(),
+            destination: env.destination(),
+            lane: env.lane(),
+            timestamp_ms: env.timestamp_ms(),
+            payload: env.payload(),
+            auth,
+        });
+    }
+    out
+}
+
+/// Whether each signed envelope (in order, skipping unsigned ones) verifies.
+fn verify_signed(envs: &[Envelope]) -> Vec<bool> {
+    let signed: Vec<&Envelope> = envs
+        .iter()
+        .filter(|e| matches!(e.authenticator(), Authenticator::Signature(_)))
+        .collect();
+    relay_codec::verify::verify_each(&signed)
+        .into_iter()
+        .map(|r| r.is_ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let o = CellOptions::default();
+        assert!(o.notices && o.reconnect);
+        assert_eq!(o.auth, AuthMode::Signed);
+        assert_eq!(o.connect_timeout, Duration::from_secs(5));
+        assert_eq!(o.backoff_initial, Duration::from_millis(100));
+        assert_eq!(o.backoff_max, Duration::from_secs(5));
+        assert_eq!(o.queue_depth, 4096);
+        assert!(o.agent.len() <= MAX_AGENT);
+        validate(&o).unwrap();
+    }
+
+    #[test]
+    fn batches_fit_the_relays_largest_frame() {
+        // Defaults on both sides: nothing to lower.
+        assert_eq!(
+            sizes(1 << 20, 64 << 10, 1 << 20, 4 << 20),
+            (1 << 20, 64 << 10)
+        );
+        // A relay with small payloads lowers ours.
+        assert_eq!(sizes(1 << 20, 64 << 10, 1000, 4 << 20).0, 1000);
+        // A relay with small frames lowers the batch, then the payload.
+        for frame in [2000, 70_000, 1 << 20] {
+            let (p, b) = sizes(1 << 20, 64 << 10, 1 << 20, frame);
+            assert!(
+                b >= 1 && p + b + MESSAGE_OVERHEAD <= frame,
+                "{frame}: {p} {b}"
+            );
+        }
+        assert_eq!(sizes(1 << 20, 64 << 10, 1 << 20, 0), (0, 1));
+    }
+
+    #[test]
+    fn bad_options_are_refused_with_a_reason() {
+        let o = CellOptions {
+            app_version: "x".repeat(65),
+            ..CellOptions::default()
+        };
+        assert!(validate(&o).unwrap_err().to_string().contains("at most 64"));
+        let o = CellOptions {
+            backoff_max: Duration::from_millis(1),
+            ..CellOptions::default()
+        };
+        assert!(validate(&o).is_err());
+    }
+
+    fn signed(kp: &Keypair, nonce: u64, auth: AuthMode) -> Envelope {
+        let msg = Message::new(
+            kp.public(),
+            Destination::Broadcast,
+            Bytes::from_static(b"x"),
+        )
+        .with_nonce(nonce)
+        .with_timestamp(1);
+        let mut buf = BytesMut::new();
+        match auth {
+            AuthMode::Signed => msg.encode_signed(kp, &mut buf),
+            AuthMode::Link => msg.encode(&mut buf),
+        }
+        Envelope::parse(&mut buf.freeze(), &Limits::default()).unwrap()
+    }
+
+    #[test]
+    fn verify_signed_names_the_bad_ones_in_order() {
+        let kp = Keypair::from_secret_bytes(&[1; 32]);
+        let good = signed(&kp, 1, AuthMode::Signed);
+        let unsigned = signed(&kp, 2, AuthMode::Link);
+        let mut raw = BytesMut::from(&signed(&kp, 3, AuthMode::Signed).raw()[..]);
+        let last = raw.len() - 1;
+        raw[last] ^= 1;
+        let bad = Envelope::parse(&mut raw.freeze(), &Limits::default()).unwrap();
+        assert_eq!(
+            verify_signed(&[good.clone(), unsigned, bad, good]),
+            vec![true, false, true]
+        );
+    }
+}

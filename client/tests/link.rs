@@ -1,0 +1,373 @@
+//! The link layer over real QUIC on loopback, without a relay: a small
+//! accepting side written here against `link` and `transport`.
+
+use bytes::{Bytes, BytesMut};
+use relay_client::link::{
+    self, FrameReader, LaneQueues, LinkError, NoObserver, Outbound, WriterConfig,
+};
+use relay_client::transport::{self, TransportTuning};
+use relay_codec::frame::{CloseCode, PROTOCOL_VERSION, Role};
+use relay_codec::{BatchDecoder, Destination, Envelope, Frame, Keypair, Lane, Limits, Message};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Pair {
+    /// The accepting side's connection.
+    server: quinn::Connection,
+    /// The connecting side's connection.
+    client: quinn::Connection,
+    _endpoints: (quinn::Endpoint, quinn::Endpoint),
+}
+
+/// A QUIC connection over loopback between two fresh keys.
+async fn connect(server_key: &Keypair, client_key: &Keypair) -> Pair {
+    let tuning = TransportTuning::default();
+    let scfg = transport::server_config(server_key.signing_key(), &tuning).unwrap();
+    let sep = transport::server_endpoint("127.0.0.1:0".parse().unwrap(), scfg).unwrap();
+    let addr: SocketAddr = sep.local_addr().unwrap();
+    let ccfg =
+        transport::client_config(client_key.signing_key(), server_key.public().0, &tuning).unwrap();
+    let cep = transport::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+    let connecting = cep
+        .connect_with(ccfg, addr, transport::SERVER_NAME)
+        .unwrap();
+    let accepting = async { sep.accept().await.expect("endpoint open").await };
+    let (server, client) =
+        tokio::time::timeout(WAIT, async { tokio::join!(accepting, connecting) })
+            .await
+            .expect("QUIC handshake timed out");
+    Pair {
+        server: server.expect("server side of the handshake"),
+        client: client.expect("client side of the handshake"),
+        _endpoints: (sep, cep),
+    }
+}
+
+fn envelope(key: &Keypair, lane: Lane, nonce: u64, payload: Bytes) -> Envelope {
+    let msg = Message::new(key.public(), Destination::Broadcast, payload)
+        .with_lane(lane)
+        .with_timestamp(1_700_000_000_000)
+        .with_nonce(nonce);
+    let mut buf = BytesMut::new();
+    msg.encode_signed(key, &mut buf);
+    Envelope::parse(&mut buf.freeze(), &Limits::default()).unwrap()
+}
+
+fn outbound(env: Envelope) -> Outbound {
+    Outbound {
+        env,
+        queued_at: Instant::now(),
+    }
+}
+
+/// Reads every uni stream the peer opens until `streams` of them have
+/// ended, returning per lane the messages in arrival order.
+async fn receive_all(conn: quinn::Connection, streams: usize) -> [Vec<Envelope>; 4] {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..streams {
+        let recv = conn.accept_uni().await.expect("accept a data stream");
+        tasks.spawn(async move {
+            let mut reader = FrameReader::new(recv, Limits::default());
+            let mut decoder = BatchDecoder::new(Limits::default()).unwrap();
+            let mut lane_of_stream = None;
+            let mut got = Vec::new();
+            while let Some(frame) = reader.next().await.expect("read a frame") {
+                let Frame::Batch(batch) = frame else {
+                    panic!("a data stream carried a non-batch frame: {frame:?}");
+                };
+                // One stream per lane.
+                assert_eq!(*lane_of_stream.get_or_insert(batch.lane), batch.lane);
+                for env in decoder.messages(&batch).unwrap() {
+                    got.push(env.expect("a valid message"));
+                }
+            }
+            (lane_of_stream.expect("a stream with no batch"), got)
+        });
+    }
+    let mut by_lane: [Vec<Envelope>; 4] = Default::default();
+    while let Some(r) = tasks.join_next().await {
+        let (lane, got) = r.unwrap();
+        assert!(by_lane[lane.index()].is_empty(), "two streams for {lane}");
+        by_lane[lane.index()] = got;
+    }
+    by_lane
+}
+
+#[tokio::test]
+async fn handshake_exchanges_hello_and_welcome() {
+    let relay = Keypair::generate();
+    let cell = Keypair::generate();
+    let pair = connect(&relay, &cell).await;
+    assert_eq!(
+        transport::peer_key(&pair.server),
+        Some(cell.public().0),
+        "the accepting side learns the cell's proven key"
+    );
+    let relay_pub = relay.public();
+    let server = pair.server.clone();
+    let accept = tokio::spawn(async move {
+        let (mut send, _reader, hello) = link::accept_hello(&server, Limits::default(), WAIT)
+            .await
+            .expect("a Hello");
+        link::write_frame(
+            &mut send,
+            &Frame::Welcome {
+                version: PROTOCOL_VERSION,
+                node: relay_pub,
+                time_ms: 1_700_000_000_123,
+                max_payload: 65_536,
+                max_frame: 1 << 20,
+            },
+        )
+        .await
+        .unwrap();
+        (hello, send)
+    });
+    let (_send, _reader, welcome) = link::hello(
+        &pair.client,
+        Role::Cell,
+        true,
+        "link-test/1",
+        Limits::default(),
+        WAIT,
+    )
+    .await
+    .expect("a Welcome");
+    let (hello, _server_send) = accept.await.unwrap();
+    assert_eq!(hello.version, PROTOCOL_VERSION);
+    assert_eq!(hello.role, Role::Cell);
+    assert!(hello.notices);
+    assert_eq!(hello.agent, "link-test/1");
+    assert_eq!(welcome.version, PROTOCOL_VERSION);
+    assert_eq!(welcome.node, relay.public());
+    assert_eq!(welcome.time_ms, 1_700_000_000_123);
+    assert_eq!(welcome.max_payload, 65_536);
+    assert_eq!(welcome.max_frame, 1 << 20);
+}
+
+#[tokio::test]
+async fn refused_handshake_surfaces_the_reason() {
+    let relay = Keypair::generate();
+    let cell = Keypair::generate();
+    let pair = connect(&relay, &cell).await;
+    let server = pair.server.clone();
+    let refuse = tokio::spawn(async move {
+        let (mut send, _reader, hello) = link::accept_hello(&server, Limits::default(), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(hello.role, Role::Cell);
+        link::close_with(
+            &server,
+            Some(&mut send),
+            CloseCode::Version,
+            "this relay speaks link version 9 only",
+        )
+        .await;
+    });
+    let err = link::hello(
+        &pair.client,
+        Role::Cell,
+        false,
+        "link-test/1",
+        Limits::default(),
+        WAIT,
+    )
+    .await
+    .err()
+    .expect("the handshake must fail");
+    refuse.await.unwrap();
+    match err {
+        LinkError::Refused { code, reason } => {
+            assert_eq!(code, CloseCode::Version);
+            assert_eq!(reason, "this relay speaks link version 9 only");
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    // The connection ends with the same code.
+    let closed = tokio::time::timeout(WAIT, pair.client.closed())
+        .await
+        .unwrap();
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(
+                c.error_code,
+                quinn::VarInt::from_u32(CloseCode::Version as u32)
+            );
+        }
+        other => panic!("expected an application close, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn handshake_times_out_when_nobody_answers() {
+    let relay = Keypair::generate();
+    let cell = Keypair::generate();
+    let pair = connect(&relay, &cell).await;
+    let started = Instant::now();
+    let err = link::hello(
+        &pair.client,
+        Role::Cell,
+        false,
+        "link-test/1",
+        Limits::default(),
+        Duration::from_millis(300),
+    )
+    .await
+    .err()
+    .expect("nobody answers");
+    assert!(matches!(err, LinkError::Timeout(_)), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn writer_sends_every_lane_in_order() {
+    let relay = Keypair::generate();
+    let cell = Keypair::generate();
+    let pair = connect(&relay, &cell).await;
+    const PER_LANE: u64 = 700;
+    let queues = Arc::new(LaneQueues::new(PER_LANE as usize));
+    // Interleave lanes; payloads vary in size and compress well, so the
+    // writer makes many batches, some of them zstd.
+    for n in 0..PER_LANE {
+        for lane in Lane::ALL {
+            let payload = Bytes::from(vec![b'a' + (n % 26) as u8; 10 + (n as usize * 7) % 300]);
+            queues
+                .push(outbound(envelope(&cell, lane, n, payload)))
+                .expect("room for every message");
+        }
+    }
+    assert_eq!(queues.len(), 4 * PER_LANE as usize);
+    let receiver = tokio::spawn(receive_all(pair.server.clone(), 4));
+    let cfg = WriterConfig {
+        batch_bytes: 8 * 1024,
+        max_batch_messages: 50,
+        ..WriterConfig::default()
+    };
+    let writer = tokio::spawn(link::run_writer(
+        pair.client.clone(),
+        queues.clone(),
+        cfg,
+        NoObserver,
+    ));
+    queues.close();
+    tokio::time::timeout(WAIT, writer)
+        .await
+        .expect("writer finished")
+        .unwrap()
+        .expect("writer succeeded");
+    assert!(queues.is_empty());
+    let by_lane = tokio::time::timeout(WAIT, receiver)
+        .await
+        .expect("receiver finished")
+        .unwrap();
+    for lane in Lane::ALL {
+        let got = &by_lane[lane.index()];
+        let nonces: Vec<u64> = got.iter().map(Envelope::nonce).collect();
+        assert_eq!(
+            nonces,
+            (0..PER_LANE).collect::<Vec<_>>(),
+            "lane {lane}: every message, in order"
+        );
+        assert!(
+            got.iter()
+                .all(|e| e.lane() == lane && e.source() == cell.public())
+        );
+        // A cell's writer leaves TTL alone.
+        assert!(
+            got.iter()
+                .all(|e| e.ttl() == relay_codec::message::DEFAULT_TTL)
+        );
+    }
+}
+
+#[tokio::test]
+async fn push_wait_blocks_while_a_lane_is_full_and_resumes_when_drained() {
+    let relay = Keypair::generate();
+    let cell = Keypair::generate();
+    let pair = connect(&relay, &cell).await;
+    let queues = Arc::new(LaneQueues::new(2));
+    let msg = |n| outbound(envelope(&cell, Lane::Normal, n, Bytes::from_static(b"x")));
+    queues.push(msg(0)).unwrap();
+    queues.push(msg(1)).unwrap();
+    assert!(queues.push(msg(2)).is_err(), "a full lane refuses push");
+    // Lanes are independent: a full normal lane does not block high.
+    queues
+        .push(outbound(envelope(&cell, Lane::High, 100, Bytes::new())))
+        .expect("room on another lane");
+
+    let waiting = {
+        let queues = queues.clone();
+        let m = msg(2);
+        tokio::spawn(async move { queues.push_wait(m).await.is_ok() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "push_wait returned while the lane was full"
+    );
+    assert_eq!(queues.lane_len(Lane::Normal), 2);
+
+    // Draining the lane (a writer) lets it in.
+    let receiver = tokio::spawn(receive_all(pair.server.clone(), 2));
+    let writer = tokio::spawn(link::run_writer(
+        pair.client.clone(),
+        queues.clone(),
+        WriterConfig::default(),
+        NoObserver,
+    ));
+    let pushed = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("push_wait resumed once the lane drained")
+        .unwrap();
+    assert!(pushed);
+    // Everything, including the waiting message, reaches the other side.
+    let more = outbound(envelope(&cell, Lane::Normal, 3, Bytes::from_static(b"y")));
+    queues.push_wait(more).await.unwrap();
+    queues.close();
+    tokio::time::timeout(WAIT, writer)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let by_lane = tokio::time::timeout(WAIT, receiver).await.unwrap().unwrap();
+    let normal: Vec<u64> = by_lane[Lane::Normal.index()]
+        .iter()
+        .map(Envelope::nonce)
+        .collect();
+    assert_eq!(normal, vec![0, 1, 2, 3]);
+    let high: Vec<u64> = by_lane[Lane::High.index()]
+        .iter()
+        .map(Envelope::nonce)
+        .collect();
+    assert_eq!(high, vec![100]);
+}
+
+#[tokio::test]
+async fn closed_queues_give_messages_back() {
+    let cell = Keypair::generate();
+    let queues = Arc::new(LaneQueues::new(1));
+    let msg = |n| outbound(envelope(&cell, Lane::Bulk, n, Bytes::new()));
+    queues.push(msg(0)).unwrap();
+    // A producer waiting for room is released by close, with its message.
+    let waiting = {
+        let queues = queues.clone();
+        let m = msg(1);
+        tokio::spawn(async move { queues.push_wait(m).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished());
+    queues.close();
+    let back = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("close releases push_wait")
+        .unwrap()
+        .expect_err("a closed queue refuses");
+    assert_eq!(back.env.nonce(), 1);
+    assert!(queues.push(msg(2)).is_err());
+    assert!(queues.push_wait(msg(3)).await.is_err());
+    // What was queued before close stays for the writer to flush.
+    assert_eq!(queues.len(), 1);
+}
