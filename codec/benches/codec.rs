@@ -40,17 +40,19 @@ fn text_payload(i: u64, size: usize) -> Bytes {
     Bytes::from(s)
 }
 
-/// A pseudo-random, incompressible payload (splitmix64, so every seed,
-/// small ones included, gives full-entropy bytes from the first one).
+/// A pseudo-random, incompressible payload: splitmix64 started at a mixed
+/// seed, so different seeds give unrelated streams (not shifted copies).
 fn random_payload(seed: u64, size: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    let mut x = mix(seed.wrapping_add(0x2545_F491_4F6C_DD1D));
     let mut out = Vec::with_capacity(size + 8);
     while out.len() < size {
         x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        out.extend_from_slice(&mix(x).to_le_bytes());
     }
     out.truncate(size);
     out.into()
