@@ -3,17 +3,22 @@
 //! the frame reader, and the Hello/Welcome handshake.
 //!
 //! Nothing here blocks a tokio worker: producers push into lock-free
-//! `ArrayQueue`s and wake the writer through a `Notify`; a full queue is
-//! reported to the producer, which decides (drop and count, or wait).
+//! queues and wake the writer through a `Notify`; a full queue is reported
+//! to the producer, which decides (drop and count, or wait).
+//!
+//! The lane queues are crossbeam `SegQueue`s bounded by a counter rather
+//! than `ArrayQueue`s: an `ArrayQueue` allocates its whole capacity up front
+//! (8192 slots × 4 lanes ≈ 2 MiB per link), which 10 000 idle cells cannot
+//! afford; a `SegQueue` holds memory only for what is queued.
 
 use crate::lanes::{LANES, LaneScheduler};
 use bytes::BytesMut;
-use crossbeam_queue::ArrayQueue;
+use crossbeam_queue::SegQueue;
 use quinn::{Connection, RecvStream, SendStream};
 use relay_codec::batch::BatchStats;
 use relay_codec::frame::{CloseCode, PROTOCOL_VERSION, Role};
 use relay_codec::{BatchEncoder, DecodeError, Envelope, Frame, Lane, Limits, PublicKey};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::Notify;
@@ -65,10 +70,10 @@ pub struct Outbound {
     pub queued_at: Instant,
 }
 
-/// One bounded lock-free queue per lane for one outbound link, and the
-/// wake-up of its writer.
+/// One lock-free queue per lane for one outbound link, each bounded by a
+/// counter, and the wake-up of its writer.
 pub struct LaneQueues {
-    lanes: [ArrayQueue<Outbound>; LANES],
+    lanes: [BoundedLane; LANES],
     notify: Notify,
     /// Woken whenever the writer has taken messages, for producers that
     /// wait for room instead of dropping.
@@ -76,12 +81,45 @@ pub struct LaneQueues {
     closed: AtomicBool,
 }
 
+/// A `SegQueue` that refuses pushes past `cap` queued items.
+struct BoundedLane {
+    queue: SegQueue<Outbound>,
+    len: AtomicUsize,
+    cap: usize,
+}
+
+impl BoundedLane {
+    fn push(&self, item: Outbound) -> Result<(), Outbound> {
+        // Reserve a slot first, so concurrent producers never overshoot.
+        if self.len.fetch_add(1, Ordering::AcqRel) >= self.cap {
+            self.len.fetch_sub(1, Ordering::AcqRel);
+            return Err(item);
+        }
+        self.queue.push(item);
+        Ok(())
+    }
+
+    fn pop(&self) -> Option<Outbound> {
+        let item = self.queue.pop()?;
+        self.len.fetch_sub(1, Ordering::AcqRel);
+        Some(item)
+    }
+
+    fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+}
+
 impl LaneQueues {
     /// Queues holding at most `depth` messages per lane (at least 1).
     pub fn new(depth: usize) -> Self {
         let depth = depth.max(1);
         Self {
-            lanes: std::array::from_fn(|_| ArrayQueue::new(depth)),
+            lanes: std::array::from_fn(|_| BoundedLane {
+                queue: SegQueue::new(),
+                len: AtomicUsize::new(0),
+                cap: depth,
+            }),
             notify: Notify::new(),
             space: Notify::new(),
             closed: AtomicBool::new(false),
@@ -141,12 +179,12 @@ impl LaneQueues {
 
     /// Messages queued on all lanes.
     pub fn len(&self) -> usize {
-        self.lanes.iter().map(ArrayQueue::len).sum()
+        self.lanes.iter().map(BoundedLane::len).sum()
     }
 
     /// Whether every lane is empty.
     pub fn is_empty(&self) -> bool {
-        self.lanes.iter().all(ArrayQueue::is_empty)
+        self.lanes.iter().all(|l| l.len() == 0)
     }
 
     /// Messages queued on `lane`.
@@ -155,7 +193,7 @@ impl LaneQueues {
     }
 
     fn nonempty(&self) -> [bool; LANES] {
-        std::array::from_fn(|i| !self.lanes[i].is_empty())
+        std::array::from_fn(|i| self.lanes[i].len() > 0)
     }
 }
 
@@ -221,10 +259,10 @@ pub async fn run_writer<O: WriteObserver>(
     mut obs: O,
 ) -> Result<(), LinkError> {
     let mut sched = LaneScheduler::new(cfg.weights);
-    let mut enc = BatchEncoder::new(cfg.zstd_level, cfg.compress_min)
-        .map_err(|e| LinkError::Local(e.to_string()))?;
+    // Made on the first message, so an idle link holds no zstd context.
+    let mut encoder: Option<BatchEncoder> = None;
     let mut streams: [Option<SendStream>; LANES] = Default::default();
-    let mut out = BytesMut::with_capacity(cfg.batch_bytes + 4096);
+    let mut out = BytesMut::new();
     let max_msgs = cfg.max_batch_messages.clamp(1, Limits::MAX_BATCH_CAP);
     loop {
         // Take nothing off the queues for a dead connection: what stays
@@ -243,6 +281,13 @@ pub async fn run_writer<O: WriteObserver>(
             continue;
         };
         let lane = Lane::ALL[i];
+        let enc = match &mut encoder {
+            Some(e) => e,
+            slot => slot.insert(
+                BatchEncoder::new(cfg.zstd_level, cfg.compress_min)
+                    .map_err(|e| LinkError::Local(e.to_string()))?,
+            ),
+        };
         while let Some(item) = queues.lanes[i].pop() {
             obs.on_message(lane, item.env.len(), item.queued_at);
             if cfg.decrement_ttl {
@@ -295,7 +340,9 @@ impl FrameReader {
     pub fn new(stream: RecvStream, limits: Limits) -> Self {
         Self {
             stream,
-            buf: BytesMut::with_capacity(64 * 1024),
+            // Grows with the frames that arrive; an idle link's control
+            // stream keeps a small buffer.
+            buf: BytesMut::new(),
             limits,
         }
     }

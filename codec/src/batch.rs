@@ -125,7 +125,7 @@ impl BatchEncoder {
     /// `compress_min` bytes (`usize::MAX` turns compression off).
     pub fn new(level: i32, compress_min: usize) -> std::io::Result<Self> {
         Ok(Self {
-            body: BytesMut::with_capacity(64 * 1024),
+            body: BytesMut::new(),
             count: 0,
             compress_min,
             compressor: zstd::bulk::Compressor::new(level)?,
