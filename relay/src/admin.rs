@@ -124,8 +124,8 @@ mod tests {
     #[tokio::test]
     async fn serves_metrics_health_and_404_then_shuts_down() {
         let metrics = Arc::new(Metrics::new());
-        metrics.msg_in(1, 42);
-        metrics.msg_in(1, 8);
+        metrics.msgs_in(1, 1, 42);
+        metrics.msgs_in(1, 1, 8);
         let state = AdminState {
             metrics: metrics.clone(),
             health: Arc::new(|| serde_json::json!({ "status": "ok", "links": 3 })),
@@ -151,7 +151,7 @@ mod tests {
         assert!(body.contains("# TYPE celluler_time_in_relay_seconds summary\n"));
 
         // A later scrape sees later updates.
-        metrics.msg_in(1, 1);
+        metrics.msgs_in(1, 1, 1);
         let (_, _, body) = http_get(addr, "/metrics").await;
         assert!(body.contains("celluler_messages_in_total{lane=\"high\"} 3\n"));
 

@@ -408,21 +408,23 @@ impl Metrics {
             .expect("constant histogram bounds are valid")
     }
 
-    /// Counts one message of `bytes` received on lane `lane_index`
-    /// (`Lane as usize`, 0..=3; larger indices count as bulk).
+    /// Counts `n` messages of `bytes` in all received on lane `lane_index`
+    /// (`Lane as usize`, 0..=3; larger indices count as bulk). Called once
+    /// per batch, not per message.
     #[inline]
-    pub fn msg_in(&self, lane_index: usize, bytes: u64) {
+    pub fn msgs_in(&self, lane_index: usize, n: u64, bytes: u64) {
         let i = lane_index.min(3);
-        self.messages_in[i].inc();
+        self.messages_in[i].inc_by(n);
         self.bytes_in[i].inc_by(bytes);
     }
 
-    /// Counts one message of `bytes` sent on lane `lane_index`
-    /// (`Lane as usize`, 0..=3; larger indices count as bulk).
+    /// Counts `n` messages of `bytes` in all sent on lane `lane_index`
+    /// (`Lane as usize`, 0..=3; larger indices count as bulk). Called once
+    /// per batch, not per message.
     #[inline]
-    pub fn msg_out(&self, lane_index: usize, bytes: u64) {
+    pub fn msgs_out(&self, lane_index: usize, n: u64, bytes: u64) {
         let i = lane_index.min(3);
-        self.messages_out[i].inc();
+        self.messages_out[i].inc_by(n);
         self.bytes_out[i].inc_by(bytes);
     }
 
@@ -608,8 +610,8 @@ mod tests {
     #[test]
     fn exports_every_family() {
         let m = Metrics::new();
-        m.msg_in(1, 10);
-        m.msg_out(2, 20);
+        m.msgs_in(1, 1, 10);
+        m.msgs_out(2, 1, 20);
         m.dropped(DropReason::Duplicate, 1);
         m.dedup_hit();
         m.link_opened(Role::Cell);
@@ -663,10 +665,9 @@ mod tests {
     #[test]
     fn values_add_up() {
         let m = Metrics::new();
-        m.msg_in(1, 100);
-        m.msg_in(1, 50);
-        m.msg_in(9, 7); // clamped to bulk
-        m.msg_out(0, 5);
+        m.msgs_in(1, 2, 150);
+        m.msgs_in(9, 1, 7); // clamped to bulk
+        m.msgs_out(0, 1, 5);
         m.dropped(DropReason::FromFuture, 3);
         m.dropped(DropReason::FromFuture, 2);
         m.dedup_hit();

@@ -351,8 +351,12 @@ impl Shared {
     fn ingest(&self, from: &LinkHandle, envs: &[Envelope]) -> Result<(), (CloseCode, String)> {
         let m = &self.metrics;
         let lane = envs.first().map(Envelope::lane).unwrap_or(Lane::Normal);
+        m.msgs_in(
+            lane.index(),
+            envs.len() as u64,
+            envs.iter().map(|e| e.len() as u64).sum(),
+        );
         for e in envs {
-            m.msg_in(lane.index(), e.len() as u64);
             // A cell sends only as itself: its key was proven at handshake.
             if from.role == Role::Cell && e.source() != from.key {
                 m.dropped(DropReason::ForgedSource, 1);
@@ -541,16 +545,21 @@ struct RelayObserver {
     metrics: Arc<Metrics>,
     hist: hdrhistogram::Histogram<u64>,
     batches: u32,
+    /// The clock, read once per batch at its first message.
+    now: Option<Instant>,
 }
 
 impl WriteObserver for RelayObserver {
-    fn on_message(&mut self, lane: Lane, bytes: usize, queued_at: Instant) {
-        self.metrics.msg_out(lane.index(), bytes as u64);
-        let us = queued_at.elapsed().as_micros() as u64;
-        let _ = self.hist.record(us.max(1));
+    fn on_message(&mut self, _lane: Lane, _bytes: usize, queued_at: Instant) {
+        let now = *self.now.get_or_insert_with(Instant::now);
+        let us = now.saturating_duration_since(queued_at).as_micros() as u64;
+        self.hist.saturating_record(us.max(1));
     }
 
-    fn on_batch(&mut self, _lane: Lane, stats: &BatchStats) {
+    fn on_batch(&mut self, lane: Lane, stats: &BatchStats) {
+        self.now = None;
+        self.metrics
+            .msgs_out(lane.index(), stats.count as u64, stats.raw_bytes as u64);
         self.metrics.batch_out(
             stats.count as u64,
             stats.raw_bytes as u64,
@@ -687,6 +696,7 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
             metrics: m.clone(),
             hist: Metrics::time_histogram(),
             batches: 0,
+            now: None,
         };
         async move {
             if let Err(e) = link::run_writer(conn, queues, cfg, obs).await {
