@@ -50,6 +50,8 @@ const CONTROL_QUEUE: usize = 256;
 /// How long [`Cell::close`] waits for the relay to take its Close frame,
 /// and then for the endpoint to go idle.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// How long `close` waits for the relay to read what was sent and close.
+const DRAIN_GRACE: Duration = Duration::from_secs(6);
 
 /// How this cell authenticates the messages it sends.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1393,11 +1395,11 @@ async fn graceful_close(
     )
     .await;
     let _ = control.finish();
-    // Close once the relay has the Close frame (acknowledged: QUIC keeps
-    // received stream data readable after a close), or has closed itself.
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+    // The relay answers Close by reading our data streams to their end and
+    // then closing the connection itself; closing first could discard data
+    // it has acknowledged but not yet read. Bounded, in case it never does.
+    let _ = tokio::time::timeout(DRAIN_GRACE, async {
         tokio::select! {
-            _ = control.stopped() => {}
             _ = conn.closed() => {}
             _ = state.peer_done.notified() => {}
         }

@@ -230,12 +230,21 @@ pub fn server_endpoint_counting(
         .wrap_udp_socket(socket)
         .map_err(|source| TransportError::Endpoint { addr, source })?;
     quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
+        endpoint_config(),
         Some(cfg),
         Arc::new(CountingSocket { inner, not_quic }),
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(|source| TransportError::Endpoint { addr, source })
+}
+
+/// Endpoint settings shared by cells and relays: no fixed-bit greasing, so
+/// every QUIC packet on a relay's port has the fixed bit set and the relay
+/// can tell garbage from QUIC (see [`plausible_quic`]).
+fn endpoint_config() -> quinn::EndpointConfig {
+    let mut cfg = quinn::EndpointConfig::default();
+    cfg.grease_quic_bit(false);
+    cfg
 }
 
 /// A UDP socket that counts datagrams which cannot be QUIC, passing
@@ -322,7 +331,7 @@ fn make_endpoint(
         std::net::UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
     enlarge_buffers(&socket);
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config(),
         server,
         socket,
         Arc::new(quinn::TokioRuntime),

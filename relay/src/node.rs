@@ -43,6 +43,8 @@ use tracing::{debug, info, warn};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Control frames waiting for one link's control stream.
 const CONTROL_QUEUE: usize = 1024;
+/// After a peer's Close, how long its data streams may take to be read.
+const DRAIN_ON_CLOSE: Duration = Duration::from_secs(5);
 /// Writers merge their time-in-relay samples every this many batches.
 const MERGE_EVERY_BATCHES: u32 = 64;
 
@@ -90,6 +92,8 @@ pub struct LinkHandle {
     control: mpsc::Sender<Frame>,
     conn: quinn::Connection,
     notices: bool,
+    /// Why this relay closed the link, if it did; counted when it ends.
+    closed_by_us: Mutex<Option<CloseReason>>,
 }
 
 impl LinkHandle {
@@ -106,6 +110,14 @@ impl LinkHandle {
     }
 
     fn close(&self, code: CloseCode, reason: &str) {
+        self.close_as(code, CloseReason::from(code), reason);
+    }
+
+    fn close_as(&self, code: CloseCode, why: CloseReason, reason: &str) {
+        self.closed_by_us
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why);
         self.conn
             .close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
     }
@@ -665,6 +677,11 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         link::close_with(&conn, Some(&mut ctl_send), code, &reason).await;
         return;
     }
+    // Welcome is the first frame of the control channel, and the link is
+    // attached before the control writer starts: once a cell has read
+    // Welcome, messages to it are routed.
+    let id = shared.next_link.fetch_add(1, Ordering::Relaxed);
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Frame>(CONTROL_QUEUE);
     let welcome = Frame::Welcome {
         version: PROTOCOL_VERSION,
         node: shared.key,
@@ -672,13 +689,9 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         max_payload: shared.limits.max_payload as u32,
         max_frame: shared.limits.max_frame as u32,
     };
-    if let Err(e) = link::write_frame(&mut ctl_send, &welcome).await {
-        debug!(%remote, "link lost before Welcome: {e}");
+    if ctl_tx.try_send(welcome).is_err() {
         return;
     }
-
-    let id = shared.next_link.fetch_add(1, Ordering::Relaxed);
-    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Frame>(CONTROL_QUEUE);
     let handle = Arc::new(LinkHandle {
         id,
         key,
@@ -687,6 +700,7 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         control: ctl_tx,
         conn: conn.clone(),
         notices: hello.notices,
+        closed_by_us: Mutex::new(None),
     });
     let writer = tokio::spawn({
         let conn = conn.clone();
@@ -724,8 +738,9 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         .attach(key, id, handle.clone());
     if let Some(old) = attach.replaced {
         info!(peer = %key, "cell reconnected; closing its previous link");
-        old.close(
+        old.close_as(
             CloseCode::Normal,
+            CloseReason::Replaced,
             "replaced by a newer link of the same key",
         );
     }
@@ -742,19 +757,23 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
     });
     // Data streams: one ingress task per lane stream the peer opens.
-    let acceptor = tokio::spawn({
-        let shared = shared.clone();
-        let handle = handle.clone();
-        async move {
-            while let Ok(recv) = handle.conn.accept_uni().await {
-                tokio::spawn(ingress(shared.clone(), handle.clone(), recv));
-            }
-        }
-    });
+    let drain = Arc::new(tokio::sync::Notify::new());
+    let mut acceptor = tokio::spawn(accept_data_streams(
+        shared.clone(),
+        handle.clone(),
+        drain.clone(),
+    ));
 
-    let end = control_loop(&shared, &handle, &mut ctl_recv).await;
-    if let Some((code, reason)) = &end {
-        handle.close(*code, reason);
+    match control_loop(&shared, &handle, &mut ctl_recv).await {
+        ControlEnd::PeerClosed => {
+            // The peer finished its data streams before sending Close; read
+            // them to the end before closing, or their last messages are lost.
+            drain.notify_one();
+            let _ = tokio::time::timeout(DRAIN_ON_CLOSE, &mut acceptor).await;
+            handle.close(CloseCode::Normal, "closed at the peer's request");
+        }
+        ControlEnd::Broken(code, reason) => handle.close(code, &reason),
+        ControlEnd::Ended => {}
     }
     let why = conn.closed().await;
     acceptor.abort();
@@ -774,7 +793,11 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         .unwrap_or_else(|e| e.into_inner())
         .remove(&id);
     shared.link_count.fetch_sub(1, Ordering::AcqRel);
-    let reason = close_reason(&why);
+    let closed_by_us = *handle
+        .closed_by_us
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let reason = closed_by_us.unwrap_or_else(|| close_reason(&why));
     m.link_closed(hello.role, reason);
     info!(peer = %key, %remote, reason = reason.as_str(), "link closed: {why}");
 }
@@ -790,26 +813,65 @@ fn close_reason(e: &quinn::ConnectionError) -> CloseReason {
     }
 }
 
-/// Serves the link's control stream until it ends. Returns a close code and
-/// reason if the peer broke the protocol.
+/// Accepts the peer's data streams, one ingress task each, until the
+/// connection ends or `drain` is signalled; then takes the streams already
+/// opened and waits (bounded by the caller) for every ingress task to finish.
+async fn accept_data_streams(
+    shared: Arc<Shared>,
+    handle: Arc<LinkHandle>,
+    drain: Arc<tokio::sync::Notify>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            r = handle.conn.accept_uni() => match r {
+                Ok(recv) => {
+                    tasks.spawn(ingress(shared.clone(), handle.clone(), recv));
+                }
+                Err(_) => return,
+            },
+            _ = drain.notified() => break,
+            // Reap finished readers so the set stays small.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    while let Ok(Ok(recv)) =
+        tokio::time::timeout(Duration::from_millis(50), handle.conn.accept_uni()).await
+    {
+        tasks.spawn(ingress(shared.clone(), handle.clone(), recv));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// How a link's control stream ended.
+enum ControlEnd {
+    /// The peer sent Close: drain its data streams, then close.
+    PeerClosed,
+    /// The peer broke the protocol: close with this code and reason.
+    Broken(CloseCode, String),
+    /// The stream or connection ended.
+    Ended,
+}
+
+/// Serves the link's control stream until it ends.
 async fn control_loop(
     shared: &Shared,
     handle: &Arc<LinkHandle>,
     ctl: &mut FrameReader,
-) -> Option<(CloseCode, String)> {
+) -> ControlEnd {
     loop {
         let frame = match ctl.next().await {
             Ok(Some(f)) => f,
-            Ok(None) => return None,
+            Ok(None) => return ControlEnd::Ended,
             Err(LinkError::Decode(e)) => {
                 let (code, reason) = decode_close(&e);
                 if let Some(r) = drop_reason_for(code) {
                     shared.metrics.dropped(r, 1);
                 }
                 warn!(peer = %handle.key, "closing link: bad control frame: {reason}");
-                return Some((code, reason));
+                return ControlEnd::Broken(code, reason);
             }
-            Err(_) => return None,
+            Err(_) => return ControlEnd::Ended,
         };
         match frame {
             Frame::Announce {
@@ -823,7 +885,7 @@ async fn control_loop(
                         shared.cfg.limits.max_services_per_cell
                     );
                     warn!(peer = %handle.key, "closing link: {reason}");
-                    return Some((CloseCode::Oversize, reason));
+                    return ControlEnd::Broken(CloseCode::Oversize, reason);
                 }
                 let reports = shared
                     .core
@@ -851,14 +913,13 @@ async fn control_loop(
                     .watch(handle.id, handle.clone(), on);
             }
             Frame::Close { code, reason } => {
-                debug!(peer = %handle.key, ?code, "peer closed its link: {reason}");
-                handle.close(CloseCode::Normal, "closed at the peer's request");
-                return None;
+                debug!(peer = %handle.key, ?code, "peer closes its link: {reason}");
+                return ControlEnd::PeerClosed;
             }
             other => {
                 let reason = format!("unexpected {:?} frame on the control stream", other.name());
                 warn!(peer = %handle.key, "closing link: {reason}");
-                return Some((CloseCode::Malformed, reason));
+                return ControlEnd::Broken(CloseCode::Malformed, reason);
             }
         }
     }

@@ -6,6 +6,14 @@
 //! The binaries are found beside the test executable's directory
 //! (`target/<profile>/`); `cargo test --workspace` builds them because the
 //! `relay` and `relay-client` packages have integration tests of their own.
+//! `cargo test -p relay-tests` alone does not rebuild them: run
+//! `cargo build -p relay -p relay-client --bins` first.
+//!
+//! - [`cells`]: honest cells on the real `Cell` API, and bounded waits.
+//! - [`raw`]: hand-made links that send exactly the bytes a test wants.
+
+pub mod cells;
+pub mod raw;
 
 use relay_codec::{NodeAddr, PublicKey};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -211,6 +219,46 @@ impl RelayProcess {
                 );
             }
             std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Like [`wait_log`](Self::wait_log), for async tests: it sleeps on
+    /// the tokio timer instead of blocking a worker thread.
+    pub async fn wait_log_async(&self, needle: &str, timeout: Duration) {
+        let end = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < end {
+            if self.log().contains(needle) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "relay log has no {needle:?} after {timeout:?}:\n{}",
+            self.log()
+        );
+    }
+
+    /// Like [`wait_metric`](Self::wait_metric), for async tests.
+    pub async fn wait_metric_async(
+        &self,
+        name: &str,
+        labels: &str,
+        at_least: f64,
+        timeout: Duration,
+    ) -> f64 {
+        let end = tokio::time::Instant::now() + timeout;
+        loop {
+            let v = self.metric(name, labels);
+            if v >= at_least {
+                return v;
+            }
+            if tokio::time::Instant::now() > end {
+                panic!(
+                    "{name}{{{labels}}} is {v}, expected at least {at_least} within {timeout:?}; relay log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 

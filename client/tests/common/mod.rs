@@ -199,13 +199,16 @@ pub async fn serve_link(
             }
         }
     });
-    // Data from the cell.
-    {
-        let (conn, hub) = (conn.clone(), hub.clone());
+    // Data from the cell. Like the relay, on the cell's Close it takes the
+    // streams already opened and reads them to the end before closing.
+    let drain = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut acceptor = {
+        let (conn, hub, drain) = (conn.clone(), hub.clone(), drain.clone());
         tokio::spawn(async move {
-            while let Ok(recv) = conn.accept_uni().await {
+            let mut tasks = tokio::task::JoinSet::new();
+            let read = |recv: quinn::RecvStream| {
                 let (conn, hub) = (conn.clone(), hub.clone());
-                tokio::spawn(async move {
+                async move {
                     let mut reader = FrameReader::new(recv, Limits::default());
                     let mut dec = BatchDecoder::new(Limits::default()).unwrap();
                     while let Ok(Some(Frame::Batch(batch))) = reader.next().await {
@@ -221,10 +224,25 @@ pub async fn serve_link(
                             route(&hub, peer, env);
                         }
                     }
-                });
+                }
+            };
+            loop {
+                tokio::select! {
+                    r = conn.accept_uni() => match r {
+                        Ok(recv) => { tasks.spawn(read(recv)); }
+                        Err(_) => return,
+                    },
+                    _ = drain.notified() => break,
+                }
             }
-        });
-    }
+            while let Ok(Ok(recv)) =
+                tokio::time::timeout(Duration::from_millis(50), conn.accept_uni()).await
+            {
+                tasks.spawn(read(recv));
+            }
+            while tasks.join_next().await.is_some() {}
+        })
+    };
     // Control from the cell.
     loop {
         match reader.next().await {
@@ -272,6 +290,12 @@ pub async fn serve_link(
             }
             Ok(Some(Frame::Close { code, .. })) => {
                 hub.lock().unwrap().closes.push((peer, code));
+                drain.notify_one();
+                let _ = tokio::time::timeout(Duration::from_secs(5), &mut acceptor).await;
+                conn.close(
+                    quinn::VarInt::from_u32(CloseCode::Normal as u32),
+                    b"closed at the peer's request",
+                );
             }
             Ok(Some(other)) => panic!("unexpected control frame from a cell: {other:?}"),
             Ok(None) | Err(_) => break,

@@ -1,0 +1,411 @@
+//! Raw links: a QUIC connection and the link handshake built by hand from
+//! `relay_client::transport` and `relay_client::link`, so a test can send
+//! exactly the bytes it wants (forged sources, oversize payloads, zip
+//! bombs, replays) and see exactly what the relay answers: frames on the
+//! control stream, messages on data streams, and the close code and reason.
+
+use bytes::{Bytes, BytesMut};
+use quinn::{Connection, ConnectionError, Endpoint, SendStream};
+use relay_client::link::{self, FrameReader, LinkError, Welcome};
+use relay_client::transport::{self, TransportTuning};
+use relay_codec::frame::{CloseCode, Role};
+use relay_codec::{
+    BatchDecoder, BatchEncoder, Destination, Envelope, Frame, Keypair, Lane, Limits, Message,
+    PublicKey,
+};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::RelayProcess;
+
+/// How long a handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
+}
+
+/// A nonce no other message of this test process uses.
+pub fn next_nonce() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A data message from `from` to `to` on `lane`, stamped now with a fresh
+/// nonce, not yet signed.
+pub fn message(from: &Keypair, to: Destination, lane: Lane, payload: impl Into<Bytes>) -> Message {
+    Message::new(from.public(), to, payload.into())
+        .with_lane(lane)
+        .with_timestamp(now_ms())
+        .with_nonce(next_nonce())
+}
+
+/// `msg` encoded and signed by `key`.
+pub fn signed(msg: &Message, key: &Keypair) -> Envelope {
+    let mut buf = BytesMut::new();
+    msg.encode_signed(key, &mut buf);
+    envelope(buf.freeze())
+}
+
+/// `msg` encoded with the authenticator it holds (none for a fresh one).
+pub fn encoded(msg: &Message) -> Envelope {
+    let mut buf = BytesMut::new();
+    msg.encode(&mut buf);
+    envelope(buf.freeze())
+}
+
+/// Parses one encoded message, with bounds far above any test's.
+pub fn envelope(mut bytes: Bytes) -> Envelope {
+    let limits = Limits {
+        max_payload: Limits::MAX_PAYLOAD_CAP,
+        ..Limits::default()
+    };
+    Envelope::parse(&mut bytes, &limits).expect("a well-formed message")
+}
+
+/// One uncompressed batch frame (length prefix included) holding `envs`,
+/// all on `lane`.
+pub fn batch_frame(lane: Lane, envs: &[Envelope]) -> Bytes {
+    let mut enc = BatchEncoder::new(1, usize::MAX).expect("batch encoder");
+    for e in envs {
+        enc.push_envelope(e);
+    }
+    let mut out = BytesMut::new();
+    enc.finish(lane, &mut out);
+    out.freeze()
+}
+
+/// `len` bytes that zstd cannot shrink (a xorshift stream from `seed`).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
+/// A client endpoint on loopback and a QUIC connection to `addr` that
+/// presents `key` and accepts the server only if it proves `server_key`,
+/// offering `alpn`. Errors are the handshake's.
+pub async fn dial(
+    addr: SocketAddr,
+    server_key: PublicKey,
+    key: &Keypair,
+    tuning: &TransportTuning,
+    alpn: &[u8],
+) -> (Endpoint, Result<Connection, ConnectionError>) {
+    let cfg = transport::client_config_with_alpn(key.signing_key(), server_key.0, tuning, alpn)
+        .expect("client config");
+    let endpoint =
+        transport::client_endpoint("127.0.0.1:0".parse().unwrap()).expect("client endpoint");
+    let connecting = endpoint
+        .connect_with(cfg, addr, transport::SERVER_NAME)
+        .expect("connect_with accepts the address");
+    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+        .await
+        .unwrap_or_else(|_| panic!("QUIC handshake with {addr} took over {HANDSHAKE_TIMEOUT:?}"));
+    (endpoint, conn)
+}
+
+/// How a [`RawLink`] connects.
+#[derive(Clone, Debug)]
+pub struct RawOptions {
+    /// Ask for notices in Hello.
+    pub notices: bool,
+    /// Accept and read the relay's data streams. Off: a cell that never
+    /// reads (the relay's streams fill their windows and stall).
+    pub read_data: bool,
+    /// QUIC windows (small windows make a non-reading cell stall sooner).
+    pub tuning: TransportTuning,
+    /// Wait after Welcome until the relay has attached the link (see
+    /// [`RawLink::wait_attached`]); off: return as soon as Welcome came,
+    /// as `Cell::connect` does.
+    pub wait_attached: bool,
+}
+
+impl Default for RawOptions {
+    fn default() -> Self {
+        Self {
+            notices: true,
+            read_data: true,
+            tuning: TransportTuning::default(),
+            wait_attached: true,
+        }
+    }
+}
+
+/// What a raw link saw from the relay.
+#[derive(Debug)]
+pub enum RawEvent {
+    /// A frame on the control stream.
+    Control(Frame),
+    /// A message from a data stream (every message of every batch, in the
+    /// order this link read them).
+    Message(Envelope),
+}
+
+/// A hand-made cell link: handshake done, every byte sent is the test's.
+pub struct RawLink {
+    /// The cell's key (what the relay proved).
+    pub key: Keypair,
+    /// The connection.
+    pub conn: Connection,
+    /// The control stream's sending half.
+    pub control: SendStream,
+    /// What the relay said in Welcome.
+    pub welcome: Welcome,
+    endpoint: Endpoint,
+    events: mpsc::UnboundedReceiver<RawEvent>,
+    controls: VecDeque<Frame>,
+    messages: VecDeque<Envelope>,
+    lanes: [Option<SendStream>; 4],
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RawLink {
+    /// Connects to `relay` as `key`, completes Hello/Welcome and waits
+    /// until the relay has attached the link.
+    pub async fn connect(relay: &RelayProcess, key: Keypair) -> Result<RawLink, LinkError> {
+        Self::connect_with(relay, key, RawOptions::default()).await
+    }
+
+    /// Like [`connect`](Self::connect) with options.
+    pub async fn connect_with(
+        relay: &RelayProcess,
+        key: Keypair,
+        opts: RawOptions,
+    ) -> Result<RawLink, LinkError> {
+        let (endpoint, conn) =
+            dial(relay.quic, relay.key, &key, &opts.tuning, transport::ALPN).await;
+        let conn = conn?;
+        let (control, reader, welcome) = link::hello(
+            &conn,
+            Role::Cell,
+            opts.notices,
+            "relay-tests/raw",
+            Limits::default(),
+            HANDSHAKE_TIMEOUT,
+        )
+        .await?;
+        let (tx, events) = mpsc::unbounded_channel();
+        let mut tasks = vec![tokio::spawn(read_control(reader, tx.clone()))];
+        if opts.read_data {
+            tasks.push(tokio::spawn(read_data(conn.clone(), tx)));
+        }
+        let mut link = RawLink {
+            key,
+            conn,
+            control,
+            welcome,
+            endpoint,
+            events,
+            controls: VecDeque::new(),
+            messages: VecDeque::new(),
+            lanes: Default::default(),
+            tasks,
+        };
+        if opts.wait_attached {
+            link.wait_attached().await;
+        }
+        Ok(link)
+    }
+
+    /// Waits until the relay has attached this link to its router: it
+    /// serves a link's control stream only after attaching it, so a
+    /// Discover answered proves it (see [`crate::cells::connect`]).
+    pub async fn wait_attached(&mut self) {
+        let request = u32::MAX;
+        self.send_control(&Frame::Discover {
+            request,
+            service: relay_codec::ServiceName::new("relay-tests-probe").unwrap(),
+        })
+        .await
+        .expect("send Discover");
+        let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+        loop {
+            // Take the reply out of the control frames, keeping the others.
+            if let Some(i) = self
+                .controls
+                .iter()
+                .position(|f| matches!(f, Frame::DiscoverReply { request: r, .. } if *r == request))
+            {
+                self.controls.remove(i);
+                return;
+            }
+            assert!(
+                self.pull(deadline).await,
+                "no DiscoverReply within {HANDSHAKE_TIMEOUT:?}"
+            );
+        }
+    }
+
+    /// This link's key.
+    pub fn public(&self) -> PublicKey {
+        self.key.public()
+    }
+
+    /// Writes `bytes` as they are on this link's data stream for `lane`
+    /// (opened on first use).
+    pub async fn send_raw(&mut self, lane: Lane, bytes: &[u8]) -> Result<(), quinn::WriteError> {
+        let stream = match &mut self.lanes[lane.index()] {
+            Some(s) => s,
+            slot => {
+                let s = self
+                    .conn
+                    .open_uni()
+                    .await
+                    .map_err(quinn::WriteError::ConnectionLost)?;
+                slot.insert(s)
+            }
+        };
+        stream.write_all(bytes).await
+    }
+
+    /// Sends `envs` (all on `lane`) as one uncompressed batch frame.
+    pub async fn send_batch(
+        &mut self,
+        lane: Lane,
+        envs: &[Envelope],
+    ) -> Result<(), quinn::WriteError> {
+        let frame = batch_frame(lane, envs);
+        self.send_raw(lane, &frame).await
+    }
+
+    /// Finishes every data stream this link opened (the relay can read
+    /// each to its end).
+    pub fn finish_lanes(&mut self) {
+        for s in self.lanes.iter_mut().flatten() {
+            let _ = s.finish();
+        }
+    }
+
+    /// Writes one control frame.
+    pub async fn send_control(&mut self, frame: &Frame) -> Result<(), LinkError> {
+        link::write_frame(&mut self.control, frame).await
+    }
+
+    async fn pull(&mut self, deadline: tokio::time::Instant) -> bool {
+        match tokio::time::timeout_at(deadline, self.events.recv()).await {
+            Ok(Some(RawEvent::Control(f))) => {
+                self.controls.push_back(f);
+                true
+            }
+            Ok(Some(RawEvent::Message(e))) => {
+                self.messages.push_back(e);
+                true
+            }
+            Ok(None) | Err(_) => false,
+        }
+    }
+
+    /// The next message read from the relay, or `None` if none came within
+    /// `timeout` (control frames meanwhile are kept for
+    /// [`next_control`](Self::next_control)).
+    pub async fn next_message(&mut self, timeout: Duration) -> Option<Envelope> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(m) = self.messages.pop_front() {
+                return Some(m);
+            }
+            if !self.pull(deadline).await {
+                return None;
+            }
+        }
+    }
+
+    /// The next control frame from the relay, or `None` if none came within
+    /// `timeout` (messages meanwhile are kept for
+    /// [`next_message`](Self::next_message)).
+    pub async fn next_control(&mut self, timeout: Duration) -> Option<Frame> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(f) = self.controls.pop_front() {
+                return Some(f);
+            }
+            if !self.pull(deadline).await {
+                return None;
+            }
+        }
+    }
+
+    /// Waits (bounded) until the relay closes the connection and returns
+    /// its close code and reason; panics if it does not, or if the
+    /// connection ends another way.
+    pub async fn closed(&self, timeout: Duration) -> (CloseCode, String) {
+        let e = tokio::time::timeout(timeout, self.conn.closed())
+            .await
+            .unwrap_or_else(|_| panic!("the relay did not close the link within {timeout:?}"));
+        match link::refusal_from_close(&self.conn) {
+            Some(LinkError::Refused { code, reason }) => (code, reason),
+            _ => panic!("the link ended without an application close: {e}"),
+        }
+    }
+
+    /// Closes the link at once (no Close frame, no flush): what a killed
+    /// process looks like to the relay.
+    pub fn abort(&self) {
+        self.conn.close(
+            quinn::VarInt::from_u32(CloseCode::Normal as u32),
+            b"aborted",
+        );
+    }
+}
+
+impl Drop for RawLink {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.conn.close(
+            quinn::VarInt::from_u32(CloseCode::Normal as u32),
+            b"test done",
+        );
+        self.endpoint.close(
+            quinn::VarInt::from_u32(CloseCode::Normal as u32),
+            b"test done",
+        );
+    }
+}
+
+async fn read_control(mut reader: FrameReader, tx: mpsc::UnboundedSender<RawEvent>) {
+    while let Ok(Some(f)) = reader.next().await {
+        if tx.send(RawEvent::Control(f)).is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_data(conn: Connection, tx: mpsc::UnboundedSender<RawEvent>) {
+    let mut readers = tokio::task::JoinSet::new();
+    while let Ok(recv) = conn.accept_uni().await {
+        let tx = tx.clone();
+        readers.spawn(async move {
+            let limits = Limits::default();
+            let mut reader = FrameReader::new(recv, limits);
+            let mut dec = BatchDecoder::new(limits).expect("batch decoder");
+            while let Ok(Some(Frame::Batch(b))) = reader.next().await {
+                let Ok(msgs) = dec.messages(&b) else { return };
+                for m in msgs {
+                    let Ok(env) = m else { return };
+                    if tx.send(RawEvent::Message(env)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    // Readers end with the connection; JoinSet aborts any left on drop.
+    while readers.join_next().await.is_some() {}
+}
