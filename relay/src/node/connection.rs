@@ -1,0 +1,467 @@
+//! One link from handshake to close: the control stream, the data streams
+//! and the reasons a link is refused or closed.
+
+use super::ingest::RelayObserver;
+use super::{LinkEntry, Shared, unix_ms};
+use crate::core::LinkId;
+use crate::metrics::{CloseReason, DropReason, Metrics};
+use relay_client::link::{self, FrameReader, LaneQueues, LinkError};
+use relay_client::transport;
+use relay_codec::frame::{CloseCode, MAX_DISCOVER_ENTRIES, NoticeCode, PROTOCOL_VERSION, Role};
+use relay_codec::{BatchDecoder, DecodeError, Envelope, Frame, Lane, MessageId, PublicKey};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+/// How long a new connection may take to send its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Control frames waiting for one link's control stream.
+const CONTROL_QUEUE: usize = 1024;
+/// After a peer's Close, how long its data streams may take to be read.
+const DRAIN_ON_CLOSE: Duration = Duration::from_secs(5);
+
+/// One attached link as the routing core and other links see it.
+pub struct LinkHandle {
+    pub(super) id: LinkId,
+    pub(super) key: PublicKey,
+    pub(super) role: Role,
+    pub(super) queues: Arc<LaneQueues>,
+    pub(super) control: mpsc::Sender<Frame>,
+    pub(super) conn: quinn::Connection,
+    pub(super) notices: bool,
+    /// Why this relay closed the link, if it did; counted when it ends.
+    pub(super) closed_by_us: Mutex<Option<CloseReason>>,
+}
+
+impl LinkHandle {
+    /// Sends a control frame if there is room; control traffic to a link
+    /// that does not read is dropped, never waited for.
+    pub(super) fn control(&self, frame: Frame) {
+        let _ = self.control.try_send(frame);
+    }
+
+    pub(super) fn notice(&self, code: NoticeCode, id: MessageId, subject: PublicKey) {
+        if self.notices {
+            self.control(Frame::Notice { code, id, subject });
+        }
+    }
+
+    pub(super) fn close(&self, code: CloseCode, reason: &str) {
+        self.close_as(code, CloseReason::from(code), reason);
+    }
+
+    pub(super) fn close_as(&self, code: CloseCode, why: CloseReason, reason: &str) {
+        self.closed_by_us
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why);
+        self.conn
+            .close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
+    }
+}
+
+/// The close code and reason for a decoding failure on a link.
+fn decode_close(e: &DecodeError) -> (CloseCode, String) {
+    let code = match e {
+        DecodeError::TooLarge { .. } => CloseCode::Oversize,
+        DecodeError::Version(_) => CloseCode::Version,
+        _ => CloseCode::Malformed,
+    };
+    (code, e.to_string())
+}
+
+fn drop_reason_for(code: CloseCode) -> Option<DropReason> {
+    match code {
+        CloseCode::Oversize => Some(DropReason::Oversize),
+        CloseCode::Malformed | CloseCode::Version => Some(DropReason::Malformed),
+        _ => None,
+    }
+}
+
+/// One connection from handshake to close.
+pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let m = shared.metrics.clone();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            m.link_closed(Role::Cell, CloseReason::HandshakeFailed);
+            warn!(%remote, "link refused during the QUIC/TLS handshake: {e}");
+            return;
+        }
+    };
+    let Some(key) = transport::peer_key(&conn).map(PublicKey) else {
+        warn!(%remote, "link without a proven key; closing");
+        conn.close(
+            quinn::VarInt::from_u32(CloseCode::Unauthorized as u32),
+            b"no proven key",
+        );
+        return;
+    };
+    let (mut ctl_send, mut ctl_recv, hello) =
+        match link::accept_hello(&conn, shared.limits, HELLO_TIMEOUT).await {
+            Ok(v) => v,
+            Err(e) => {
+                let (code, reason) = match &e {
+                    LinkError::Decode(d) => decode_close(d),
+                    LinkError::Timeout(_) => (CloseCode::Idle, e.to_string()),
+                    _ => (CloseCode::Malformed, e.to_string()),
+                };
+                m.link_closed(Role::Cell, CloseReason::HandshakeFailed);
+                warn!(%remote, peer = %key, "link refused at Hello: {reason}");
+                conn.close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
+                return;
+            }
+        };
+    let refusal = if hello.version != PROTOCOL_VERSION {
+        Some((
+            CloseCode::Version,
+            format!(
+                "this relay speaks link protocol version {PROTOCOL_VERSION}; the peer sent version {}",
+                hello.version
+            ),
+        ))
+    } else if hello.role == Role::Relay {
+        Some((
+            CloseCode::Unauthorized,
+            "relay peering is not enabled on this relay; it serves cells only".to_owned(),
+        ))
+    } else if shared.shutting_down.load(Ordering::Acquire) {
+        Some((CloseCode::Shutdown, "relay shutting down".to_owned()))
+    } else if shared.link_count.load(Ordering::Acquire) >= shared.cfg.limits.max_links {
+        m.dropped(DropReason::TooManyLinks, 1);
+        Some((
+            CloseCode::TooManyLinks,
+            format!(
+                "relay has {} links, its limit (limits.max_links)",
+                shared.cfg.limits.max_links
+            ),
+        ))
+    } else {
+        None
+    };
+    if let Some((code, reason)) = refusal {
+        m.link_closed(hello.role, CloseReason::HandshakeFailed);
+        warn!(%remote, peer = %key, agent = %hello.agent, "link refused: {reason}");
+        link::close_with(&conn, Some(&mut ctl_send), code, &reason).await;
+        return;
+    }
+    // Welcome is the first frame of the control channel, and the link is
+    // attached before the control writer starts: once a cell has read
+    // Welcome, messages to it are routed.
+    let id = shared.next_link.fetch_add(1, Ordering::Relaxed);
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Frame>(CONTROL_QUEUE);
+    let welcome = Frame::Welcome {
+        version: PROTOCOL_VERSION,
+        node: shared.key,
+        time_ms: unix_ms(),
+        max_payload: shared.limits.max_payload as u32,
+        max_frame: shared.limits.max_frame as u32,
+    };
+    if ctl_tx.try_send(welcome).is_err() {
+        return;
+    }
+    let handle = Arc::new(LinkHandle {
+        id,
+        key,
+        role: hello.role,
+        queues: Arc::new(LaneQueues::new(shared.cfg.limits.lane_queue_depth)),
+        control: ctl_tx,
+        conn: conn.clone(),
+        notices: hello.notices,
+        closed_by_us: Mutex::new(None),
+    });
+    let writer = tokio::spawn({
+        let conn = conn.clone();
+        let queues = handle.queues.clone();
+        let cfg = shared.writer_config();
+        let obs = RelayObserver {
+            metrics: m.clone(),
+            hist: Metrics::time_histogram(),
+            batches: 0,
+            now: None,
+        };
+        async move {
+            if let Err(e) = link::run_writer(conn, queues, cfg, obs).await {
+                debug!("link writer ended: {e}");
+            }
+        }
+    });
+    shared.link_count.fetch_add(1, Ordering::AcqRel);
+    shared
+        .links
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(
+            id,
+            LinkEntry {
+                handle: handle.clone(),
+                writer: Some(writer),
+            },
+        );
+    let (attach, reports) = shared
+        .core
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .router
+        .attach(key, id, handle.clone());
+    if let Some(old) = attach.replaced {
+        info!(peer = %key, "cell reconnected; closing its previous link");
+        old.close_as(
+            CloseCode::Normal,
+            CloseReason::Replaced,
+            "replaced by a newer link of the same key",
+        );
+    }
+    Shared::report(reports);
+    m.link_opened(hello.role);
+    info!(peer = %key, %remote, agent = %hello.agent, "link opened");
+
+    // Control writer: frames from any task to this link's control stream.
+    let ctl_writer = tokio::spawn(async move {
+        while let Some(f) = ctl_rx.recv().await {
+            if link::write_frame(&mut ctl_send, &f).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Data streams: one ingress task per lane stream the peer opens.
+    let drain = Arc::new(tokio::sync::Notify::new());
+    let mut acceptor = tokio::spawn(accept_data_streams(
+        shared.clone(),
+        handle.clone(),
+        drain.clone(),
+    ));
+
+    match control_loop(&shared, &handle, &mut ctl_recv).await {
+        ControlEnd::PeerClosed => {
+            // The peer finished its data streams before sending Close; read
+            // them to the end before closing, or their last messages are lost.
+            drain.notify_one();
+            let _ = tokio::time::timeout(DRAIN_ON_CLOSE, &mut acceptor).await;
+            handle.close(CloseCode::Normal, "closed at the peer's request");
+        }
+        ControlEnd::Broken(code, reason) => handle.close(code, &reason),
+        ControlEnd::Ended => {}
+    }
+    let why = conn.closed().await;
+    acceptor.abort();
+    ctl_writer.abort();
+
+    let reports = shared
+        .core
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .router
+        .detach(key, id);
+    Shared::report(reports);
+    handle.queues.close();
+    shared
+        .links
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
+    shared.link_count.fetch_sub(1, Ordering::AcqRel);
+    let closed_by_us = *handle
+        .closed_by_us
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let reason = closed_by_us.unwrap_or_else(|| close_reason(&why));
+    m.link_closed(hello.role, reason);
+    info!(peer = %key, %remote, reason = reason.as_str(), "link closed: {why}");
+}
+
+fn close_reason(e: &quinn::ConnectionError) -> CloseReason {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => CloseReason::from(CloseCode::from_u16(
+            u16::try_from(c.error_code.into_inner()).unwrap_or(u16::MAX),
+        )),
+        quinn::ConnectionError::LocallyClosed => CloseReason::from(CloseCode::Normal),
+        quinn::ConnectionError::TimedOut => CloseReason::TimedOut,
+        _ => CloseReason::PeerClosed,
+    }
+}
+
+/// Accepts the peer's data streams, one ingress task each, until the
+/// connection ends or `drain` is signalled; then takes the streams already
+/// opened and waits (bounded by the caller) for every ingress task to finish.
+async fn accept_data_streams(
+    shared: Arc<Shared>,
+    handle: Arc<LinkHandle>,
+    drain: Arc<tokio::sync::Notify>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            r = handle.conn.accept_uni() => match r {
+                Ok(recv) => {
+                    tasks.spawn(ingress(shared.clone(), handle.clone(), recv));
+                }
+                Err(_) => return,
+            },
+            _ = drain.notified() => break,
+            // Reap finished readers so the set stays small.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    while let Ok(Ok(recv)) =
+        tokio::time::timeout(Duration::from_millis(50), handle.conn.accept_uni()).await
+    {
+        tasks.spawn(ingress(shared.clone(), handle.clone(), recv));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// How a link's control stream ended.
+enum ControlEnd {
+    /// The peer sent Close: drain its data streams, then close.
+    PeerClosed,
+    /// The peer broke the protocol: close with this code and reason.
+    Broken(CloseCode, String),
+    /// The stream or connection ended.
+    Ended,
+}
+
+/// Serves the link's control stream until it ends.
+async fn control_loop(
+    shared: &Shared,
+    handle: &Arc<LinkHandle>,
+    ctl: &mut FrameReader,
+) -> ControlEnd {
+    loop {
+        let frame = match ctl.next().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return ControlEnd::Ended,
+            Err(LinkError::Decode(e)) => {
+                let (code, reason) = decode_close(&e);
+                if let Some(r) = drop_reason_for(code) {
+                    shared.metrics.dropped(r, 1);
+                }
+                warn!(peer = %handle.key, "closing link: bad control frame: {reason}");
+                return ControlEnd::Broken(code, reason);
+            }
+            Err(_) => return ControlEnd::Ended,
+        };
+        match frame {
+            Frame::Announce {
+                app_version,
+                services,
+            } => {
+                if services.len() > shared.cfg.limits.max_services_per_cell {
+                    let reason = format!(
+                        "{} services announced; the limit is {}",
+                        services.len(),
+                        shared.cfg.limits.max_services_per_cell
+                    );
+                    warn!(peer = %handle.key, "closing link: {reason}");
+                    return ControlEnd::Broken(CloseCode::Oversize, reason);
+                }
+                let reports = shared
+                    .core
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .router
+                    .announce(handle.key, handle.id, app_version, services);
+                Shared::report(reports);
+            }
+            Frame::Discover { request, service } => {
+                let cells = shared
+                    .core
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .router
+                    .discover(&service, MAX_DISCOVER_ENTRIES);
+                handle.control(Frame::DiscoverReply { request, cells });
+            }
+            Frame::WatchPresence(on) => {
+                shared
+                    .core
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .router
+                    .watch(handle.id, handle.clone(), on);
+            }
+            Frame::Close { code, reason } => {
+                debug!(peer = %handle.key, ?code, "peer closes its link: {reason}");
+                return ControlEnd::PeerClosed;
+            }
+            other => {
+                let reason = format!("unexpected {:?} frame on the control stream", other.name());
+                warn!(peer = %handle.key, "closing link: {reason}");
+                return ControlEnd::Broken(CloseCode::Malformed, reason);
+            }
+        }
+    }
+}
+
+/// Reads one lane stream of a link: batch frames only, all of one lane.
+async fn ingress(shared: Arc<Shared>, from: Arc<LinkHandle>, recv: quinn::RecvStream) {
+    let mut reader = FrameReader::new(recv, shared.limits);
+    let mut dec = match BatchDecoder::new(shared.limits) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!("cannot create a zstd decoder: {e}");
+            return;
+        }
+    };
+    let mut lane: Option<Lane> = None;
+    let mut envs: Vec<Envelope> = Vec::new();
+    let fail = |code: CloseCode, reason: String| {
+        if let Some(r) = drop_reason_for(code) {
+            shared.metrics.dropped(r, 1);
+        }
+        warn!(peer = %from.key, code = ?code, "closing link: {reason}");
+        from.close(code, &reason);
+    };
+    loop {
+        let batch = match reader.next().await {
+            Ok(Some(Frame::Batch(b))) => b,
+            Ok(Some(other)) => {
+                return fail(
+                    CloseCode::Malformed,
+                    format!("{} frame on a data stream", other.name()),
+                );
+            }
+            Ok(None) => return,
+            Err(LinkError::Decode(e)) => {
+                let (code, reason) = decode_close(&e);
+                return fail(code, reason);
+            }
+            Err(LinkError::Truncated) => {
+                return fail(
+                    CloseCode::Malformed,
+                    "data stream ended inside a frame".into(),
+                );
+            }
+            Err(_) => return,
+        };
+        if *lane.get_or_insert(batch.lane) != batch.lane {
+            return fail(
+                CloseCode::Malformed,
+                "a data stream carries batches of one lane only".into(),
+            );
+        }
+        envs.clear();
+        let msgs = match dec.messages(&batch) {
+            Ok(it) => it,
+            Err(e) => {
+                let (code, reason) = decode_close(&e);
+                return fail(code, reason);
+            }
+        };
+        for r in msgs {
+            match r {
+                Ok(e) => envs.push(e),
+                Err(e) => {
+                    let (code, reason) = decode_close(&e);
+                    return fail(code, reason);
+                }
+            }
+        }
+        if let Err((code, reason)) = shared.ingest(&from, &envs) {
+            return fail(code, reason);
+        }
+    }
+}

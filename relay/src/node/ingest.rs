@@ -1,0 +1,249 @@
+//! What the relay does with an incoming batch: checks, dedup, routing,
+//! queueing; and what it counts as a link writer sends.
+
+use super::connection::LinkHandle;
+use super::{Shared, unix_ms};
+use crate::config::VerifyMode;
+use crate::core::{DedupVerdict, PresenceReport, Route, Staleness};
+use crate::metrics::{DropReason, Metrics};
+use relay_client::link::{Outbound, WriteObserver};
+use relay_codec::batch::BatchStats;
+use relay_codec::frame::{CloseCode, NoticeCode, Role};
+use relay_codec::verify::verify_each;
+use relay_codec::{Destination, Envelope, Frame, Lane, MessageId, PublicKey};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use tracing::{debug, warn};
+
+/// Writers merge their time-in-relay samples every this many batches.
+const MERGE_EVERY_BATCHES: u32 = 64;
+
+impl Shared {
+    /// Sends presence reports to their watchers.
+    pub(super) fn report(reports: Vec<PresenceReport<Arc<LinkHandle>>>) {
+        for r in reports {
+            r.to.control(Frame::Presence {
+                up: r.up,
+                info: r.info,
+            });
+        }
+    }
+
+    /// Checks, deduplicates and routes one incoming batch. An error closes
+    /// the sending link with that code and reason.
+    pub(super) fn ingest(
+        &self,
+        from: &LinkHandle,
+        envs: &[Envelope],
+    ) -> Result<(), (CloseCode, String)> {
+        let m = &self.metrics;
+        let lane = envs.first().map(Envelope::lane).unwrap_or(Lane::Normal);
+        m.msgs_in(
+            lane.index(),
+            envs.len() as u64,
+            envs.iter().map(|e| e.len() as u64).sum(),
+        );
+        for e in envs {
+            // A cell sends only as itself: its key was proven at handshake.
+            if from.role == Role::Cell && e.source() != from.key {
+                m.dropped(DropReason::ForgedSource, 1);
+                return Err((
+                    CloseCode::ForgedSource,
+                    format!(
+                        "message source {} is not this link's key {}",
+                        e.source(),
+                        from.key
+                    ),
+                ));
+            }
+        }
+        let good = self.check_signatures(from, envs)?;
+        let now_ms = unix_ms();
+        let queued_at = Instant::now();
+        let ids: Vec<MessageId> = envs.iter().map(Envelope::id).collect();
+        let mut woken: Vec<Arc<LinkHandle>> = Vec::new();
+        let mut refused = 0u64;
+        {
+            let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, e) in envs.iter().enumerate() {
+                if !good.as_ref().is_none_or(|g| g[i]) {
+                    from.notice(NoticeCode::Refused, ids[i], dest_subject(e));
+                    continue;
+                }
+                if e.ttl() == 0 {
+                    m.dropped(DropReason::TtlExpired, 1);
+                    from.notice(NoticeCode::TtlExpired, ids[i], dest_subject(e));
+                    continue;
+                }
+                if let Err(s) = core.freshness.check(e.timestamp_ms(), now_ms) {
+                    m.dropped(
+                        match s {
+                            Staleness::Expired { .. } => DropReason::Expired,
+                            Staleness::FromFuture { .. } => DropReason::FromFuture,
+                        },
+                        1,
+                    );
+                    refused += 1;
+                    debug!(link = %from.key.short(), "refused message: {s}");
+                    from.notice(NoticeCode::Refused, ids[i], dest_subject(e));
+                    continue;
+                }
+                if core.dedup.check_and_insert(ids[i].as_u128(), now_ms) == DedupVerdict::Duplicate
+                {
+                    m.dedup_hit();
+                    m.dropped(DropReason::Duplicate, 1);
+                    refused += 1;
+                    continue;
+                }
+                let out = Outbound {
+                    env: e.clone(),
+                    queued_at,
+                };
+                match e.destination() {
+                    Destination::Cell(dest) => match core.router.route_cell(&dest) {
+                        Route::One(h) => self.enqueue(from, h, out, ids[i], &mut woken),
+                        _ => {
+                            m.dropped(DropReason::UnknownDestination, 1);
+                            from.notice(NoticeCode::UnknownDestination, ids[i], dest);
+                        }
+                    },
+                    Destination::Broadcast => {
+                        if let Route::Many(hs) = core.router.route_broadcast(&from.key) {
+                            for h in hs {
+                                self.enqueue(from, h, out.clone(), ids[i], &mut woken);
+                            }
+                        }
+                    }
+                    Destination::Service(s) => {
+                        if let Route::Many(hs) = core.router.route_service(&s, &from.key) {
+                            for h in hs {
+                                self.enqueue(from, h, out.clone(), ids[i], &mut woken);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if refused > 0 {
+            warn!(link = %from.key.short(), refused, "refused replayed, expired or future-dated messages");
+        }
+        for h in woken {
+            h.queues.wake();
+        }
+        Ok(())
+    }
+
+    /// Applies the signature policy. `None` means every message passes;
+    /// otherwise the verdict per message.
+    fn check_signatures(
+        &self,
+        from: &LinkHandle,
+        envs: &[Envelope],
+    ) -> Result<Option<Vec<bool>>, (CloseCode, String)> {
+        let m = &self.metrics;
+        match self.cfg.security.verify {
+            VerifyMode::Off => Ok(None),
+            VerifyMode::All => {
+                let refs: Vec<&Envelope> = envs.iter().collect();
+                let verdicts: Vec<bool> = verify_each(&refs).iter().map(Result::is_ok).collect();
+                let bad = verdicts.iter().filter(|ok| !**ok).count() as u64;
+                m.signatures(envs.len() as u64, bad);
+                if bad > 0 {
+                    m.dropped(DropReason::BadSignature, bad);
+                    warn!(link = %from.key.short(), bad, "dropped messages whose signature does not verify (verify = all)");
+                }
+                Ok(Some(verdicts))
+            }
+            VerifyMode::Sampled => {
+                let every = (1.0 / self.cfg.security.sample_rate).round().max(1.0) as u64;
+                for e in envs {
+                    if !self
+                        .sampled
+                        .fetch_add(1, Ordering::Relaxed)
+                        .is_multiple_of(every)
+                    {
+                        continue;
+                    }
+                    let ok = e.verify().is_ok();
+                    m.signatures(1, u64::from(!ok));
+                    if !ok {
+                        m.dropped(DropReason::BadSignature, 1);
+                        return Err((
+                            CloseCode::BadSignature,
+                            format!("a sampled message {} failed signature verification", e.id()),
+                        ));
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn enqueue(
+        &self,
+        from: &LinkHandle,
+        to: &Arc<LinkHandle>,
+        out: Outbound,
+        id: MessageId,
+        woken: &mut Vec<Arc<LinkHandle>>,
+    ) {
+        match to.queues.push(out) {
+            Ok(()) => {
+                if !woken.iter().any(|w| Arc::ptr_eq(w, to)) {
+                    woken.push(to.clone());
+                }
+            }
+            Err(_) if to.queues.is_closed() => {
+                self.metrics.dropped(DropReason::Shutdown, 1);
+            }
+            Err(_) => {
+                self.metrics.dropped(DropReason::SlowReceiver, 1);
+                from.notice(NoticeCode::DroppedSlowReceiver, id, to.key);
+            }
+        }
+    }
+}
+
+fn dest_subject(e: &Envelope) -> PublicKey {
+    e.dest_cell().unwrap_or(PublicKey([0; 32]))
+}
+
+/// Counts and times what a link writer sends.
+pub(super) struct RelayObserver {
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) hist: hdrhistogram::Histogram<u64>,
+    pub(super) batches: u32,
+    /// The clock, read once per batch at its first message.
+    pub(super) now: Option<Instant>,
+}
+
+impl WriteObserver for RelayObserver {
+    fn on_message(&mut self, _lane: Lane, _bytes: usize, queued_at: Instant) {
+        let now = *self.now.get_or_insert_with(Instant::now);
+        let us = now.saturating_duration_since(queued_at).as_micros() as u64;
+        self.hist.saturating_record(us.max(1));
+    }
+
+    fn on_batch(&mut self, lane: Lane, stats: &BatchStats) {
+        self.now = None;
+        self.metrics
+            .msgs_out(lane.index(), stats.count as u64, stats.raw_bytes as u64);
+        self.metrics.batch_out(
+            stats.count as u64,
+            stats.raw_bytes as u64,
+            stats.wire_bytes as u64,
+        );
+        self.batches += 1;
+        if self.batches >= MERGE_EVERY_BATCHES {
+            self.batches = 0;
+            self.metrics.merge_time_in_relay(&mut self.hist);
+        }
+    }
+}
+
+impl Drop for RelayObserver {
+    fn drop(&mut self) {
+        self.metrics.merge_time_in_relay(&mut self.hist);
+    }
+}
