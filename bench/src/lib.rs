@@ -1,1 +1,259 @@
+//! `relay-bench`: load generator and reporter for Celluler relays.
+//!
+//! Modes: `throughput`, `latency`, `fanout`, `connections` (and `durable`,
+//! not available yet). Each runs against a relay the bench starts
+//! (`--spawn`, see [`target`]) or one already running (`--relay
+//! KEY@HOST:PORT`), with cells built on the real client API
+//! ([`relay_client::Cell`]), and reports a table on stdout plus optional
+//! JSON, `.hgrm` and SVG files ([`report`]).
+//!
+//! How it measures honestly: every payload starts with the actual and the
+//! intended send time ([`payload`]), in ns since one process-local epoch
+//! ([`clock`]); receivers in the same process record latency in HDR
+//! histograms; loss is counted after a no-progress grace period; CPU of the
+//! relay and of the bench come from `/proc` ([`stats`]).
 
+pub mod cells;
+pub mod cli;
+pub mod clock;
+pub mod mode;
+pub mod payload;
+pub mod progress;
+pub mod raw;
+pub mod report;
+pub mod run;
+pub mod stats;
+pub mod target;
+
+use anyhow::{Context as _, Result};
+use clap::Parser as _;
+use cli::{Cli, Cmd, TargetArgs};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use target::Target;
+
+/// A feature the relay or client does not have yet: exit status 2.
+#[derive(Debug)]
+pub struct Unavailable(pub String);
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
+/// The run was interrupted (Ctrl-C or SIGTERM): exit status 130.
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted; the spawned relay (if any) was stopped")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// The binary's `main`.
+pub fn main_entry() -> ExitCode {
+    clock::init();
+    let cli = Cli::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<Unavailable>().is_some() => {
+            eprintln!("relay-bench: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) if e.downcast_ref::<Interrupted>().is_some() => {
+            eprintln!("relay-bench: {e}");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("relay-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Durable { .. } => Err(Unavailable(
+            "durable: durable (store-and-forward) messages arrive with the storage issue: the \
+             relay does not keep messages on disk for offline cells yet, so there is nothing \
+             to measure; use `throughput` or `latency` for best-effort messages"
+                .into(),
+        )
+        .into()),
+        Cmd::Throughput(a) => {
+            let (common, plan) = mode::throughput::plan(&a)?;
+            message_mode(&a.target, common, plan)
+        }
+        Cmd::Latency(a) => {
+            let (common, plan) = mode::latency::plan(&a)?;
+            message_mode(&a.target, common, plan)
+        }
+        Cmd::Fanout(a) => {
+            let (common, plan) = mode::fanout::plan(&a)?;
+            message_mode(&a.target, common, plan)
+        }
+        Cmd::Connections(a) => {
+            let plan = mode::connections::Plan {
+                cells: a.cells,
+                concurrency: a.concurrency,
+                endpoints: a.endpoints,
+                hold: a.hold,
+                memory_guard: a.memory_guard,
+                connect_timeout: Duration::from_secs_f64(a.target.connect_timeout),
+            };
+            let mut target = open_target(&a.target)?;
+            let rt = runtime(&a.target)?;
+            let r = rt.block_on(interruptible(mode::connections::run(&target, &plan)));
+            rt.shutdown_timeout(Duration::from_secs(2));
+            let (report, notes) = r.map_err(|e| with_health(e, &mut target))?;
+            target.stop();
+            print!("{}", report::connections_table(&report, &notes));
+            if let Some(p) = &a.json {
+                report::write_json(p, &report)?;
+            }
+            if report.stopped_early.is_some() {
+                anyhow::bail!("stopped before attaching every cell (see above)");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The relay to measure: started, or attached to.
+fn open_target(t: &TargetArgs) -> Result<Target> {
+    if t.spawn && t.relays > 1 {
+        return Err(Unavailable(format!(
+            "--relays {} --topology {:?}: relays do not peer with each other yet (the mesh \
+             issue), so a multi-relay topology cannot be built; use one relay (--relays 1, the \
+             default)",
+            t.relays, t.topology
+        ))
+        .into());
+    }
+    if t.spawn {
+        Target::spawn(
+            t.relay_bin.as_deref(),
+            t.relay_config.as_deref(),
+            &t.relay_log,
+        )
+    } else {
+        let addr = t
+            .relay
+            .clone()
+            .context("--relay KEY@HOST:PORT or --spawn is required")?;
+        Target::attach(addr, t.relay_pid)
+    }
+}
+
+fn runtime(t: &TargetArgs) -> Result<tokio::runtime::Runtime> {
+    let threads = t.threads.map(usize::from).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("bench")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Runs `f` until it ends or Ctrl-C/SIGTERM arrives.
+async fn interruptible<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let term = async move {
+        match term.as_mut() {
+            Some(t) => {
+                t.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        r = f => r,
+        _ = tokio::signal::ctrl_c() => {
+            cells::STOP.store(true, Ordering::Relaxed);
+            Err(Interrupted.into())
+        }
+        _ = term => {
+            cells::STOP.store(true, Ordering::Relaxed);
+            Err(Interrupted.into())
+        }
+    }
+}
+
+/// Adds what is known about a spawned relay's death to an error.
+fn with_health(e: anyhow::Error, target: &mut Target) -> anyhow::Error {
+    match target.health() {
+        Some(h) if e.downcast_ref::<Interrupted>().is_none() => e.context(h),
+        _ => e,
+    }
+}
+
+fn message_mode(t: &TargetArgs, common: run::Common, plan: run::Plan) -> Result<()> {
+    let mut target = open_target(t)?;
+    let rt = runtime(t)?;
+    let r = rt.block_on(interruptible(run::run(&target, &common, &plan)));
+    rt.shutdown_timeout(Duration::from_secs(2));
+    let out = r.map_err(|e| with_health(e, &mut target))?;
+    target.stop();
+    print!("{}", report::table(&out.report, &out.notes));
+    if let Some(p) = &common.json {
+        report::write_json(p, &out.report)?;
+    }
+    if let Some(p) = &common.hgrm {
+        report::write_hgrm(p, &out.hist)?;
+        if plan.pacing.is_some() {
+            report::write_hgrm(&corrected_path(p), &out.co_hist)?;
+        }
+    }
+    if let Some(p) = &common.plot {
+        let title = format!(
+            "relay-bench {}: {} B, {} msg/s",
+            plan.mode,
+            common.size,
+            report::human(out.report.msgs_per_s)
+        );
+        if plan.pacing.is_some() {
+            report::write_plot(
+                p,
+                &title,
+                &[("one-way", &out.hist), ("co-corrected", &out.co_hist)],
+            )?;
+        } else {
+            report::write_plot(p, &title, &[("one-way", &out.hist)])?;
+        }
+    }
+    Ok(())
+}
+
+/// `lat.hgrm` -> `lat.corrected.hgrm`.
+pub fn corrected_path(p: &Path) -> PathBuf {
+    let stem = p
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match p.extension() {
+        Some(ext) => format!("{stem}.corrected.{}", ext.to_string_lossy()),
+        None => format!("{stem}.corrected"),
+    };
+    p.with_file_name(name)
+}

@@ -1,0 +1,303 @@
+//! Lean receivers for `--client raw`: a bare link (the QUIC connection and
+//! Hello/Welcome a `Cell` sets up, from `relay_client::transport` and
+//! `relay_client::link`) whose data streams are decoded in place.
+//!
+//! A `Cell` hands every message to the application through an event queue
+//! after end-to-end checks (id hash, dedup cache, one `mpsc` send per
+//! message). A raw receiver reads each batch frame, walks its messages and
+//! records their timestamps directly: no per-message queue, dedup or
+//! allocation. Comparing the two shows what the Cell receive path costs
+//! and how fast the relay is with a receiver that does not hold it back.
+//! Senders stay `Cell`s.
+
+use crate::cells::Progress;
+use crate::clock::now_ns;
+use crate::payload::read_stamps;
+use crate::stats::{new_hist, record};
+use anyhow::{Context as _, Result, anyhow, bail};
+use hdrhistogram::Histogram;
+use quinn::{Connection, Endpoint, SendStream};
+use relay_client::link::{self, FrameReader};
+use relay_client::transport::{self, TransportTuning};
+use relay_codec::frame::Role;
+use relay_codec::{BatchDecoder, Frame, Keypair, Limits, NodeAddr, PublicKey, ServiceName};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// A bare receiving link, attached and routable.
+pub struct RawReceiver {
+    /// Its key (the destination senders use).
+    pub key: PublicKey,
+    conn: Connection,
+    endpoint: Endpoint,
+    _control: SendStream,
+    _reader: FrameReader,
+}
+
+/// Connects a raw receiver, announces `services`, and waits (one discover
+/// round trip) until the relay has attached it.
+pub async fn connect(
+    relay: &NodeAddr,
+    services: Vec<ServiceName>,
+    timeout: Duration,
+) -> Result<RawReceiver> {
+    let addr: SocketAddr = tokio::net::lookup_host(relay.host_port())
+        .await
+        .with_context(|| format!("resolving {}", relay.host_port()))?
+        .next()
+        .ok_or_else(|| anyhow!("{} resolves to no address", relay.host_port()))?;
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().expect("valid")
+    } else {
+        "[::]:0".parse().expect("valid")
+    };
+    let endpoint = transport::client_endpoint(bind)?;
+    let key = Keypair::generate();
+    let cfg =
+        transport::client_config(key.signing_key(), relay.key.0, &TransportTuning::default())?;
+    let fail = |e: &dyn std::fmt::Display| {
+        anyhow!(
+            "a raw receiver could not connect to the relay {relay}: {e}\ncheck that a relay runs \
+             there and that KEY is its key, or use --spawn"
+        )
+    };
+    let connecting = endpoint
+        .connect_with(cfg, addr, transport::SERVER_NAME)
+        .map_err(|e| fail(&e))?;
+    let conn = tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| fail(&format!("no QUIC handshake within {timeout:?}")))?
+        .map_err(|e| fail(&e))?;
+    let agent = format!("relay-bench/{} raw", env!("CARGO_PKG_VERSION"));
+    let (mut control, mut reader, _welcome) =
+        link::hello(&conn, Role::Cell, false, &agent, Limits::default(), timeout)
+            .await
+            .map_err(|e| fail(&e))?;
+    if !services.is_empty() {
+        link::write_frame(
+            &mut control,
+            &Frame::Announce {
+                app_version: String::new(),
+                services,
+            },
+        )
+        .await?;
+    }
+    // The relay serves the control stream only once the link is attached.
+    let probe = ServiceName::new("relay-bench-probe").expect("valid service name");
+    link::write_frame(
+        &mut control,
+        &Frame::Discover {
+            request: 1,
+            service: probe,
+        },
+    )
+    .await?;
+    tokio::time::timeout(timeout, async {
+        loop {
+            match reader.next().await? {
+                Some(Frame::DiscoverReply { request: 1, .. }) => return Ok(()),
+                Some(_) => continue,
+                None => bail!("the relay ended the control stream"),
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow!("the relay did not answer a discover within {timeout:?}"))??;
+    Ok(RawReceiver {
+        key: key.public(),
+        conn,
+        endpoint,
+        _control: control,
+        _reader: reader,
+    })
+}
+
+/// What one raw receiver saw.
+pub struct RawReceived {
+    /// One-way latency, ns.
+    pub hist: Histogram<u64>,
+    /// Corrected latency, ns.
+    pub co_hist: Histogram<u64>,
+    /// Measured messages.
+    pub received: u64,
+    /// Last measured receive, ns since the epoch.
+    pub last_ns: u64,
+    /// Messages without the bench's stamps.
+    pub foreign: u64,
+    /// Why the link was lost, if it was.
+    pub lost_link: Option<String>,
+    /// QUIC statistics of the relay -> receiver link at the end.
+    pub link: Option<LinkStats>,
+}
+
+/// QUIC statistics of one relay -> receiver link, as this end sees them.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct LinkStats {
+    /// Smoothed round-trip time, µs.
+    pub rtt_us: u64,
+    /// Congestion window of this end (for its ACKs), bytes.
+    pub cwnd: u64,
+    /// Packets this end declared lost.
+    pub lost_packets: u64,
+    /// Congestion events this end saw.
+    pub congestion_events: u64,
+    /// UDP datagrams received.
+    pub udp_rx_datagrams: u64,
+    /// UDP datagrams sent (mostly ACKs).
+    pub udp_tx_datagrams: u64,
+}
+
+/// Counts of one data stream.
+struct StreamSeen {
+    hist: Histogram<u64>,
+    co_hist: Histogram<u64>,
+    received: u64,
+    last_ns: u64,
+    foreign: u64,
+    error: Option<String>,
+}
+
+/// Receives until `stop`: one task per data stream (lane) the relay opens.
+pub async fn receive(
+    rx: RawReceiver,
+    measure_from: Arc<AtomicU64>,
+    progress: Arc<Progress>,
+    mut stop: watch::Receiver<bool>,
+) -> RawReceived {
+    let mut streams = JoinSet::new();
+    let mut lost_link = None;
+    let stream_stop = stop.clone();
+    loop {
+        tokio::select! {
+            s = rx.conn.accept_uni() => match s {
+                Ok(recv) => {
+                    streams.spawn(read_stream(
+                        FrameReader::new(recv, Limits::default()),
+                        measure_from.clone(),
+                        progress.clone(),
+                        stream_stop.clone(),
+                    ));
+                }
+                Err(e) => {
+                    lost_link = Some(e.to_string());
+                    break;
+                }
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    let mut out = RawReceived {
+        hist: new_hist(),
+        co_hist: new_hist(),
+        received: 0,
+        last_ns: 0,
+        foreign: 0,
+        lost_link,
+        link: None,
+    };
+    while let Some(r) = streams.join_next().await {
+        let Ok(s) = r else { continue };
+        out.hist.add(&s.hist).expect("same bounds");
+        out.co_hist.add(&s.co_hist).expect("same bounds");
+        out.received += s.received;
+        out.last_ns = out.last_ns.max(s.last_ns);
+        out.foreign += s.foreign;
+        if out.lost_link.is_none() {
+            out.lost_link = s.error;
+        }
+    }
+    let st = rx.conn.stats();
+    out.link = Some(LinkStats {
+        rtt_us: rx.conn.rtt().as_micros() as u64,
+        cwnd: st.path.cwnd,
+        lost_packets: st.path.lost_packets,
+        congestion_events: st.path.congestion_events,
+        udp_rx_datagrams: st.udp_rx.datagrams,
+        udp_tx_datagrams: st.udp_tx.datagrams,
+    });
+    rx.conn.close(0u32.into(), b"relay-bench done");
+    let _ = tokio::time::timeout(Duration::from_secs(2), rx.endpoint.wait_idle()).await;
+    out
+}
+
+async fn read_stream(
+    mut reader: FrameReader,
+    measure_from: Arc<AtomicU64>,
+    progress: Arc<Progress>,
+    mut stop: watch::Receiver<bool>,
+) -> StreamSeen {
+    let mut s = StreamSeen {
+        hist: new_hist(),
+        co_hist: new_hist(),
+        received: 0,
+        last_ns: 0,
+        foreign: 0,
+        error: None,
+    };
+    let mut decoder = match BatchDecoder::new(Limits::default()) {
+        Ok(d) => d,
+        Err(e) => {
+            s.error = Some(format!("cannot create a zstd decoder: {e}"));
+            return s;
+        }
+    };
+    loop {
+        let frame = tokio::select! {
+            biased;
+            f = reader.next() => f,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let batch = match frame {
+            Ok(Some(Frame::Batch(b))) => b,
+            Ok(Some(_)) => continue,
+            Ok(None) => break,
+            Err(e) => {
+                s.error = Some(format!("reading a data stream: {e}"));
+                break;
+            }
+        };
+        let msgs = match decoder.messages(&batch) {
+            Ok(m) => m,
+            Err(e) => {
+                s.error = Some(format!("bad batch from the relay: {e}"));
+                break;
+            }
+        };
+        let now = now_ns();
+        let from = measure_from.load(Ordering::Relaxed);
+        let (mut measured, mut seen) = (0u64, 0u64);
+        for env in msgs {
+            let Ok(env) = env else {
+                s.error = Some("bad message in a batch from the relay".into());
+                break;
+            };
+            let p = env.payload();
+            let Some((sent, intended)) = read_stamps(&p) else {
+                s.foreign += 1;
+                continue;
+            };
+            seen += 1;
+            if intended < from {
+                continue;
+            }
+            record(&mut s.hist, now.saturating_sub(sent));
+            record(&mut s.co_hist, now.saturating_sub(intended));
+            measured += 1;
+        }
+        if measured > 0 {
+            s.received += measured;
+            s.last_ns = now;
+            progress.received.fetch_add(measured, Ordering::Relaxed);
+        }
+        progress.seen.fetch_add(seen, Ordering::Relaxed);
+        if s.error.is_some() {
+            break;
+        }
+    }
+    s
+}
