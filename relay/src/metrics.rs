@@ -502,6 +502,19 @@ impl Metrics {
         local.reset();
     }
 
+    /// Records one batch's times in relay (microseconds) under the shared
+    /// histogram's mutex: one lock per batch, and no per-link histogram
+    /// (128 KiB each at this precision) for idle links to carry.
+    pub fn record_time_in_relay(&self, samples_us: &[u32]) {
+        if samples_us.is_empty() {
+            return;
+        }
+        let mut shared = self.time_lock();
+        for &us in samples_us {
+            shared.saturating_record(u64::from(us));
+        }
+    }
+
     /// The time in relay at quantile `q` (0.0..=1.0), in microseconds;
     /// 0 when nothing has been merged yet. Accurate to 3 significant digits.
     pub fn time_in_relay_quantile(&self, q: f64) -> u64 {
@@ -715,6 +728,21 @@ mod tests {
     fn compression_ratio_before_any_batch_is_one() {
         let t = Metrics::new().encode();
         assert_eq!(sample(&t, "celluler_compression_ratio"), Some(1.0));
+    }
+
+    #[test]
+    fn batch_samples_are_recorded_in_the_shared_histogram() {
+        let m = Metrics::new();
+        m.record_time_in_relay(&[]);
+        assert_eq!(m.time_in_relay_count(), 0);
+        let samples: Vec<u32> = (1..=100).collect();
+        m.record_time_in_relay(&samples);
+        assert_eq!(m.time_in_relay_count(), 100);
+        assert_eq!(m.time_in_relay_quantile(1.0), 100);
+        assert!((49..=51).contains(&m.time_in_relay_quantile(0.5)));
+        // Over the 60 s bound: clamped, not lost.
+        m.record_time_in_relay(&[u32::MAX]);
+        assert_eq!(m.time_in_relay_count(), 101);
     }
 
     #[test]

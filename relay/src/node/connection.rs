@@ -4,7 +4,7 @@
 use super::ingest::RelayObserver;
 use super::{LinkEntry, Shared, unix_ms};
 use crate::core::LinkId;
-use crate::metrics::{CloseReason, DropReason, Metrics};
+use crate::metrics::{CloseReason, DropReason};
 use relay_client::link::{self, FrameReader, LaneQueues, LinkError};
 use relay_client::transport;
 use relay_codec::frame::{CloseCode, MAX_DISCOVER_ENTRIES, NoticeCode, PROTOCOL_VERSION, Role};
@@ -179,8 +179,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
         let cfg = shared.writer_config();
         let obs = RelayObserver {
             metrics: m.clone(),
-            hist: Metrics::time_histogram(),
-            batches: 0,
+            samples: Vec::new(),
             now: None,
         };
         async move {

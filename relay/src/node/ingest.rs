@@ -16,9 +16,6 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tracing::{debug, warn};
 
-/// Writers merge their time-in-relay samples every this many batches.
-const MERGE_EVERY_BATCHES: u32 = 64;
-
 impl Shared {
     /// Sends presence reports to their watchers.
     pub(super) fn report(reports: Vec<PresenceReport<Arc<LinkHandle>>>) {
@@ -212,8 +209,9 @@ fn dest_subject(e: &Envelope) -> PublicKey {
 /// Counts and times what a link writer sends.
 pub(super) struct RelayObserver {
     pub(super) metrics: Arc<Metrics>,
-    pub(super) hist: hdrhistogram::Histogram<u64>,
-    pub(super) batches: u32,
+    /// This batch's times in relay, in µs; empty (unallocated) on a link
+    /// that never sends.
+    pub(super) samples: Vec<u32>,
     /// The clock, read once per batch at its first message.
     pub(super) now: Option<Instant>,
 }
@@ -221,8 +219,8 @@ pub(super) struct RelayObserver {
 impl WriteObserver for RelayObserver {
     fn on_message(&mut self, _lane: Lane, _bytes: usize, queued_at: Instant) {
         let now = *self.now.get_or_insert_with(Instant::now);
-        let us = now.saturating_duration_since(queued_at).as_micros() as u64;
-        self.hist.saturating_record(us.max(1));
+        let us = now.saturating_duration_since(queued_at).as_micros();
+        self.samples.push(us.clamp(1, u128::from(u32::MAX)) as u32);
     }
 
     fn on_batch(&mut self, lane: Lane, stats: &BatchStats) {
@@ -234,16 +232,7 @@ impl WriteObserver for RelayObserver {
             stats.raw_bytes as u64,
             stats.wire_bytes as u64,
         );
-        self.batches += 1;
-        if self.batches >= MERGE_EVERY_BATCHES {
-            self.batches = 0;
-            self.metrics.merge_time_in_relay(&mut self.hist);
-        }
-    }
-}
-
-impl Drop for RelayObserver {
-    fn drop(&mut self) {
-        self.metrics.merge_time_in_relay(&mut self.hist);
+        self.metrics.record_time_in_relay(&self.samples);
+        self.samples.clear();
     }
 }
