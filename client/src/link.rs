@@ -12,10 +12,10 @@
 //! afford; a `SegQueue` holds memory only for what is queued.
 
 use crate::lanes::{LANES, LaneScheduler};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use crossbeam_queue::SegQueue;
 use quinn::{Connection, RecvStream, SendStream};
-use relay_codec::batch::BatchStats;
+use relay_codec::batch::{BatchFrame, BatchStats};
 use relay_codec::frame::{CloseCode, PROTOCOL_VERSION, Role};
 use relay_codec::{BatchEncoder, DecodeError, Envelope, Frame, Lane, Limits, PublicKey};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -70,6 +70,33 @@ pub struct Outbound {
     pub queued_at: Instant,
 }
 
+/// A whole batch frame a relay forwards as it arrived: when every message
+/// of an incoming batch goes to the same cell, re-encoding and recompressing
+/// them would only cost CPU.
+#[derive(Clone, Debug)]
+pub struct ForwardedBatch {
+    /// The batch, its data still as the sender encoded (and compressed) it.
+    pub batch: BatchFrame,
+    /// When it entered the queue.
+    pub queued_at: Instant,
+}
+
+/// What waits on a lane: one message, or a whole batch forwarded as is.
+enum Queued {
+    Message(Outbound),
+    Batch(ForwardedBatch),
+}
+
+impl Queued {
+    /// Messages this item holds, the unit a lane's bound counts.
+    fn weight(&self) -> usize {
+        match self {
+            Queued::Message(_) => 1,
+            Queued::Batch(b) => usize::from(b.batch.count),
+        }
+    }
+}
+
 /// One lock-free queue per lane for one outbound link, each bounded by a
 /// counter, and the wake-up of its writer.
 pub struct LaneQueues {
@@ -81,27 +108,28 @@ pub struct LaneQueues {
     closed: AtomicBool,
 }
 
-/// A `SegQueue` that refuses pushes past `cap` queued items.
+/// A `SegQueue` that refuses pushes past `cap` queued messages.
 struct BoundedLane {
-    queue: SegQueue<Outbound>,
+    queue: SegQueue<Queued>,
     len: AtomicUsize,
     cap: usize,
 }
 
 impl BoundedLane {
-    fn push(&self, item: Outbound) -> Result<(), Outbound> {
-        // Reserve a slot first, so concurrent producers never overshoot.
-        if self.len.fetch_add(1, Ordering::AcqRel) >= self.cap {
-            self.len.fetch_sub(1, Ordering::AcqRel);
+    fn push(&self, item: Queued) -> Result<(), Queued> {
+        let w = item.weight();
+        // Reserve the room first, so concurrent producers never overshoot.
+        if self.len.fetch_add(w, Ordering::AcqRel) + w > self.cap {
+            self.len.fetch_sub(w, Ordering::AcqRel);
             return Err(item);
         }
         self.queue.push(item);
         Ok(())
     }
 
-    fn pop(&self) -> Option<Outbound> {
+    fn pop(&self) -> Option<Queued> {
         let item = self.queue.pop()?;
-        self.len.fetch_sub(1, Ordering::AcqRel);
+        self.len.fetch_sub(item.weight(), Ordering::AcqRel);
         Some(item)
     }
 
@@ -132,7 +160,26 @@ impl LaneQueues {
         if self.is_closed() {
             return Err(item);
         }
-        self.lanes[item.env.lane().index()].push(item)
+        self.lanes[item.env.lane().index()]
+            .push(Queued::Message(item))
+            .map_err(|q| match q {
+                Queued::Message(m) => m,
+                Queued::Batch(_) => unreachable!("pushed a message"),
+            })
+    }
+
+    /// Queues a whole batch on its lane, counted as its messages; gives it
+    /// back if they do not all fit or the link closed.
+    pub fn push_batch(&self, item: ForwardedBatch) -> Result<(), ForwardedBatch> {
+        if self.is_closed() {
+            return Err(item);
+        }
+        self.lanes[item.batch.lane.index()]
+            .push(Queued::Batch(item))
+            .map_err(|q| match q {
+                Queued::Batch(b) => b,
+                Queued::Message(_) => unreachable!("pushed a batch"),
+            })
     }
 
     /// Queues `item`, waiting for room while its lane is full (for a cell's
@@ -238,6 +285,8 @@ pub trait WriteObserver: Send + 'static {
     fn on_message(&mut self, _lane: Lane, _bytes: usize, _queued_at: Instant) {}
     /// One batch frame was written.
     fn on_batch(&mut self, _lane: Lane, _stats: &BatchStats) {}
+    /// One forwarded batch was written as it arrived.
+    fn on_forwarded(&mut self, _lane: Lane, _stats: &BatchStats, _queued_at: Instant) {}
 }
 
 /// A writer observer that ignores everything.
@@ -288,7 +337,17 @@ pub async fn run_writer<O: WriteObserver>(
                     .map_err(|e| LinkError::Local(e.to_string()))?,
             ),
         };
+        // Messages queued before a forwarded batch go out first, in their
+        // own batch, so the lane keeps its order.
+        let mut forwarded = None;
         while let Some(item) = queues.lanes[i].pop() {
+            let item = match item {
+                Queued::Message(m) => m,
+                Queued::Batch(b) => {
+                    forwarded = Some(b);
+                    break;
+                }
+            };
             obs.on_message(lane, item.env.len(), item.queued_at);
             if cfg.decrement_ttl {
                 enc.push_with_ttl(&item.env, item.env.ttl().saturating_sub(1));
@@ -301,20 +360,23 @@ pub async fn run_writer<O: WriteObserver>(
         }
         queues.space.notify_waiters();
         let stats = enc.finish(lane, &mut out);
-        if stats.count == 0 {
-            continue;
+        if stats.count > 0 {
+            obs.on_batch(lane, &stats);
+            let stream = lane_stream(&conn, &mut streams, i).await?;
+            stream.write_chunk(out.split().freeze()).await?;
         }
-        obs.on_batch(lane, &stats);
-        let stream = match &mut streams[i] {
-            Some(s) => s,
-            slot => {
-                let s = conn.open_uni().await?;
-                // Higher lanes get higher QUIC priority.
-                let _ = s.set_priority((LANES - i) as i32);
-                slot.insert(s)
-            }
-        };
-        stream.write_chunk(out.split().freeze()).await?;
+        if let Some(f) = forwarded {
+            let stats = BatchStats {
+                count: usize::from(f.batch.count),
+                raw_bytes: f.batch.raw_len as usize,
+                wire_bytes: f.batch.frame_len(),
+                compressed: f.batch.compressed,
+            };
+            obs.on_forwarded(lane, &stats, f.queued_at);
+            let header = Bytes::copy_from_slice(&f.batch.frame_header());
+            let stream = lane_stream(&conn, &mut streams, i).await?;
+            stream.write_all_chunks(&mut [header, f.batch.data]).await?;
+        }
     }
     // Queues closed and drained: end the streams and wait (bounded) until
     // the peer has read them, so a caller that exits next loses nothing.
@@ -326,6 +388,23 @@ pub async fn run_writer<O: WriteObserver>(
         let _ = tokio::time::timeout_at(deadline, s.stopped()).await;
     }
     Ok(())
+}
+
+/// The lane's stream, opened on first use with the lane's QUIC priority.
+async fn lane_stream<'a>(
+    conn: &Connection,
+    streams: &'a mut [Option<SendStream>; LANES],
+    i: usize,
+) -> Result<&'a mut SendStream, LinkError> {
+    Ok(match &mut streams[i] {
+        Some(s) => s,
+        slot => {
+            let s = conn.open_uni().await?;
+            // Higher lanes get higher QUIC priority.
+            let _ = s.set_priority((LANES - i) as i32);
+            slot.insert(s)
+        }
+    })
 }
 
 /// Reads whole frames from a QUIC stream, within `limits`.

@@ -371,3 +371,100 @@ async fn closed_queues_give_messages_back() {
     // What was queued before close stays for the writer to flush.
     assert_eq!(queues.len(), 1);
 }
+
+#[tokio::test]
+async fn a_forwarded_batch_goes_out_unchanged_and_in_lane_order() {
+    let relay = Keypair::generate();
+    let cell = Keypair::generate();
+    let pair = connect(&relay, &cell).await;
+    let queues = Arc::new(LaneQueues::new(1000));
+    // Messages 0..10, then a compressed batch holding 10..60, then 60..70.
+    for n in 0..10 {
+        queues
+            .push(outbound(envelope(
+                &cell,
+                Lane::High,
+                n,
+                Bytes::from("before"),
+            )))
+            .unwrap();
+    }
+    let mut enc = relay_codec::BatchEncoder::new(1, 0).unwrap();
+    for n in 10..60 {
+        enc.push_envelope(&envelope(
+            &cell,
+            Lane::High,
+            n,
+            Bytes::from("x".repeat(200)),
+        ));
+    }
+    let mut frame = BytesMut::new();
+    assert!(enc.finish(Lane::High, &mut frame).compressed);
+    let frame = frame.freeze();
+    let Frame::Batch(batch) = Frame::decode(frame.clone(), &Limits::default()).unwrap() else {
+        panic!("not a batch");
+    };
+    // Counted as its 50 messages against the lane's bound.
+    assert!(
+        LaneQueues::new(49)
+            .push_batch(link::ForwardedBatch {
+                batch: batch.clone(),
+                queued_at: Instant::now(),
+            })
+            .is_err()
+    );
+    queues
+        .push_batch(link::ForwardedBatch {
+            batch,
+            queued_at: Instant::now(),
+        })
+        .unwrap();
+    assert_eq!(queues.len(), 60);
+    for n in 60..70 {
+        queues
+            .push(outbound(envelope(
+                &cell,
+                Lane::High,
+                n,
+                Bytes::from("after"),
+            )))
+            .unwrap();
+    }
+    // Read the raw stream to see the forwarded frame's bytes as they go out.
+    let receiver = tokio::spawn({
+        let conn = pair.server.clone();
+        async move {
+            let mut recv = conn.accept_uni().await.unwrap();
+            recv.read_to_end(1 << 20).await.unwrap()
+        }
+    });
+    let writer = tokio::spawn(link::run_writer(
+        pair.client.clone(),
+        queues.clone(),
+        WriterConfig {
+            compress_min: usize::MAX,
+            ..WriterConfig::default()
+        },
+        NoObserver,
+    ));
+    queues.close();
+    tokio::time::timeout(WAIT, writer)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let raw = tokio::time::timeout(WAIT, receiver).await.unwrap().unwrap();
+    assert!(
+        raw.windows(frame.len()).any(|w| w == &frame[..]),
+        "the forwarded frame is on the wire byte for byte"
+    );
+    let mut buf = BytesMut::from(&raw[..]);
+    let mut decoder = BatchDecoder::new(Limits::default()).unwrap();
+    let mut nonces = Vec::new();
+    while let Some(Frame::Batch(b)) = Frame::take(&mut buf, &Limits::default()).unwrap() {
+        for env in decoder.messages(&b).unwrap() {
+            nonces.push(env.unwrap().nonce());
+        }
+    }
+    assert_eq!(nonces, (0..70).collect::<Vec<_>>());
+}

@@ -26,6 +26,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 const FLAG_ZSTD: u8 = 1;
 /// Bytes of a batch header after the frame's length prefix and type byte.
 pub const BATCH_HEADER_LEN: usize = 8;
+/// Bytes of a batch frame before its data: prefix, type, batch header.
+pub const FRAME_HEADER_LEN: usize = LEN_PREFIX + 1 + BATCH_HEADER_LEN;
 
 /// A decoded batch frame whose messages are not yet parsed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +45,26 @@ pub struct BatchFrame {
 }
 
 impl BatchFrame {
+    /// Bytes of the whole frame: length prefix, type, header and data.
+    pub fn frame_len(&self) -> usize {
+        FRAME_HEADER_LEN + self.data.len()
+    }
+
+    /// The bytes of this batch's frame that come before `data` (length
+    /// prefix, type byte and batch header), so a relay can forward a batch
+    /// as it arrived without copying or recompressing its data.
+    pub fn frame_header(&self) -> [u8; FRAME_HEADER_LEN] {
+        let mut h = [0u8; FRAME_HEADER_LEN];
+        let len = (1 + BATCH_HEADER_LEN + self.data.len()) as u32;
+        h[..4].copy_from_slice(&len.to_le_bytes());
+        h[4] = FrameType::Batch as u8;
+        h[5] = self.lane as u8;
+        h[6] = if self.compressed { FLAG_ZSTD } else { 0 };
+        h[7..9].copy_from_slice(&self.count.to_le_bytes());
+        h[9..13].copy_from_slice(&self.raw_len.to_le_bytes());
+        h
+    }
+
     pub(crate) fn encode_body(&self, out: &mut BytesMut) {
         out.put_u8(self.lane as u8);
         out.put_u8(if self.compressed { FLAG_ZSTD } else { 0 });

@@ -175,10 +175,16 @@ proptest! {
         prop_assert_eq!(stats.wire_bytes, out.len());
         prop_assert!(enc.is_empty());
         let limits = Limits::default();
-        let Frame::Batch(batch) = Frame::decode(out.freeze(), &limits).unwrap() else {
+        let encoded = out.freeze();
+        let Frame::Batch(batch) = Frame::decode(encoded.clone(), &limits).unwrap() else {
             panic!("not a batch");
         };
         prop_assert_eq!(batch.compressed, stats.compressed);
+        // Header plus data rebuild the frame byte for byte (relay passthrough).
+        let mut rebuilt = batch.frame_header().to_vec();
+        rebuilt.extend_from_slice(&batch.data);
+        prop_assert_eq!(rebuilt.len(), batch.frame_len());
+        prop_assert_eq!(&rebuilt[..], &encoded[..]);
         prop_assert!(!stats.compressed || stats.raw_bytes > batch.data.len());
         let mut dec = BatchDecoder::new(limits).unwrap();
         let back: Vec<Message> = dec.messages(&batch).unwrap().map(|e| e.unwrap().to_message()).collect();

@@ -459,7 +459,7 @@ async fn ingress(shared: Arc<Shared>, from: Arc<LinkHandle>, recv: quinn::RecvSt
                 }
             }
         }
-        if let Err((code, reason)) = shared.ingest(&from, &envs) {
+        if let Err((code, reason)) = shared.ingest(&from, &envs, &batch) {
             return fail(code, reason);
         }
     }

@@ -6,8 +6,8 @@ use super::{Shared, unix_ms};
 use crate::config::VerifyMode;
 use crate::core::{DedupVerdict, PresenceReport, Route, Staleness};
 use crate::metrics::{DropReason, Metrics};
-use relay_client::link::{Outbound, WriteObserver};
-use relay_codec::batch::BatchStats;
+use relay_client::link::{ForwardedBatch, Outbound, WriteObserver};
+use relay_codec::batch::{BatchFrame, BatchStats};
 use relay_codec::frame::{CloseCode, NoticeCode, Role};
 use relay_codec::verify::verify_each;
 use relay_codec::{Destination, Envelope, Frame, Lane, MessageId, PublicKey};
@@ -29,10 +29,15 @@ impl Shared {
 
     /// Checks, deduplicates and routes one incoming batch. An error closes
     /// the sending link with that code and reason.
+    ///
+    /// When every message of the batch passes and goes to the same cell,
+    /// the batch is forwarded as it arrived (no re-encoding, no second
+    /// compression); otherwise message by message.
     pub(super) fn ingest(
         &self,
         from: &LinkHandle,
         envs: &[Envelope],
+        batch: &BatchFrame,
     ) -> Result<(), (CloseCode, String)> {
         let m = &self.metrics;
         let lane = envs.first().map(Envelope::lane).unwrap_or(Lane::Normal);
@@ -61,6 +66,10 @@ impl Shared {
         let ids: Vec<MessageId> = envs.iter().map(Envelope::id).collect();
         let mut woken: Vec<Arc<LinkHandle>> = Vec::new();
         let mut refused = 0u64;
+        // The one cell this batch goes to so far, and its messages, held
+        // back in case the whole batch can be forwarded as it is.
+        let mut single: Option<Arc<LinkHandle>> = None;
+        let mut held: Vec<usize> = Vec::new();
         {
             let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
             for (i, e) in envs.iter().enumerate() {
@@ -99,7 +108,14 @@ impl Shared {
                 };
                 match e.destination() {
                     Destination::Cell(dest) => match core.router.route_cell(&dest) {
-                        Route::One(h) => self.enqueue(from, h, out, ids[i], &mut woken),
+                        Route::One(h) => match &single {
+                            None => {
+                                single = Some(h.clone());
+                                held.push(i);
+                            }
+                            Some(s) if Arc::ptr_eq(s, h) => held.push(i),
+                            Some(_) => self.enqueue(from, h, out, ids[i], &mut woken),
+                        },
                         _ => {
                             m.dropped(DropReason::UnknownDestination, 1);
                             from.notice(NoticeCode::UnknownDestination, ids[i], dest);
@@ -119,6 +135,22 @@ impl Shared {
                             }
                         }
                     }
+                }
+            }
+        }
+        if let Some(h) = single {
+            let whole = held.len() == envs.len()
+                && h.role == Role::Cell
+                && batch.frame_len() <= FORWARD_AS_IS_MAX;
+            if whole {
+                self.enqueue_batch(from, &h, batch, queued_at, &ids, &mut woken);
+            } else {
+                for i in held {
+                    let out = Outbound {
+                        env: envs[i].clone(),
+                        queued_at,
+                    };
+                    self.enqueue(from, &h, out, ids[i], &mut woken);
                 }
             }
         }
@@ -177,6 +209,37 @@ impl Shared {
         }
     }
 
+    /// Queues a whole batch for one cell, or drops all of it if the cell's
+    /// lane has no room for its messages.
+    fn enqueue_batch(
+        &self,
+        from: &LinkHandle,
+        to: &Arc<LinkHandle>,
+        batch: &BatchFrame,
+        queued_at: Instant,
+        ids: &[MessageId],
+        woken: &mut Vec<Arc<LinkHandle>>,
+    ) {
+        let item = ForwardedBatch {
+            batch: batch.clone(),
+            queued_at,
+        };
+        match to.queues.push_batch(item) {
+            Ok(()) => woken.push(to.clone()),
+            Err(_) if to.queues.is_closed() => {
+                self.metrics
+                    .dropped(DropReason::Shutdown, u64::from(batch.count));
+            }
+            Err(_) => {
+                self.metrics
+                    .dropped(DropReason::SlowReceiver, u64::from(batch.count));
+                for id in ids {
+                    from.notice(NoticeCode::DroppedSlowReceiver, *id, to.key);
+                }
+            }
+        }
+    }
+
     fn enqueue(
         &self,
         from: &LinkHandle,
@@ -216,6 +279,10 @@ pub(super) struct RelayObserver {
     pub(super) now: Option<Instant>,
 }
 
+/// Largest batch forwarded as it arrived: what a cell accepts by default, so
+/// a relay configured for larger frames never hands a cell more than that.
+const FORWARD_AS_IS_MAX: usize = 4 << 20;
+
 impl WriteObserver for RelayObserver {
     fn on_message(&mut self, _lane: Lane, _bytes: usize, queued_at: Instant) {
         let now = *self.now.get_or_insert_with(Instant::now);
@@ -234,5 +301,15 @@ impl WriteObserver for RelayObserver {
         );
         self.metrics.record_time_in_relay(&self.samples);
         self.samples.clear();
+    }
+
+    fn on_forwarded(&mut self, lane: Lane, stats: &BatchStats, queued_at: Instant) {
+        let us = queued_at
+            .elapsed()
+            .as_micros()
+            .clamp(1, u128::from(u32::MAX)) as u32;
+        self.samples.clear();
+        self.samples.resize(stats.count, us);
+        self.on_batch(lane, stats);
     }
 }
