@@ -154,7 +154,8 @@ pub struct SecurityConfig {
     /// How long a message id is remembered, ms, `>= timestamp_past_ms` (so a
     /// replay older than the window fails the timestamp check). Default 300 000.
     pub dedup_window_ms: u64,
-    /// Most ids remembered, `1_024..=100_000_000`. Default 1 000 000.
+    /// Ids the dedup window holds, `1_024..=100_000_000`; the last half of
+    /// them are always remembered. Default 1 000 000.
     pub dedup_capacity: usize,
 }
 
