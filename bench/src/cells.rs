@@ -3,6 +3,8 @@
 //!
 //! Each cell is a full `Cell`: its own QUIC endpoint, lane queues, batching
 //! writer and end-to-end checks, exactly what an application pays.
+//! Receivers take their messages a batch at a time (`Cell::recv_many`), as
+//! a high-rate application would.
 
 use crate::clock::now_ns;
 use crate::payload::read_stamps;
@@ -105,10 +107,17 @@ pub struct Received {
     pub cell: Cell,
 }
 
+/// Messages taken from a cell at once.
+const RECV_BATCH: usize = 4096;
+
 /// Receives until `stop` turns true: records the latency of each message
 /// whose intended send time is at or after `measure_from` (ns since the
 /// epoch; shared so the coordinator can set it when sending starts) and
 /// counts the earlier ones as warm-up.
+///
+/// Messages are taken a batch at a time ([`Cell::recv_many`]), and the
+/// receive time is read once per batch: the messages of one batch reach
+/// the application together.
 pub async fn receive(
     mut cell: Cell,
     measure_from: Arc<AtomicU64>,
@@ -119,48 +128,48 @@ pub async fn receive(
     let mut co_hist = new_hist();
     let (mut received, mut warmup, mut last_ns, mut foreign) = (0u64, 0u64, 0u64, 0u64);
     let mut lost_link = None;
-    let mut events = 0u64;
+    let mut batch = Vec::with_capacity(RECV_BATCH);
     loop {
         // `biased` polls the cell first; under a flood that never pauses,
-        // the stop flag is still looked at every 4096 events.
-        events += 1;
-        if events.is_multiple_of(4096) && *stop.borrow() {
+        // the stop flag is still looked at after every batch.
+        if *stop.borrow() {
             break;
         }
-        let ev = tokio::select! {
+        batch.clear();
+        let n = tokio::select! {
             biased;
-            ev = cell.next_event() => ev,
+            n = cell.recv_many(&mut batch, RECV_BATCH) => n,
             _ = stop.wait_for(|s| *s) => break,
         };
-        match ev {
-            Some(Event::Message(m)) => {
-                let now = now_ns();
-                let Some((sent, intended)) = read_stamps(&m.payload) else {
-                    foreign += 1;
-                    continue;
-                };
-                if intended < measure_from.load(Ordering::Relaxed) {
-                    warmup += 1;
-                    progress.seen.store(warmup + received, Ordering::Relaxed);
-                    continue;
-                }
-                record(&mut hist, now.saturating_sub(sent));
-                record(&mut co_hist, now.saturating_sub(intended));
-                received += 1;
-                last_ns = now;
-                progress.received.store(received, Ordering::Relaxed);
-                progress.seen.store(warmup + received, Ordering::Relaxed);
-            }
-            Some(Event::Disconnected { reason }) => {
-                lost_link = Some(reason);
-                break;
-            }
-            Some(_) => {}
-            None => {
-                lost_link.get_or_insert_with(|| "the cell stopped".to_owned());
-                break;
-            }
+        if n == 0 {
+            // Stopped for good: with reconnecting off, the link was lost.
+            lost_link = Some(
+                cell.down_reason()
+                    .unwrap_or_else(|| "the cell stopped".to_owned()),
+            );
+            break;
         }
+        let now = now_ns();
+        let from = measure_from.load(Ordering::Relaxed);
+        let measured_before = received;
+        for m in &batch {
+            let Some((sent, intended)) = read_stamps(&m.payload) else {
+                foreign += 1;
+                continue;
+            };
+            if intended < from {
+                warmup += 1;
+                continue;
+            }
+            record(&mut hist, now.saturating_sub(sent));
+            record(&mut co_hist, now.saturating_sub(intended));
+            received += 1;
+        }
+        if received > measured_before {
+            last_ns = now;
+            progress.received.store(received, Ordering::Relaxed);
+        }
+        progress.seen.store(warmup + received, Ordering::Relaxed);
     }
     Received {
         hist,

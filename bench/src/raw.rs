@@ -2,11 +2,11 @@
 //! Hello/Welcome a `Cell` sets up, from `relay_client::transport` and
 //! `relay_client::link`) whose data streams are decoded in place.
 //!
-//! A `Cell` hands every message to the application through an event queue
-//! after end-to-end checks (id hash, dedup cache, one `mpsc` send per
-//! message). A raw receiver reads each batch frame, walks its messages and
-//! records their timestamps directly: no per-message queue, dedup or
-//! allocation. Comparing the two shows what the Cell receive path costs
+//! A `Cell` hands messages to the application through an event queue after
+//! end-to-end checks (id hash, dedup set, a `Received` per message, one
+//! queue operation per batch). A raw receiver reads each batch frame, walks
+//! its messages and records their timestamps directly: no queue, dedup or
+//! per-message allocation. Comparing the two shows what the Cell receive path costs
 //! and how fast the relay is with a receiver that does not hold it back.
 //! Senders stay `Cell`s.
 

@@ -15,15 +15,23 @@
 //! messages are delivered marked [`ReceivedAuth::Link`]: the relay vouched
 //! for their source.
 //!
+//! Received messages reach the application one batch frame at a time: a
+//! lane's reader decodes a batch, checks it, and hands over what passed in
+//! one queue operation; [`Cell::next_event`] and [`Cell::recv`] then pop
+//! from the batch, and [`Cell::recv_many`] takes many at once.
+//!
 //! Backpressure: sending waits while the lane's queue is full (own messages
-//! are never dropped); receiving waits while the event queue is full, which
-//! slows this cell's own link only (the relay drops or stores for it).
+//! are never dropped); receiving waits while [`CellOptions::event_queue`]
+//! messages wait for the application, which slows this cell's own link only
+//! (the relay drops or stores for it).
+//!
+//! Many cells can share one QUIC endpoint (one UDP socket): see
+//! [`CellOptions::endpoint`].
 
 use crate::lanes::LANES;
 use crate::link::{self, FrameReader, LaneQueues, LinkError, NoObserver, Outbound, WriterConfig};
 use crate::transport::{self, TransportError, TransportTuning};
 use bytes::{Bytes, BytesMut};
-use lru::LruCache;
 use quinn::{Connection, ConnectionError, SendStream};
 use relay_codec::frame::{CloseCode, MAX_AGENT, NoticeCode, PROTOCOL_VERSION, PresenceInfo, Role};
 use relay_codec::message::SIGNATURE_LEN;
@@ -31,14 +39,14 @@ use relay_codec::{
     Authenticator, BatchDecoder, DecodeError, Destination, Envelope, Frame, KeyError, Keypair,
     Kind, Lane, Limits, Message, MessageId, NodeAddr, PublicKey, ServiceName,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, OwnedMutexGuard, Semaphore, mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
@@ -97,11 +105,32 @@ pub struct CellOptions {
     pub backoff_max: Duration,
     /// Outbound messages queued per lane before sending waits.
     pub queue_depth: usize,
-    /// Events (messages, presence, notices) held for the application before
-    /// the link stops reading from the relay.
+    /// Received messages held for the application before the link stops
+    /// reading from the relay (at least 1), not counting the rest of the
+    /// batch being handed out. Messages are queued a batch frame at a time:
+    /// a batch waits until there is room for all of it, and a batch larger
+    /// than the whole bound waits for an empty queue and then goes in alone.
+    /// Presence, notice and link events share the queue, which holds at
+    /// most this many batches and events: one that finds it full is
+    /// dropped and counted ([`CellStats::dropped_events`]).
     pub event_queue: usize,
-    /// Message ids remembered to drop duplicates.
+    /// Message ids remembered per lane to drop duplicates (a message's lane
+    /// is part of its authenticated bytes, so its copies all come on one
+    /// lane). The ids are kept in two generations of `dedup_capacity / 2`:
+    /// when the newer one fills, the older one is forgotten. So at least
+    /// the last `dedup_capacity / 2` ids of each lane and at most
+    /// `dedup_capacity` are remembered, and memory grows as ids arrive
+    /// (nothing is allocated up front; at most about 34 bytes per id).
     pub dedup_capacity: usize,
+    /// A QUIC endpoint (UDP socket) to connect through, shared with other
+    /// cells: 10 000 cells can use one. `None`: this cell binds its own
+    /// (one per address family), and closes it on [`Cell::close`]. A shared
+    /// endpoint is never closed by a cell: `close` closes only this cell's
+    /// connection; let the endpoint go idle
+    /// ([`quinn::Endpoint::wait_idle`]) before dropping it, so the last
+    /// closes reach their relays. Make one with
+    /// [`transport::client_endpoint`].
+    pub endpoint: Option<quinn::Endpoint>,
     /// How long [`Cell::discover`] waits for the relay's answer.
     pub request_timeout: Duration,
     /// QUIC windows, keep-alive and idle timeout.
@@ -115,8 +144,9 @@ pub struct CellOptions {
 
 impl Default for CellOptions {
     /// Signed messages, notices on, reconnect on with 100 ms to 5 s backoff,
-    /// a 5 s connect timeout, 4096 messages per lane, 65 536 events and
-    /// remembered ids, default tuning, limits and batching.
+    /// a 5 s connect timeout, 4096 messages per lane, 65 536 queued events
+    /// and remembered ids, an endpoint of its own, default tuning, limits
+    /// and batching.
     fn default() -> Self {
         Self {
             agent: format!("relay-client/{}", env!("CARGO_PKG_VERSION")),
@@ -131,6 +161,7 @@ impl Default for CellOptions {
             queue_depth: 4096,
             event_queue: 65_536,
             dedup_capacity: 65_536,
+            endpoint: None,
             request_timeout: Duration::from_secs(5),
             tuning: TransportTuning::default(),
             limits: Limits::default(),
@@ -335,7 +366,9 @@ impl From<LinkError> for CellError {
 /// ```
 pub struct Cell {
     handle: CellHandle,
-    events: mpsc::Receiver<Event>,
+    events: mpsc::Receiver<Delivery>,
+    /// The rest of the batch being handed out.
+    buffered: std::vec::IntoIter<Received>,
     shutdown: watch::Sender<bool>,
     supervisor: Option<JoinHandle<Result<(), CellError>>>,
 }
@@ -369,6 +402,16 @@ impl std::fmt::Debug for Cell {
 /// The cells offering a service, with their application versions.
 type Discovered = Vec<(PublicKey, String)>;
 
+/// What the link tasks hand to the application, in order.
+enum Delivery {
+    /// Presence, a notice, or the link going down or coming back.
+    Event(Event),
+    /// The messages of one batch frame that passed the checks, in order;
+    /// never empty. It holds [`Shared::permits`] of the message queue's
+    /// permits, given back when the application takes it off the queue.
+    Batch(Vec<Received>),
+}
+
 /// State shared by the handles and the link tasks.
 struct Shared {
     key: Keypair,
@@ -383,7 +426,14 @@ struct Shared {
     pending: Mutex<HashMap<u32, oneshot::Sender<Discovered>>>,
     next_request: AtomicU32,
     announced: Mutex<Announced>,
-    dedup: Mutex<LruCache<MessageId, ()>>,
+    /// Recently seen ids, per lane. The reader of a lane holds its lock
+    /// for as long as it reads, so checking takes no lock per message or
+    /// batch; a reader on a new connection waits for the old one to finish.
+    dedup: [Arc<tokio::sync::Mutex<Dedup>>; LANES],
+    /// Room in the application's message queue, one permit per message.
+    room: Semaphore,
+    /// Permits `room` started with: [`CellOptions::event_queue`].
+    room_max: usize,
     /// Largest payload accepted: ours, lowered to the relay's from Welcome.
     max_payload: AtomicUsize,
     link: Mutex<LinkState>,
@@ -450,10 +500,21 @@ fn random_u64() -> u64 {
 }
 
 impl Shared {
-    fn emit(&self, events: &mpsc::Sender<Event>, event: Event) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = events.try_send(event) {
+    fn emit(&self, events: &mpsc::Sender<Delivery>, event: Event) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = events.try_send(Delivery::Event(event)) {
             self.counters.dropped_events.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Permits of the message queue a batch of `n` messages holds: all of
+    /// the queue at most, so an oversized batch still gets in.
+    fn permits(&self, n: usize) -> usize {
+        n.min(self.room_max)
+    }
+
+    /// The application took a batch of `n` messages off the queue.
+    fn release(&self, n: usize) {
+        self.room.add_permits(self.permits(n));
     }
 
     fn is_up(&self) -> bool {
@@ -523,7 +584,9 @@ impl Cell {
         validate(&opts)?;
         let limits = opts.limits.clamped();
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
-        let dedup = NonZeroUsize::new(opts.dedup_capacity).unwrap_or(NonZeroUsize::MIN);
+        // A batch takes its permits in one `acquire_many(u32)`.
+        let room_max = opts.event_queue.clamp(1, u32::MAX as usize);
+        let dedup_capacity = opts.dedup_capacity;
         let shared = Arc::new(Shared {
             key,
             relay: relay.clone(),
@@ -538,17 +601,21 @@ impl Cell {
                 services: opts.services.clone(),
                 watch: false,
             }),
-            dedup: Mutex::new(LruCache::new(dedup)),
+            dedup: std::array::from_fn(|_| {
+                Arc::new(tokio::sync::Mutex::new(Dedup::new(dedup_capacity)))
+            }),
+            room: Semaphore::new(room_max),
+            room_max,
             max_payload: AtomicUsize::new(limits.max_payload),
             link: Mutex::new(LinkState::default()),
             closing: AtomicBool::new(false),
             opts: CellOptions { limits, ..opts },
         });
-        let mut dialer = Dialer::default();
+        let mut dialer = Dialer::new(shared.opts.endpoint.clone());
         // On failure the endpoint is dropped without waiting: a half-open
         // attempt would only hold the caller up.
         let established = dial(&shared, &mut dialer).await?;
-        let (events_tx, events_rx) = mpsc::channel(shared.opts.event_queue.max(1));
+        let (events_tx, events_rx) = mpsc::channel(room_max);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let supervisor = tokio::spawn(supervise(
             shared.clone(),
@@ -561,6 +628,7 @@ impl Cell {
         Ok(Cell {
             handle: CellHandle { shared },
             events: events_rx,
+            buffered: Vec::new().into_iter(),
             shutdown: shutdown_tx,
             supervisor: Some(supervisor),
         })
@@ -627,7 +695,15 @@ impl Cell {
     ///
     /// Cancel-safe: dropping the future loses no event.
     pub async fn next_event(&mut self) -> Option<Event> {
-        self.events.recv().await
+        loop {
+            if let Some(m) = self.buffered.next() {
+                return Some(Event::Message(m));
+            }
+            match self.events.recv().await? {
+                Delivery::Event(e) => return Some(e),
+                Delivery::Batch(batch) => self.take(batch),
+            }
+        }
     }
 
     /// The next message, **discarding** every other event (presence,
@@ -636,10 +712,74 @@ impl Cell {
     /// has stopped for good. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Received> {
         loop {
-            if let Event::Message(m) = self.events.recv().await? {
+            if let Some(m) = self.buffered.next() {
                 return Some(m);
             }
+            if let Delivery::Batch(batch) = self.events.recv().await? {
+                self.take(batch);
+            }
         }
+    }
+
+    /// Appends up to `max` messages to `out`, in order, waiting until there
+    /// is at least one, and returns how many; for consumers that receive
+    /// at a high rate (a whole batch frame costs about what one
+    /// [`recv`](Self::recv) does). It takes what has arrived without
+    /// waiting for more, and may return fewer than `max` while more are
+    /// queued (when `out` is empty, a batch that fits is handed over as
+    /// `out` itself, without copying). Like `recv`, it **discards** every
+    /// other event. Returns 0 once the cell has stopped for good (see
+    /// [`down_reason`](Self::down_reason) for why), or if `max` is 0.
+    ///
+    /// Cancel-safe: if the future is dropped before it completes, nothing
+    /// was taken and `out` is unchanged.
+    pub async fn recv_many(&mut self, out: &mut Vec<Received>, max: usize) -> usize {
+        let start = out.len();
+        loop {
+            let taken = out.len() - start;
+            if taken == max {
+                return taken;
+            }
+            if self.buffered.len() > 0 {
+                out.extend(self.buffered.by_ref().take(max - taken));
+                continue;
+            }
+            // Wait only while nothing was taken (so cancelling loses
+            // nothing); after that, take only what is already queued.
+            let next = if taken == 0 {
+                self.events.recv().await
+            } else {
+                self.events.try_recv().ok()
+            };
+            match next {
+                None => return taken,
+                Some(Delivery::Event(_)) => {}
+                Some(Delivery::Batch(batch)) => {
+                    if out.is_empty() && batch.len() <= max {
+                        // Hand the batch's vector over instead of copying
+                        // it (and whatever comes next into it).
+                        self.handle.shared.release(batch.len());
+                        *out = batch;
+                        return out.len();
+                    }
+                    self.take(batch);
+                }
+            }
+        }
+    }
+
+    /// Makes `batch` the one being handed out, giving its room in the
+    /// queue back.
+    fn take(&mut self, batch: Vec<Received>) {
+        self.handle.shared.release(batch.len());
+        self.buffered = batch.into_iter();
+    }
+
+    /// Why the link is down, while it is down: the reason of the last
+    /// [`Event::Disconnected`] (also after the cell stopped for good).
+    /// `None` while it is up.
+    pub fn down_reason(&self) -> Option<String> {
+        self.handle.down_reason()
     }
 
     /// Replaces this cell's announcement (application version and
@@ -701,6 +841,8 @@ impl Drop for Cell {
         // closes the link in the background.
         self.handle.shared.closing.store(true, Ordering::Release);
         let _ = self.shutdown.send(true);
+        // Readers waiting for room in the queue stop: nobody will take.
+        self.handle.shared.room.close();
     }
 }
 
@@ -708,6 +850,11 @@ impl CellHandle {
     /// This cell's public key.
     pub fn public_key(&self) -> PublicKey {
         self.shared.key.public()
+    }
+
+    /// Why the link is down, while it is down; see [`Cell::down_reason`].
+    pub fn down_reason(&self) -> Option<String> {
+        lock(&self.shared.link).down_reason.clone()
     }
 
     /// Sends `payload` to the cell `to` on `lane`.
@@ -802,13 +949,20 @@ impl CellHandle {
         let env = Envelope::parse(&mut buf.freeze(), &s.opts.limits)
             .map_err(|e| CellError::Invalid(format!("message does not encode: {e}")))?;
         let id = env.id();
-        s.queues
-            .push_wait(Outbound {
-                env,
-                queued_at: std::time::Instant::now(),
-            })
-            .await
-            .map_err(|_| s.closed_error())?;
+        let item = Outbound {
+            env,
+            queued_at: std::time::Instant::now(),
+        };
+        // Room in the lane is the common case: push without registering
+        // for the room notification `push_wait` sets up.
+        match s.queues.push(item) {
+            Ok(()) => s.queues.wake(),
+            Err(item) => s
+                .queues
+                .push_wait(item)
+                .await
+                .map_err(|_| s.closed_error())?,
+        }
         Ok(id)
     }
 
@@ -941,15 +1095,27 @@ fn check_announcement(
     Ok(())
 }
 
-/// Client endpoints, one per address family, reused across reconnects.
-#[derive(Default)]
+/// Client endpoints, one per address family, reused across reconnects; or
+/// the endpoint shared with other cells ([`CellOptions::endpoint`]).
 struct Dialer {
+    shared: Option<quinn::Endpoint>,
     v4: Option<quinn::Endpoint>,
     v6: Option<quinn::Endpoint>,
 }
 
 impl Dialer {
+    fn new(shared: Option<quinn::Endpoint>) -> Self {
+        Self {
+            shared,
+            v4: None,
+            v6: None,
+        }
+    }
+
     fn endpoint_for(&mut self, addr: SocketAddr) -> Result<quinn::Endpoint, CellError> {
+        if let Some(ep) = &self.shared {
+            return Ok(ep.clone());
+        }
         let (slot, bind): (_, SocketAddr) = if addr.is_ipv4() {
             (&mut self.v4, (std::net::Ipv4Addr::UNSPECIFIED, 0).into())
         } else {
@@ -963,8 +1129,11 @@ impl Dialer {
         Ok(ep)
     }
 
-    /// Waits (bounded) until every connection of the endpoints is closed.
+    /// Waits (bounded) until every connection of the endpoints this cell
+    /// owns is closed. A shared endpoint is left alone: it carries other
+    /// cells, and sends this cell's close on its own.
     async fn close(&mut self) {
+        self.shared = None;
         for ep in [self.v4.take(), self.v6.take()].into_iter().flatten() {
             let _ = tokio::time::timeout(CLOSE_GRACE, ep.wait_idle()).await;
         }
@@ -1181,7 +1350,7 @@ async fn supervise(
     first: Established,
     mut control_rx: mpsc::Receiver<Frame>,
     mut shutdown: watch::Receiver<bool>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<Delivery>,
 ) -> Result<(), CellError> {
     let mut established = first;
     let result = loop {
@@ -1290,7 +1459,7 @@ async fn serve(
     established: Established,
     control_rx: &mut mpsc::Receiver<Frame>,
     shutdown: &mut watch::Receiver<bool>,
-    events: &mpsc::Sender<Event>,
+    events: &mpsc::Sender<Delivery>,
 ) -> End {
     let Established {
         conn,
@@ -1448,7 +1617,7 @@ async fn read_control(
     conn: Connection,
     mut reader: FrameReader,
     shared: Arc<Shared>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<Delivery>,
     state: Arc<ConnState>,
 ) {
     loop {
@@ -1499,7 +1668,7 @@ async fn read_control(
 
 /// Accepts the relay's data streams (one per lane) and reads each in its
 /// own task, so lanes do not wait on each other and each stays in order.
-async fn accept_data(conn: Connection, shared: Arc<Shared>, events: mpsc::Sender<Event>) {
+async fn accept_data(conn: Connection, shared: Arc<Shared>, events: mpsc::Sender<Delivery>) {
     let mut readers = JoinSet::new();
     loop {
         tokio::select! {
@@ -1520,7 +1689,7 @@ async fn read_data(
     conn: Connection,
     recv: quinn::RecvStream,
     shared: Arc<Shared>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<Delivery>,
 ) {
     let limits = shared.opts.limits;
     let mut reader = FrameReader::new(recv, limits);
@@ -1535,6 +1704,10 @@ async fn read_data(
             return;
         }
     };
+    // Reused for every batch.
+    let mut envs: Vec<Envelope> = Vec::new();
+    // The dedup state of the lane being read, held while reading it.
+    let mut dedup: Option<(Lane, OwnedMutexGuard<Dedup>)> = None;
     loop {
         let batch = match reader.next().await {
             Ok(Some(Frame::Batch(b))) => b,
@@ -1560,59 +1733,95 @@ async fn read_data(
             }
             Err(_) => return,
         };
-        let envs: Result<Vec<Envelope>, DecodeError> =
-            decoder.messages(&batch).and_then(|it| it.collect());
-        let envs = match envs {
-            Ok(v) => v,
-            Err(e) => {
-                violation(
-                    &conn,
-                    decode_close_code(&e),
-                    format!("bad batch from the relay: {e}"),
-                );
-                return;
+        envs.clear();
+        let decoded = decoder.messages(&batch).and_then(|it| {
+            for env in it {
+                envs.push(env?);
+            }
+            Ok(())
+        });
+        if let Err(e) = decoded {
+            violation(
+                &conn,
+                decode_close_code(&e),
+                format!("bad batch from the relay: {e}"),
+            );
+            return;
+        }
+        // Every message of a batch is on the batch's lane (the decoder
+        // checks), and the relay keeps one stream per lane: the lock is
+        // taken once per stream.
+        let seen = match &mut dedup {
+            Some((lane, guard)) if *lane == batch.lane => guard,
+            slot => {
+                // Let go of the other lane first: one lock at a time.
+                *slot = None;
+                let guard = shared.dedup[batch.lane.index()].clone().lock_owned().await;
+                &mut slot.insert((batch.lane, guard)).1
             }
         };
-        for r in check(&shared, envs).await {
-            if events.send(Event::Message(r)).await.is_err() {
-                return;
-            }
+        let passed;
+        (envs, passed) = check(&shared, envs, seen).await;
+        if passed.is_empty() {
+            continue;
+        }
+        // Room for the whole batch, then one queue operation for it.
+        match shared
+            .room
+            .acquire_many(shared.permits(passed.len()) as u32)
+            .await
+        {
+            Ok(permits) => permits.forget(),
+            // The cell was dropped.
+            Err(_) => return,
+        }
+        if events.send(Delivery::Batch(passed)).await.is_err() {
+            return;
         }
     }
 }
 
 /// The end-to-end checks: signatures (batch-verified), unsupported
-/// authenticators and kinds, duplicates. Returns what passes, in order.
-async fn check(shared: &Shared, envs: Vec<Envelope>) -> Vec<Received> {
+/// authenticators and kinds, duplicates. Returns what passes, in order, and
+/// `envs` emptied for reuse.
+async fn check(
+    shared: &Shared,
+    mut envs: Vec<Envelope>,
+    seen: &mut Dedup,
+) -> (Vec<Envelope>, Vec<Received>) {
     let signed = envs
         .iter()
         .filter(|e| matches!(e.authenticator(), Authenticator::Signature(_)))
         .count();
-    let (envs, sig_ok) = if signed > VERIFY_INLINE_MAX {
+    let sig_ok = if signed == 0 {
+        Vec::new()
+    } else if signed > VERIFY_INLINE_MAX {
         match tokio::task::spawn_blocking(move || {
             let ok = verify_signed(&envs);
             (envs, ok)
         })
         .await
         {
-            Ok(v) => v,
+            Ok((e, ok)) => {
+                envs = e;
+                ok
+            }
             Err(e) => {
                 tracing::error!("signature verification task failed: {e}");
-                return Vec::new();
+                return (Vec::new(), Vec::new());
             }
         }
     } else {
-        let ok = verify_signed(&envs);
-        (envs, ok)
+        verify_signed(&envs)
     };
-    let c = &shared.counters;
+    let (mut bad_signature, mut unsupported, mut duplicate) = (0u64, 0u64, 0u64);
     let mut out = Vec::with_capacity(envs.len());
     let mut ok = sig_ok.into_iter();
-    for env in envs {
+    for env in envs.drain(..) {
         let auth = match env.authenticator() {
             Authenticator::Signature(_) => {
                 if !ok.next().unwrap_or(false) {
-                    c.dropped_bad_signature.fetch_add(1, Ordering::Relaxed);
+                    bad_signature += 1;
                     tracing::debug!(source = %env.source().short(), "dropped a message with a bad signature");
                     continue;
                 }
@@ -1620,23 +1829,23 @@ async fn check(shared: &Shared, envs: Vec<Envelope>) -> Vec<Received> {
             }
             Authenticator::None => ReceivedAuth::Link,
             Authenticator::AeadTag(_) => {
-                c.dropped_unsupported.fetch_add(1, Ordering::Relaxed);
+                unsupported += 1;
                 tracing::debug!(source = %env.source().short(), "dropped a sealed message (sealing is not supported yet)");
                 continue;
             }
         };
         if env.kind() != Kind::Data {
-            c.dropped_unsupported.fetch_add(1, Ordering::Relaxed);
+            unsupported += 1;
             continue;
         }
         // Only after the signature passed: a forged copy must not make the
-        // genuine message look like a duplicate.
+        // genuine message look like a duplicate. The id is hashed once,
+        // here, and the dedup table uses it as its own hash.
         let id = env.id();
-        if lock(&shared.dedup).put(id, ()).is_some() {
-            c.dropped_duplicate.fetch_add(1, Ordering::Relaxed);
+        if !seen.insert(id.as_u128()) {
+            duplicate += 1;
             continue;
         }
-        c.received.fetch_add(1, Ordering::Relaxed);
         out.push(Received {
             id,
             source: env.source(),
@@ -1647,7 +1856,107 @@ async fn check(shared: &Shared, envs: Vec<Envelope>) -> Vec<Received> {
             auth,
         });
     }
-    out
+    let c = &shared.counters;
+    for (counter, n) in [
+        (&c.received, out.len() as u64),
+        (&c.dropped_bad_signature, bad_signature),
+        (&c.dropped_unsupported, unsupported),
+        (&c.dropped_duplicate, duplicate),
+    ] {
+        if n > 0 {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+    (envs, out)
+}
+
+/// Recently seen message ids of one lane, to drop duplicates: two
+/// generations of at most `generation` ids. When the current one fills it
+/// becomes the previous one, whose ids are forgotten; so the last
+/// `generation` ids are always remembered, and at most twice as many.
+/// The sets grow as ids arrive (nothing up front) and keep their
+/// allocation once full.
+struct Dedup {
+    current: HashSet<u128, IdHash>,
+    previous: HashSet<u128, IdHash>,
+    generation: usize,
+}
+
+impl Dedup {
+    /// Remembers between `capacity / 2` and `capacity` ids (at least 1).
+    fn new(capacity: usize) -> Self {
+        let hash = IdHash {
+            key: random_u64() | 1,
+        };
+        Self {
+            current: HashSet::with_hasher(hash),
+            previous: HashSet::with_hasher(hash),
+            generation: (capacity / 2).max(1),
+        }
+    }
+
+    /// Remembers `id`; false if it was seen recently (a duplicate).
+    fn insert(&mut self, id: u128) -> bool {
+        if self.previous.contains(&id) || !self.current.insert(id) {
+            return false;
+        }
+        if self.current.len() >= self.generation {
+            std::mem::swap(&mut self.current, &mut self.previous);
+            self.current.clear();
+        }
+        true
+    }
+}
+
+/// Hashes a message id (already a 128-bit xxh3 hash) with one multiply by
+/// a per-cell random key instead of hashing it again: cheap, and a sender
+/// cannot aim its ids at one bucket without knowing the key.
+#[derive(Clone, Copy)]
+struct IdHash {
+    key: u64,
+}
+
+impl BuildHasher for IdHash {
+    type Hasher = IdHasher;
+
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher {
+            key: self.key,
+            hash: 0,
+        }
+    }
+}
+
+struct IdHasher {
+    key: u64,
+    hash: u64,
+}
+
+impl IdHasher {
+    fn mix(&mut self, v: u128) {
+        let folded = (v as u64) ^ ((v >> 64) as u64).rotate_left(32) ^ self.hash;
+        let m = u128::from(folded) * u128::from(self.key);
+        self.hash = (m as u64) ^ ((m >> 64) as u64);
+    }
+}
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        self.mix(v);
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by `u128` keys; correct for anything else.
+        for chunk in bytes.chunks(16) {
+            let mut b = [0u8; 16];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.mix(u128::from_le_bytes(b));
+        }
+    }
 }
 
 /// Whether each signed envelope (in order, skipping unsigned ones) verifies.
@@ -1675,6 +1984,8 @@ mod tests {
         assert_eq!(o.backoff_initial, Duration::from_millis(100));
         assert_eq!(o.backoff_max, Duration::from_secs(5));
         assert_eq!(o.queue_depth, 4096);
+        assert_eq!((o.event_queue, o.dedup_capacity), (65_536, 65_536));
+        assert!(o.endpoint.is_none());
         assert!(o.agent.len() <= MAX_AGENT);
         validate(&o).unwrap();
     }
@@ -1711,6 +2022,60 @@ mod tests {
             ..CellOptions::default()
         };
         assert!(validate(&o).is_err());
+    }
+
+    #[test]
+    fn dedup_allocates_as_it_fills_and_forgets_the_older_generation() {
+        let mut d = Dedup::new(65_536);
+        assert_eq!(d.current.capacity() + d.previous.capacity(), 0);
+        assert!(d.insert(1) && !d.insert(1));
+        assert!(d.current.capacity() < 1000);
+
+        let mut d = Dedup::new(100);
+        for id in 0..50 {
+            assert!(d.insert(id));
+        }
+        // Rotated: the first 50 are the older generation, still known.
+        assert_eq!((d.previous.len(), d.current.len()), (50, 0));
+        assert!((0..50).all(|id| !d.insert(id)));
+        for id in 50..100 {
+            assert!(d.insert(id));
+        }
+        // Rotated again: 0..50 are forgotten, 50..100 are known.
+        assert!((50..100).all(|id| !d.insert(id)));
+        assert!(d.insert(0));
+        // Never more than the capacity, at least half of it.
+        for id in 1000..5000 {
+            d.insert(id);
+            let held = d.previous.len() + d.current.len();
+            assert!((50..100).contains(&held), "{held}");
+            if id >= 1049 {
+                assert!(!d.insert(id - 49), "the last 50 are always known");
+            }
+        }
+        // A capacity of 0 or 1 still drops back-to-back copies.
+        let mut d = Dedup::new(0);
+        assert!(d.insert(7) && !d.insert(7) && d.insert(8) && d.insert(7));
+    }
+
+    #[test]
+    fn id_hashes_spread_and_depend_on_the_key() {
+        let a = IdHash {
+            key: 0x9e37_79b9_7f4a_7c15,
+        };
+        let b = IdHash {
+            key: 0x2545_f491_4f6c_dd1d,
+        };
+        let ids: Vec<u128> = (0..1000u128).map(|i| i << 64).collect();
+        let low = |h: &IdHash| {
+            ids.iter()
+                .map(|id| h.hash_one(id) & 0xff)
+                .collect::<HashSet<u64>>()
+                .len()
+        };
+        // Ids that differ only in their high half still fill the buckets.
+        assert!(low(&a) > 200 && low(&b) > 200);
+        assert_ne!(a.hash_one(5u128), b.hash_one(5u128));
     }
 
     fn signed(kp: &Keypair, nonce: u64, auth: AuthMode) -> Envelope {

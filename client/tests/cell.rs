@@ -582,3 +582,267 @@ async fn close_flushes_everything_queued() {
     assert_eq!(b.stats().received, N as u64);
     b.close().await.unwrap();
 }
+
+/// `n` as a payload, and back.
+fn seq(n: u32) -> Vec<u8> {
+    n.to_le_bytes().to_vec()
+}
+
+fn seq_of(m: &Received) -> u32 {
+    u32::from_le_bytes(m.payload[..].try_into().expect("a sequence number"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recv_many_takes_batches_in_order_and_returns_0_once_stopped() {
+    let relay = StandIn::start(RelayBehaviour::default()).await;
+    let (mut b, b_key) = connect(
+        &relay,
+        CellOptions {
+            reconnect: false,
+            ..CellOptions::default()
+        },
+    )
+    .await;
+    let (a, _) = connect(
+        &relay,
+        CellOptions {
+            auth: AuthMode::Link,
+            ..CellOptions::default()
+        },
+    )
+    .await;
+    // A notice in the queue: recv_many, like recv, passes over it.
+    relay.control(
+        b_key.public(),
+        Frame::Notice {
+            code: NoticeCode::UnknownDestination,
+            id: MessageId([1; 16]),
+            subject: b_key.public(),
+        },
+    );
+    const N: u32 = 5000;
+    for n in 0..N {
+        a.send(b_key.public(), Lane::Normal, seq(n)).await.unwrap();
+    }
+
+    let mut out = Vec::new();
+    assert_eq!(b.recv_many(&mut out, 0).await, 0, "max 0 takes nothing");
+    let mut next = 0u32;
+    let mut calls = 0;
+    while next < N {
+        // Small takes split batches, large ones take several; a message
+        // in between comes through next_event and recv, in order too.
+        let max = if calls % 2 == 0 { 7 } else { 1000 };
+        calls += 1;
+        out.clear();
+        let got = tokio::time::timeout(WAIT, b.recv_many(&mut out, max))
+            .await
+            .expect("messages in time");
+        assert!(got >= 1 && got <= max, "{got} of at most {max}");
+        assert_eq!(got, out.len());
+        for m in &out {
+            assert_eq!(seq_of(m), next, "in order");
+            next += 1;
+        }
+        if calls == 3 && next < N {
+            match next_event(&mut b).await {
+                Event::Message(m) => assert_eq!(seq_of(&m), next),
+                e => panic!("expected a message, got {e:?}"),
+            }
+            assert_eq!(seq_of(&next_message(&mut b).await), next + 1);
+            next += 2;
+        }
+    }
+    assert!(calls > 2, "{calls}");
+    // recv_many appends.
+    a.send(b_key.public(), Lane::Normal, seq(N)).await.unwrap();
+    out.clear();
+    out.push(placeholder());
+    assert_eq!(
+        tokio::time::timeout(WAIT, b.recv_many(&mut out, 10))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!((out.len(), seq_of(&out[1])), (2, N));
+    assert_eq!(b.stats().received, N as u64 + 1);
+    assert_eq!(b.stats().dropped_events, 0);
+
+    // Once the cell has stopped for good: 0, and why.
+    relay.kick(b_key.public());
+    out.clear();
+    let got = tokio::time::timeout(WAIT, b.recv_many(&mut out, 10))
+        .await
+        .expect("the stop noticed in time");
+    assert_eq!((got, out.len()), (0, 0));
+    let reason = b.down_reason().expect("down");
+    assert!(reason.contains("test kick"), "{reason}");
+    assert_eq!(b.recv_many(&mut out, 10).await, 0);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// A message to pre-fill an output vector with.
+fn placeholder() -> Received {
+    Received {
+        id: MessageId([0; 16]),
+        source: PublicKey([0; 32]),
+        destination: Destination::Broadcast,
+        lane: Lane::Normal,
+        timestamp_ms: 0,
+        payload: Bytes::from_static(&[0xff; 4]),
+        auth: ReceivedAuth::Link,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_event_queue_holds_the_link_back_and_loses_nothing() {
+    let relay = StandIn::start(RelayBehaviour::default()).await;
+    // Batches from the relay are larger than the whole queue.
+    let (mut b, b_key) = connect(
+        &relay,
+        CellOptions {
+            event_queue: 8,
+            ..CellOptions::default()
+        },
+    )
+    .await;
+    let (a, _) = connect(
+        &relay,
+        CellOptions {
+            auth: AuthMode::Link,
+            ..CellOptions::default()
+        },
+    )
+    .await;
+    const N: u32 = 3000;
+    for n in 0..N {
+        a.send(b_key.public(), Lane::Bulk, seq(n)).await.unwrap();
+    }
+    let mut out = Vec::new();
+    let mut next = 0;
+    while next < N {
+        if next % 2 == 0 {
+            assert_eq!(seq_of(&next_message(&mut b).await), next);
+            next += 1;
+        } else {
+            out.clear();
+            let got = tokio::time::timeout(WAIT, b.recv_many(&mut out, 5))
+                .await
+                .unwrap();
+            assert!((1..=5).contains(&got));
+            for m in &out {
+                assert_eq!(seq_of(m), next);
+                next += 1;
+            }
+        }
+    }
+    assert_eq!(b.stats().received, N as u64);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_dropped_across_a_dedup_rotation() {
+    let relay = StandIn::start(RelayBehaviour::default()).await;
+    // Two generations of two ids each.
+    let (mut cell, key) = connect(
+        &relay,
+        CellOptions {
+            dedup_capacity: 4,
+            ..CellOptions::default()
+        },
+    )
+    .await;
+    let me = key.public();
+    let sender = Keypair::generate();
+    let msg = |n: u8| {
+        let mut b = BytesMut::new();
+        Message::new(sender.public(), Destination::Cell(me), Bytes::from(vec![n]))
+            .with_timestamp(now_ms())
+            .with_nonce(u64::from(n))
+            .encode(&mut b);
+        envelope(b)
+    };
+    let (e1, e2, e3, e4) = (msg(1), msg(2), msg(3), msg(4));
+    // e1 e2 | rotation | e3, e1 (a duplicate from the older generation),
+    // e4 | rotation: e1 is forgotten | e1 again (delivered), e3 (a
+    // duplicate).
+    for env in [&e1, &e2, &e3, &e1, &e4, &e1, &e3] {
+        relay.inject(me, env.clone());
+    }
+    for want in [1u8, 2, 3, 4, 1] {
+        let m = next_message(&mut cell).await;
+        assert_eq!(&m.payload[..], &[want]);
+    }
+    quiet(&mut cell).await;
+    let s = cell.stats();
+    assert_eq!((s.received, s.dropped_duplicate), (5, 2), "{s:?}");
+    cell.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cells_can_share_one_endpoint() {
+    let relay = StandIn::start(RelayBehaviour::default()).await;
+    let endpoint =
+        relay_client::transport::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+    let shared = CellOptions {
+        endpoint: Some(endpoint.clone()),
+        ..CellOptions::default()
+    };
+    let (mut a, a_key) = connect(&relay, shared.clone()).await;
+    let (mut b, b_key) = connect(&relay, shared).await;
+    let (mut c, c_key) = connect(&relay, CellOptions::default()).await;
+    // One UDP socket for a and b; c has its own.
+    let port = |k: PublicKey| relay.hub.lock().unwrap().cells[&k].conn.remote_address();
+    let local = endpoint.local_addr().unwrap();
+    assert_eq!(port(a_key.public()), local);
+    assert_eq!(port(b_key.public()), local);
+    assert_ne!(port(c_key.public()), local);
+    assert_eq!(endpoint.open_connections(), 2);
+
+    a.send(b_key.public(), Lane::Normal, &b"a to b"[..])
+        .await
+        .unwrap();
+    assert_eq!(&next_message(&mut b).await.payload[..], b"a to b");
+    b.send(a_key.public(), Lane::High, &b"b to a"[..])
+        .await
+        .unwrap();
+    assert_eq!(&next_message(&mut a).await.payload[..], b"b to a");
+
+    // Closing a closes its connection only: the endpoint carries b on.
+    a.close().await.unwrap();
+    let until = Instant::now() + WAIT;
+    while endpoint.open_connections() > 1 {
+        assert!(Instant::now() < until, "a's connection never went away");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(b.is_connected());
+    b.send(c_key.public(), Lane::Normal, &b"b to c"[..])
+        .await
+        .unwrap();
+    assert_eq!(&next_message(&mut c).await.payload[..], b"b to c");
+    c.send(b_key.public(), Lane::Normal, &b"c to b"[..])
+        .await
+        .unwrap();
+    assert_eq!(&next_message(&mut b).await.payload[..], b"c to b");
+    // A new cell can still join through it.
+    let (mut d, d_key) = connect(
+        &relay,
+        CellOptions {
+            endpoint: Some(endpoint.clone()),
+            ..CellOptions::default()
+        },
+    )
+    .await;
+    b.send(d_key.public(), Lane::Normal, &b"b to d"[..])
+        .await
+        .unwrap();
+    assert_eq!(&next_message(&mut d).await.payload[..], b"b to d");
+    for cell in [b, c, d] {
+        cell.close().await.unwrap();
+    }
+    tokio::time::timeout(WAIT, endpoint.wait_idle())
+        .await
+        .expect("the shared endpoint goes idle once its cells closed");
+}

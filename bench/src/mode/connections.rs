@@ -1,25 +1,23 @@
 //! `connections`: attach many idle cells and report how fast the relay
 //! takes them and how much memory each costs it.
 //!
-//! A `Cell` owns a QUIC endpoint (one UDP socket) and preallocates its
-//! lane queues and dedup cache, about a megabyte per cell at the default
-//! options, so ten thousand `Cell`s would measure the bench more than the
-//! relay. Here each idle cell is the bare link a `Cell` sets up: a QUIC
-//! connection with the cell's own ed25519 key, made from one shared client
-//! endpoint (`--endpoints` spreads them over more UDP sockets), and the
-//! Hello/Welcome handshake (`relay_client::link::hello`); the control
-//! stream is kept open so the relay keeps the cell attached.
+//! Each idle cell is a full [`relay_client::Cell`] with its own ed25519
+//! key, what an application links: QUIC handshake, Hello/Welcome, its
+//! link tasks. The cells share one client QUIC endpoint
+//! ([`CellOptions::endpoint`]; `--endpoints` spreads them over more UDP
+//! sockets), and an idle `Cell` allocates its queues and dedup state only
+//! as it uses them: ten thousand of them take about 50 KiB each in the
+//! bench, QUIC connection included (a bare connection with its handshake
+//! done takes about 32 KiB).
 
 use crate::progress::Bar;
 use crate::report::{Report, human};
 use crate::stats::{CpuSample, mem_available_kib, round1, status_kib};
 use crate::target::{Target, raise_nofile_limit};
 use anyhow::{Context as _, Result, anyhow, bail};
-use quinn::{Connection, SendStream};
-use relay_client::link::{self, FrameReader};
-use relay_client::transport::{self, TransportTuning};
-use relay_codec::frame::Role;
-use relay_codec::{Keypair, Limits};
+use relay_client::cell::{AuthMode, Cell, CellOptions};
+use relay_client::transport;
+use relay_codec::Keypair;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
@@ -41,13 +39,6 @@ pub struct Plan {
     pub memory_guard: f64,
     /// Bound on each cell's QUIC handshake and Hello/Welcome.
     pub connect_timeout: Duration,
-}
-
-/// One attached idle cell: what must stay alive for the relay to keep it.
-struct Idle {
-    conn: Connection,
-    _control: SendStream,
-    _reader: FrameReader,
 }
 
 /// Runs the connections mode.
@@ -85,14 +76,13 @@ pub async fn run(target: &Target, plan: &Plan) -> Result<(Report, Vec<String>)> 
         .map(|v| v as u64);
     let rss_before = pid.and_then(|p| status_kib(Some(p), "VmRSS"));
     let bench_before = status_kib(None, "VmRSS");
-    let tuning = TransportTuning::default();
-    let agent = format!("relay-bench/{}", env!("CARGO_PKG_VERSION"));
-    let relay_key = target.addr.key.0;
+    // Idle cells: nothing to report on, nothing to repair.
+    let options = crate::cells::options(AuthMode::Link, false, Vec::new(), plan.connect_timeout);
 
     let mut bar = Bar::new(plan.cells as u64, "cells");
     let cpu_start = CpuSample::take(pid);
     let started = Instant::now();
-    let mut attached: Vec<Idle> = Vec::with_capacity(plan.cells);
+    let mut attached: Vec<Cell> = Vec::with_capacity(plan.cells);
     let mut failed = 0u64;
     let mut first_error: Option<String> = None;
     let mut stopped_early = None;
@@ -102,26 +92,15 @@ pub async fn run(target: &Target, plan: &Plan) -> Result<(Report, Vec<String>)> 
     let mut next_guard_check = 100usize.min(plan.cells);
     loop {
         while next < plan.cells && set.len() < plan.concurrency.max(1) && stopped_early.is_none() {
-            let ep = endpoints[next % endpoints.len()].clone();
-            let (tuning, agent) = (tuning.clone(), agent.clone());
-            let timeout = plan.connect_timeout;
+            let opts = CellOptions {
+                endpoint: Some(endpoints[next % endpoints.len()].clone()),
+                ..options.clone()
+            };
+            let relay = target.addr.clone();
             set.spawn(async move {
-                let key = Keypair::generate();
-                let cfg = transport::client_config(key.signing_key(), relay_key, &tuning)?;
-                let connecting = ep.connect_with(cfg, relay_addr, transport::SERVER_NAME)?;
-                let conn = tokio::time::timeout(timeout, connecting)
+                Cell::connect(&relay, Keypair::generate(), opts)
                     .await
-                    .map_err(|_| {
-                        anyhow!("no QUIC handshake with {relay_addr} within {timeout:?}")
-                    })??;
-                let (control, reader, _welcome) =
-                    link::hello(&conn, Role::Cell, false, &agent, Limits::default(), timeout)
-                        .await?;
-                Ok::<_, anyhow::Error>(Idle {
-                    conn,
-                    _control: control,
-                    _reader: reader,
-                })
+                    .map_err(anyhow::Error::from)
             });
             next += 1;
         }
@@ -129,8 +108,8 @@ pub async fn run(target: &Target, plan: &Plan) -> Result<(Report, Vec<String>)> 
             break;
         };
         match r {
-            Ok(Ok(idle)) => {
-                attached.push(idle);
+            Ok(Ok(cell)) => {
+                attached.push(cell);
                 last_attach = Instant::now();
             }
             Ok(Err(e)) => {
@@ -197,18 +176,14 @@ pub async fn run(target: &Target, plan: &Plan) -> Result<(Report, Vec<String>)> 
     let hold_start = CpuSample::take(pid);
     tokio::time::sleep(Duration::from_secs_f64(plan.hold.max(0.2))).await;
     let hold_end = CpuSample::take(pid);
-    let alive = attached
-        .iter()
-        .filter(|c| c.conn.close_reason().is_none())
-        .count() as u64;
+    let alive = attached.iter().filter(|c| c.is_connected()).count() as u64;
     if alive < ok {
         notes.push(format!(
             "{} of the {ok} attached cells were closed by the relay during the hold: {}",
             ok - alive,
             attached
                 .iter()
-                .find_map(|c| c.conn.close_reason())
-                .map(|e| e.to_string())
+                .find_map(Cell::down_reason)
                 .unwrap_or_default()
         ));
     }
@@ -216,14 +191,12 @@ pub async fn run(target: &Target, plan: &Plan) -> Result<(Report, Vec<String>)> 
     let bench_after = status_kib(None, "VmRSS");
     let peak = pid.and_then(|p| status_kib(Some(p), "VmHWM"));
 
-    // Close everything; the relay sees each cell leave.
-    for c in &attached {
-        c.conn.close(0u32.into(), b"relay-bench done");
-    }
+    // Close everything (each cell says Close, the relay lets it go); a
+    // shared endpoint outlives its cells, so let it send the last closes.
+    crate::cells::close_all(attached).await;
     for ep in &endpoints {
         let _ = tokio::time::timeout(Duration::from_secs(3), ep.wait_idle()).await;
     }
-    drop(attached);
 
     let (relay_cpu, bench_cpu) = cpu_start.pct_until(&cpu_attached);
     let (relay_idle, _) = hold_start.pct_until(&hold_end);
@@ -245,8 +218,8 @@ pub async fn run(target: &Target, plan: &Plan) -> Result<(Report, Vec<String>)> 
         notes.push("relay CPU and memory are unknown: pass --relay-pid PID".into());
     }
     notes.push(format!(
-        "each cell is a bare link (QUIC connection + Hello/Welcome) from {} shared client \
-         endpoint(s), not a full Cell; memory per cell = (relay RSS after - before) / cells",
+        "each cell is a relay_client Cell on one of {} shared client endpoint(s); memory per \
+         cell = (relay RSS after - before) / cells",
         endpoints.len()
     ));
     let report = Report {
