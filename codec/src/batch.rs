@@ -133,14 +133,33 @@ pub struct BatchStats {
 }
 
 /// Builds batch frames, reusing its buffer and its zstd context across
-/// batches so the steady state allocates nothing.
+/// batches so the steady state allocates nothing. A batch is compressed
+/// when it is at least `compress_min` bytes and zstd saves at least 20 %;
+/// after a batch that does not, the encoder sends the next 1, 2, 4 … 64
+/// batches raw without trying, so incompressible traffic costs almost no
+/// compression CPU.
 pub struct BatchEncoder {
     body: BytesMut,
     count: usize,
     compress_min: usize,
     compressor: zstd::bulk::Compressor<'static>,
     scratch: Vec<u8>,
+    /// Batches to send raw before trying zstd again, after one that did
+    /// not gain enough.
+    skip: u32,
+    /// The next skip length (doubles up to [`MAX_SKIP`]).
+    backoff: u32,
+    attempts: u64,
 }
+
+/// A compressed batch is sent only if it is at most this fraction of the
+/// raw bytes (saves at least 20 %): below that, the receiver's
+/// decompression costs more than the bytes saved.
+const MIN_GAIN_NUM: usize = 4;
+const MIN_GAIN_DEN: usize = 5;
+/// Longest run of batches sent raw without trying zstd, after batches that
+/// did not compress: traffic that turns compressible is noticed within it.
+const MAX_SKIP: u32 = 64;
 
 impl BatchEncoder {
     /// An encoder compressing at zstd `level` the batches of at least
@@ -152,6 +171,9 @@ impl BatchEncoder {
             compress_min,
             compressor: zstd::bulk::Compressor::new(level)?,
             scratch: Vec::new(),
+            skip: 0,
+            backoff: 0,
+            attempts: 0,
         })
     }
 
@@ -163,6 +185,12 @@ impl BatchEncoder {
     /// Bytes pushed since the last finish.
     pub fn len_bytes(&self) -> usize {
         self.body.len()
+    }
+
+    /// How many batches zstd was run on (some of them sent raw anyway
+    /// because they did not gain enough).
+    pub fn compress_attempts(&self) -> u64 {
+        self.attempts
     }
 
     /// Whether nothing is pushed.
@@ -215,13 +243,26 @@ impl BatchEncoder {
         let raw_len = self.body.len();
         let mut compressed = false;
         if raw_len >= self.compress_min {
-            self.scratch.clear();
-            self.scratch
-                .reserve(zstd::zstd_safe::compress_bound(raw_len));
-            compressed = self
-                .compressor
-                .compress_to_buffer(&self.body[..], &mut self.scratch)
-                .is_ok_and(|n| n < raw_len);
+            if self.skip > 0 {
+                self.skip -= 1;
+            } else {
+                self.attempts += 1;
+                self.scratch.clear();
+                self.scratch
+                    .reserve(zstd::zstd_safe::compress_bound(raw_len));
+                compressed = self
+                    .compressor
+                    .compress_to_buffer(&self.body[..], &mut self.scratch)
+                    .is_ok_and(|n| n * MIN_GAIN_DEN <= raw_len * MIN_GAIN_NUM);
+                // Incompressible traffic stops paying for zstd on every
+                // batch: back off, doubling, and try again now and then.
+                if compressed {
+                    self.backoff = 0;
+                } else {
+                    self.backoff = (self.backoff * 2).clamp(1, MAX_SKIP);
+                    self.skip = self.backoff;
+                }
+            }
         }
         let data: &[u8] = if compressed {
             &self.scratch

@@ -193,6 +193,50 @@ proptest! {
 }
 
 #[test]
+fn incompressible_traffic_backs_off_and_compressible_traffic_is_noticed() {
+    let kp = Keypair::from_secret_bytes(&[1; 32]);
+    let mut enc = BatchEncoder::new(1, 1024).unwrap();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut out = BytesMut::new();
+    let mut random_batch = |enc: &mut BatchEncoder| {
+        for i in 0..32 {
+            let payload: Vec<u8> = (0..1024)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let m = Message::new(kp.public(), Destination::Broadcast, Bytes::from(payload))
+                .with_nonce(i);
+            enc.push(&m);
+        }
+    };
+    // 100 batches of 1 KiB random payloads: none compressed, and zstd ran
+    // on only a handful (1 + skips of 1, 2, 4, ..., 64).
+    for _ in 0..100 {
+        random_batch(&mut enc);
+        out.clear();
+        assert!(!enc.finish(Lane::Normal, &mut out).compressed);
+    }
+    assert!(enc.compress_attempts() <= 8, "{}", enc.compress_attempts());
+    // Text arrives: within the longest skip, batches are compressed again.
+    let mut compressed = 0;
+    for b in 0..70u64 {
+        for i in 0..32u64 {
+            let text = format!("{{\"sensor\":\"cell-{i}\",\"batch\":{b},\"status\":\"ok\"}}");
+            enc.push(
+                &Message::new(kp.public(), Destination::Broadcast, Bytes::from(text)).with_nonce(i),
+            );
+        }
+        out.clear();
+        compressed += usize::from(enc.finish(Lane::Normal, &mut out).compressed);
+    }
+    assert!(compressed >= 5, "{compressed}");
+}
+
+#[test]
 fn incompressible_batches_go_uncompressed_and_text_compresses() {
     let kp = Keypair::from_secret_bytes(&[1; 32]);
     let mut enc = BatchEncoder::new(1, 1024).unwrap();
