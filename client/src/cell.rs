@@ -36,8 +36,8 @@ use quinn::{Connection, ConnectionError, SendStream};
 use relay_codec::frame::{CloseCode, MAX_AGENT, NoticeCode, PROTOCOL_VERSION, PresenceInfo, Role};
 use relay_codec::message::SIGNATURE_LEN;
 use relay_codec::{
-    Authenticator, BatchDecoder, DecodeError, Destination, Envelope, Frame, KeyError, Keypair,
-    Kind, Lane, Limits, Message, MessageId, NodeAddr, PublicKey, ServiceName,
+    Authenticator, BatchDecoder, Destination, Envelope, Frame, KeyError, Keypair, Kind, Lane,
+    Limits, Message, MessageId, NodeAddr, PublicKey, ServiceName,
 };
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
@@ -1603,13 +1603,6 @@ fn violation(conn: &Connection, c: CloseCode, reason: String) {
     conn.close(code(c), reason.as_bytes());
 }
 
-fn decode_close_code(e: &DecodeError) -> CloseCode {
-    match e {
-        DecodeError::TooLarge { .. } => CloseCode::Oversize,
-        _ => CloseCode::Malformed,
-    }
-}
-
 /// Reads the relay's control frames. Never waits on the application: a
 /// full event queue drops presence and notice events (counted), so discovery
 /// answers keep flowing.
@@ -1655,7 +1648,7 @@ async fn read_control(
             Err(LinkError::Decode(e)) => {
                 violation(
                     &conn,
-                    decode_close_code(&e),
+                    e.close_code(),
                     format!("bad control frame from the relay: {e}"),
                 );
                 break;
@@ -1726,7 +1719,7 @@ async fn read_data(
             Err(LinkError::Decode(e)) => {
                 violation(
                     &conn,
-                    decode_close_code(&e),
+                    e.close_code(),
                     format!("bad data frame from the relay: {e}"),
                 );
                 return;
@@ -1743,7 +1736,7 @@ async fn read_data(
         if let Err(e) = decoded {
             violation(
                 &conn,
-                decode_close_code(&e),
+                e.close_code(),
                 format!("bad batch from the relay: {e}"),
             );
             return;

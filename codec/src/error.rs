@@ -45,6 +45,19 @@ pub enum DecodeError {
     Trailing(usize),
 }
 
+impl DecodeError {
+    /// The code a link is closed with when its peer sent these bytes, the
+    /// same on both sides of a link.
+    pub fn close_code(&self) -> crate::frame::CloseCode {
+        use crate::frame::CloseCode;
+        match self {
+            DecodeError::TooLarge { .. } => CloseCode::Oversize,
+            DecodeError::Version(_) => CloseCode::Version,
+            _ => CloseCode::Malformed,
+        }
+    }
+}
+
 /// Why a key, a printable key or an address could not be used.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum KeyError {

@@ -64,12 +64,7 @@ impl LinkHandle {
 
 /// The close code and reason for a decoding failure on a link.
 fn decode_close(e: &DecodeError) -> (CloseCode, String) {
-    let code = match e {
-        DecodeError::TooLarge { .. } => CloseCode::Oversize,
-        DecodeError::Version(_) => CloseCode::Version,
-        _ => CloseCode::Malformed,
-    };
-    (code, e.to_string())
+    (e.close_code(), e.to_string())
 }
 
 fn drop_reason_for(code: CloseCode) -> Option<DropReason> {
