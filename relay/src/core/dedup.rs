@@ -13,8 +13,7 @@
 //! inserts (see [`DedupWindow`]), so the capacity should cover twice the
 //! traffic of a window.
 
-use std::collections::HashSet;
-use std::hash::{BuildHasher, Hasher, RandomState};
+use super::id_table::{IdKey, IdTable};
 use std::mem;
 
 /// What [`DedupWindow::check_and_insert`] found.
@@ -48,14 +47,16 @@ pub enum DedupVerdict {
 ///   id alive past the original message's freshness.
 /// - **Bounded memory.** Never more than `capacity` ids are held
 ///   ([`len`](Self::len)), in two tables each allocated for at most
-///   `capacity / 2` ids: 16-byte slots plus a control byte, in power-of-two
-///   tables at most 7/8 full, so 19 to 39 bytes per id of capacity (2 ×
-///   17 MiB at the default 1 M).
+///   `capacity / 2` ids: 16-byte slots in power-of-two tables at most
+///   half full ([`IdTable`]), so 32 to 64 bytes per id of capacity (2 ×
+///   16 MiB at the default 1 M).
 /// - **Cost.** A check is at most two hash-table lookups, one per
 ///   generation, and an insert into the slot the first one just brought
-///   into cache; no single id is ever removed. A generation is dropped in
-///   bulk by clearing its table's control bytes (1 MiB at 1 M capacity),
-///   at most once per `capacity / 2` inserts or per `window_ms`.
+///   into cache; no single id is ever removed. A caller with a batch of
+///   ids calls [`prefetch`](Self::prefetch) first, so that the cache
+///   misses of the whole batch overlap. A generation is dropped in bulk by
+///   zeroing its table (16 MiB at 1 M capacity, a few ms), at most once per
+///   `capacity / 2` inserts or per `window_ms`.
 /// - Time is the caller's `now_ms` (any millisecond clock). It should not go
 ///   backwards; if it does, the latest time seen is used instead, so that
 ///   nothing is forgotten early.
@@ -99,8 +100,8 @@ pub struct DedupWindow {
     capacity: usize,
     /// Most ids one generation holds: `capacity / 2`, at least 1.
     generation_capacity: usize,
-    current: HashSet<u128, IdHashBuilder>,
-    previous: HashSet<u128, IdHashBuilder>,
+    current: IdTable,
+    previous: IdTable,
     /// When the oldest and the newest id of `current` were inserted
     /// (meaningless while it is empty).
     current_oldest_ms: u64,
@@ -131,8 +132,8 @@ const INITIAL_ALLOCATION: usize = 4096;
 /// at once, which took 7 to 30 ms at 1 M capacity on a VM (40 ms for the
 /// last doubling of the exact design), all while the caller holds the lock
 /// every connection's ingest shares. Reserving an empty table costs only
-/// clearing its control bytes; its slot pages are then faulted in one at a
-/// time by later inserts. Why not everything up front: a relay with little
+/// an allocation of zeroed memory, whose pages are then faulted in one at
+/// a time by later inserts. Why not everything up front: a relay with little
 /// traffic then costs well under a MiB whatever its configured capacity.
 /// Past this size, random hashing touches nearly every page of a table
 /// once it holds a few percent of its slots, so growing more gradually
@@ -153,17 +154,14 @@ impl DedupWindow {
     pub fn new(window_ms: u64, capacity: usize) -> Self {
         assert!(capacity > 0, "dedup window capacity must be at least 1");
         let generation_capacity = (capacity / 2).max(1);
-        let hasher = IdHashBuilder::new();
+        let key = IdKey::random();
         Self {
             window_ms,
             capacity,
             generation_capacity,
-            current: HashSet::with_capacity_and_hasher(
-                generation_capacity.min(INITIAL_ALLOCATION),
-                hasher.clone(),
-            ),
-            // Allocated when it first becomes `current`.
-            previous: HashSet::with_hasher(hasher),
+            current: IdTable::with_capacity(generation_capacity.min(INITIAL_ALLOCATION), key),
+            // Grown when it first becomes `current`.
+            previous: IdTable::with_capacity(0, key),
             current_oldest_ms: 0,
             current_newest_ms: 0,
             previous_newest_ms: 0,
@@ -179,7 +177,7 @@ impl DedupWindow {
         // `current` first: duplicates are mostly recent. A fresh id probes
         // both tables, and these two loads can overlap; its insert then
         // finds its slot in cache.
-        if self.current.contains(&id) || self.previous.contains(&id) {
+        if self.current.contains(id) || self.previous.contains(id) {
             return DedupVerdict::Duplicate;
         }
         // Room is made only for an id that will be inserted: rotating on a
@@ -194,6 +192,20 @@ impl DedupWindow {
         }
         self.current_newest_ms = now_ms;
         DedupVerdict::Fresh
+    }
+
+    /// Starts fetching into the cache where [`check_and_insert`] of `id`
+    /// will look. Call it for every id of a batch before checking them:
+    /// the lookups are random accesses to tables of tens of MiB, and this
+    /// lets their misses overlap instead of queueing one after another.
+    /// Changes no verdict.
+    ///
+    /// [`check_and_insert`]: Self::check_and_insert
+    pub fn prefetch(&self, id: u128) {
+        self.current.prefetch(id);
+        if !self.previous.is_empty() {
+            self.previous.prefetch(id);
+        }
     }
 
     /// Forgets the ids whose generation has passed its window at `now_ms`.
@@ -289,79 +301,6 @@ impl DedupWindow {
             self.rotate();
         } else {
             self.current.reserve(self.generation_capacity - len);
-        }
-    }
-}
-
-/// Builds [`IdHasher`]s with a per-window random key.
-///
-/// Message ids are xxh3-128 hashes and so already uniform, which would make
-/// a pass-through hasher enough, but xxh3 is unkeyed: a cell choosing its
-/// own nonces can grind ids whose low bits collide and turn the hash table
-/// into long probe chains. One keyed 64×64→128 multiply (the folded
-/// multiply of foldhash) costs about a nanosecond and takes that away.
-/// The key only changes the table layout, never a verdict.
-#[derive(Debug, Clone)]
-struct IdHashBuilder {
-    k0: u64,
-    k1: u64,
-}
-
-impl IdHashBuilder {
-    fn new() -> Self {
-        // std's RandomState is already seeded from the OS once per thread;
-        // borrowing it avoids a dependency and a syscall per window.
-        let state = RandomState::new();
-        Self {
-            k0: state.hash_one(0x243f_6a88_85a3_08d3_u64),
-            k1: state.hash_one(0x1319_8a2e_0370_7344_u64),
-        }
-    }
-}
-
-impl BuildHasher for IdHashBuilder {
-    type Hasher = IdHasher;
-
-    fn build_hasher(&self) -> IdHasher {
-        IdHasher {
-            k0: self.k0,
-            k1: self.k1,
-            hash: 0,
-        }
-    }
-}
-
-/// Hashes one `u128` id with a single keyed folded multiply.
-#[derive(Debug)]
-struct IdHasher {
-    k0: u64,
-    k1: u64,
-    hash: u64,
-}
-
-fn folded_multiply(a: u64, b: u64) -> u64 {
-    let product = u128::from(a) * u128::from(b);
-    (product as u64) ^ ((product >> 64) as u64)
-}
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.hash
-    }
-
-    fn write_u128(&mut self, id: u128) {
-        let lo = (id as u64) ^ self.hash;
-        let hi = (id >> 64) as u64;
-        self.hash = folded_multiply(lo ^ self.k0, hi ^ self.k1);
-    }
-
-    // Only `u128` keys are hashed here; this keeps the hasher correct should
-    // anything else ever be fed to it.
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(16) {
-            let mut block = [0u8; 16];
-            block[..chunk.len()].copy_from_slice(chunk);
-            self.write_u128(u128::from_le_bytes(block));
         }
     }
 }
@@ -612,7 +551,7 @@ mod tests {
         insert_fresh(&mut window, &mut next, capacity / 2, 0);
         let sizes = (window.current.capacity(), window.previous.capacity());
         assert!(sizes.0 >= capacity / 2 && sizes.1 >= capacity / 2);
-        // A power-of-two table at most 7/8 full: under 2 slots per id.
+        // A power-of-two table at most half full: under 4 slots per id.
         assert!(sizes.0 < capacity && sizes.1 < capacity, "{sizes:?}");
         insert_fresh(&mut window, &mut next, 3 * capacity, 0);
         assert!(window.len() > capacity / 2 && window.evicted_early() > 0);
@@ -642,34 +581,6 @@ mod tests {
         for id in 0..next {
             assert_eq!(window.check_and_insert(id, 150), DedupVerdict::Duplicate);
         }
-    }
-
-    #[test]
-    fn ids_differing_only_in_high_bits_spread_over_the_table() {
-        // A low-64-bit pass-through hash would put all of these in one
-        // bucket; a keyed mix must not. For this structured input a few
-        // keys in a hundred use fewer buckets (down to a tenth of them in
-        // 20 000 random keys), so the test takes the median of nine keys:
-        // it fails by chance about once in 30 000 runs.
-        let mut used: Vec<usize> = (0..9)
-            .map(|_| {
-                let builder = IdHashBuilder::new();
-                let hashes: HashSet<u64> =
-                    (0..1_000u128).map(|i| builder.hash_one(i << 64)).collect();
-                assert_eq!(hashes.len(), 1_000);
-                hashes
-                    .iter()
-                    .map(|h| h & 0xff)
-                    .collect::<HashSet<u64>>()
-                    .len()
-            })
-            .collect();
-        used.sort_unstable();
-        assert!(
-            used[4] > 200,
-            "median {} of 256 buckets used ({used:?})",
-            used[4]
-        );
     }
 
     /// What the model remembers of an id's last insert.
@@ -741,7 +652,7 @@ mod tests {
                 prop_assert!(window.len() <= capacity);
                 prop_assert!(window.evicted_early() <= inserts);
                 // Each table is allocated for one generation at most
-                // (hash sets round tiny tables up to 14 slots).
+                // (tiny tables hold at least 4).
                 let most = (2 * (capacity / 2)).max(14);
                 prop_assert!(window.current.capacity() <= most);
                 prop_assert!(window.previous.capacity() <= most);

@@ -6,6 +6,7 @@
 
 pub mod dedup;
 pub mod freshness;
+mod id_table;
 pub mod router;
 
 pub use dedup::{DedupVerdict, DedupWindow};

@@ -72,6 +72,9 @@ impl Shared {
         let mut held: Vec<usize> = Vec::new();
         {
             let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+            for id in &ids {
+                core.dedup.prefetch(id.as_u128());
+            }
             for (i, e) in envs.iter().enumerate() {
                 if !good.as_ref().is_none_or(|g| g[i]) {
                     from.notice(NoticeCode::Refused, ids[i], dest_subject(e));
@@ -102,7 +105,9 @@ impl Shared {
                     refused += 1;
                     continue;
                 }
-                let out = Outbound {
+                // Built only where a message is queued on its own: a clone
+                // per message costs an atomic on the batch's buffer.
+                let out = || Outbound {
                     env: e.clone(),
                     queued_at,
                 };
@@ -114,7 +119,7 @@ impl Shared {
                                 held.push(i);
                             }
                             Some(s) if Arc::ptr_eq(s, h) => held.push(i),
-                            Some(_) => self.enqueue(from, h, out, ids[i], &mut woken),
+                            Some(_) => self.enqueue(from, h, out(), ids[i], &mut woken),
                         },
                         _ => {
                             m.dropped(DropReason::UnknownDestination, 1);
@@ -124,14 +129,14 @@ impl Shared {
                     Destination::Broadcast => {
                         if let Route::Many(hs) = core.router.route_broadcast(&from.key) {
                             for h in hs {
-                                self.enqueue(from, h, out.clone(), ids[i], &mut woken);
+                                self.enqueue(from, h, out(), ids[i], &mut woken);
                             }
                         }
                     }
                     Destination::Service(s) => {
                         if let Route::Many(hs) = core.router.route_service(&s, &from.key) {
                             for h in hs {
-                                self.enqueue(from, h, out.clone(), ids[i], &mut woken);
+                                self.enqueue(from, h, out(), ids[i], &mut woken);
                             }
                         }
                     }
