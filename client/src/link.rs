@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use crossbeam_queue::SegQueue;
 use quinn::{Connection, RecvStream, SendStream};
 use relay_codec::batch::{BatchFrame, BatchStats};
-use relay_codec::frame::{CloseCode, PROTOCOL_VERSION, Role};
+use relay_codec::frame::{CloseCode, LEN_PREFIX, PROTOCOL_VERSION, Role};
 use relay_codec::{BatchEncoder, DecodeError, Envelope, Frame, Lane, Limits, PublicKey};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -410,7 +410,11 @@ async fn lane_stream<'a>(
 /// Reads whole frames from a QUIC stream, within `limits`.
 pub struct FrameReader {
     stream: RecvStream,
-    buf: BytesMut,
+    /// The unread rest of the last chunk quinn returned, while `partial`
+    /// is empty: frames wholly inside it are sliced out without a copy.
+    chunk: Bytes,
+    /// A frame that spans chunks, assembled by copying.
+    partial: BytesMut,
     limits: Limits,
 }
 
@@ -419,9 +423,10 @@ impl FrameReader {
     pub fn new(stream: RecvStream, limits: Limits) -> Self {
         Self {
             stream,
-            // Grows with the frames that arrive; an idle link's control
-            // stream keeps a small buffer.
-            buf: BytesMut::new(),
+            chunk: Bytes::new(),
+            // Sized per frame that needs it; an idle link's control stream
+            // holds no buffer.
+            partial: BytesMut::new(),
             limits,
         }
     }
@@ -429,15 +434,48 @@ impl FrameReader {
     /// The next frame; `Ok(None)` when the stream ended cleanly between frames.
     pub async fn next(&mut self) -> Result<Option<Frame>, LinkError> {
         loop {
-            if let Some(f) = Frame::take(&mut self.buf, &self.limits)? {
+            if let Some(f) = self.take()? {
                 return Ok(Some(f));
             }
             match self.stream.read_chunk(256 * 1024, true).await? {
-                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
-                None if self.buf.is_empty() => return Ok(None),
+                Some(chunk) if self.partial.is_empty() => self.chunk = chunk.bytes,
+                Some(chunk) => self.partial.extend_from_slice(&chunk.bytes),
+                None if self.partial.is_empty() && self.chunk.is_empty() => return Ok(None),
                 None => return Err(LinkError::Truncated),
             }
         }
+    }
+
+    /// The next whole frame from what has been read, if there is one.
+    fn take(&mut self) -> Result<Option<Frame>, DecodeError> {
+        if self.partial.is_empty() {
+            if self.chunk.is_empty() {
+                return Ok(None);
+            }
+            if let Some(n) = Frame::peek_len(&self.chunk, &self.limits)? {
+                return Frame::decode(self.chunk.split_to(n), &self.limits).map(Some);
+            }
+            // The frame continues in later chunks. Room for all of it now,
+            // when its length is known (and checked against the limit), so
+            // that it is copied once rather than regrown.
+            let whole = self.chunk.get(..LEN_PREFIX).map_or(0, |p| {
+                LEN_PREFIX + u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize
+            });
+            self.partial.reserve(whole.max(self.chunk.len()));
+            self.partial.extend_from_slice(&self.chunk);
+            self.chunk = Bytes::new();
+            return Ok(None);
+        }
+        let f = Frame::take(&mut self.partial, &self.limits)?;
+        if f.is_some() && !self.partial.is_empty() {
+            // The chunk that completed the frame began the next one.
+            if let Some(n) = Frame::peek_len(&self.partial, &self.limits)?
+                && n > self.partial.len()
+            {
+                self.partial.reserve(n - self.partial.len());
+            }
+        }
+        Ok(f)
     }
 
     /// Stops the stream, telling the peer to stop sending on it.
