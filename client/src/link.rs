@@ -207,6 +207,30 @@ impl LaneQueues {
         }
     }
 
+    /// Whether `lane` holds more than half of what it may: a producer that
+    /// can wait should, with [`wait_for_room`](Self::wait_for_room).
+    pub fn over_high_water(&self, lane: Lane) -> bool {
+        let l = &self.lanes[lane.index()];
+        l.len() > l.cap / 2
+    }
+
+    /// Waits until `lane` is at most half full, the link closes or
+    /// `deadline` passes; returns whether the lane drained in time.
+    pub async fn wait_for_room(&self, lane: Lane, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let room = self.space.notified();
+            tokio::pin!(room);
+            // Register before looking, so a wake in between is not lost.
+            room.as_mut().enable();
+            if !self.over_high_water(lane) || self.is_closed() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return false;
+            }
+        }
+    }
+
     /// Wakes the writer. Cheap when it is already awake.
     pub fn wake(&self) {
         self.notify.notify_one();

@@ -217,6 +217,11 @@ pub struct LinkConfig {
     pub lane_weights: [u32; 4],
     /// Drain time on shutdown, ms, `0..=600_000`. Default 3 000.
     pub shutdown_grace_ms: u64,
+    /// Longest pause, ms, `0..=1_000`, in reading a sender's lane after a
+    /// batch left a destination's lane queue over half full: the sender is
+    /// slowed to its receiver's pace before anything is dropped. 0 never
+    /// pauses. Default 20.
+    pub max_stall_ms: u64,
 }
 
 impl Default for LinkConfig {
@@ -231,6 +236,7 @@ impl Default for LinkConfig {
             zstd_level: 1,
             lane_weights: [8, 4, 2, 1],
             shutdown_grace_ms: 3_000,
+            max_stall_ms: 20,
         }
     }
 }
@@ -252,6 +258,12 @@ impl LinkConfig {
     #[must_use]
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    /// [`Self::max_stall_ms`] as a [`Duration`].
+    #[must_use]
+    pub fn max_stall(&self) -> Duration {
+        Duration::from_millis(self.max_stall_ms)
     }
 }
 
@@ -436,6 +448,7 @@ impl RelayConfig {
         range("link.keep_alive_ms", k.keep_alive_ms, 1, u64::MAX);
         range("link.stream_window", k.stream_window, size(KIB), 1 << 30);
         range("link.shutdown_grace_ms", k.shutdown_grace_ms, 0, 600_000);
+        range("link.max_stall_ms", k.max_stall_ms, 0, 1_000);
     }
 
     /// Settings whose bounds are not a plain integer range, or depend on
@@ -563,6 +576,7 @@ const FIELDS: &[&str] = &[
     "link.zstd_level",
     "link.lane_weights",
     "link.shutdown_grace_ms",
+    "link.max_stall_ms",
 ];
 
 /// Turns a toml error into [`ConfigError::Parse`], with the line and column

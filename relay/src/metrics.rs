@@ -225,6 +225,8 @@ pub struct Metrics {
     drops: [Counter; DropReason::ALL.len()],
     dedup_hits: Counter,
     not_quic: Counter,
+    stalls: Counter,
+    stall_seconds: Counter<f64, AtomicU64>,
     links: [Gauge; 2],
     links_opened: [Counter; 2],
     links_closed: [Counter; CloseReason::ALL.len()],
@@ -312,6 +314,19 @@ impl Metrics {
             not_quic.clone(),
         );
 
+        let stalls = Counter::default();
+        r.register(
+            "celluler_sender_stalls",
+            "Pauses in reading a sender's lane while a receiver's queue drained (link.max_stall_ms)",
+            stalls.clone(),
+        );
+        let stall_seconds = Counter::<f64, AtomicU64>::default();
+        r.register(
+            "celluler_sender_stall_seconds",
+            "Time senders' lanes spent paused for their receivers",
+            stall_seconds.clone(),
+        );
+
         let links = family_children::<Gauge, 2>(
             &mut r,
             "celluler_links",
@@ -384,6 +399,8 @@ impl Metrics {
             drops,
             dedup_hits,
             not_quic,
+            stalls,
+            stall_seconds,
             links,
             links_opened,
             links_closed,
@@ -437,6 +454,12 @@ impl Metrics {
     /// Counts `n` datagrams that were not QUIC.
     pub fn not_quic(&self, n: u64) {
         self.not_quic.inc_by(n);
+    }
+
+    /// Counts one pause of a sender's lane that lasted `seconds`.
+    pub fn stalled(&self, seconds: f64) {
+        self.stalls.inc();
+        self.stall_seconds.inc_by(seconds);
     }
 
     /// Counts one dedup-window hit.
@@ -644,6 +667,8 @@ mod tests {
             "celluler_drops_total",
             "celluler_dedup_hits_total",
             "celluler_not_quic_datagrams_total",
+            "celluler_sender_stalls_total",
+            "celluler_sender_stall_seconds_total",
             "celluler_links",
             "celluler_links_opened_total",
             "celluler_links_closed_total",

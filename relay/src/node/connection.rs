@@ -454,8 +454,31 @@ async fn ingress(shared: Arc<Shared>, from: Arc<LinkHandle>, recv: quinn::RecvSt
                 }
             }
         }
-        if let Err((code, reason)) = shared.ingest(&from, &envs, &batch) {
-            return fail(code, reason);
+        match shared.ingest(&from, &envs, &batch) {
+            Ok(backlogged) => stall(&shared, &backlogged, batch.lane).await,
+            Err((code, reason)) => return fail(code, reason),
         }
     }
+}
+
+/// Stops reading a sender's lane until every receiver its last batch left
+/// backlogged has drained to half its queue, for at most
+/// `link.max_stall_ms`. While the relay does not read, QUIC flow control
+/// slows the sender to its receivers' pace, so a fast sender and a slower
+/// receiver lose nothing. A receiver that does not drain in time costs the
+/// sender no more than that pause per batch; what then finds no room is
+/// dropped as before. Other links are never paused.
+async fn stall(shared: &Shared, backlogged: &[Arc<LinkHandle>], lane: Lane) {
+    let max = shared.cfg.link.max_stall();
+    if backlogged.is_empty() || max.is_zero() {
+        return;
+    }
+    let start = tokio::time::Instant::now();
+    let deadline = start + max;
+    for h in backlogged {
+        if !h.queues.wait_for_room(lane, deadline).await {
+            break;
+        }
+    }
+    shared.metrics.stalled(start.elapsed().as_secs_f64());
 }

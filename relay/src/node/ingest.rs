@@ -27,8 +27,10 @@ impl Shared {
         }
     }
 
-    /// Checks, deduplicates and routes one incoming batch. An error closes
-    /// the sending link with that code and reason.
+    /// Checks, deduplicates and routes one incoming batch; returns the
+    /// links whose lane queue this batch left over half full, for the
+    /// reader to wait on. An error closes the sending link with that code
+    /// and reason.
     ///
     /// When every message of the batch passes and goes to the same cell,
     /// the batch is forwarded as it arrived (no re-encoding, no second
@@ -38,7 +40,7 @@ impl Shared {
         from: &LinkHandle,
         envs: &[Envelope],
         batch: &BatchFrame,
-    ) -> Result<(), (CloseCode, String)> {
+    ) -> Result<Vec<Arc<LinkHandle>>, (CloseCode, String)> {
         let m = &self.metrics;
         let lane = envs.first().map(Envelope::lane).unwrap_or(Lane::Normal);
         m.msgs_in(
@@ -162,10 +164,11 @@ impl Shared {
         if refused > 0 {
             warn!(link = %from.key.short(), refused, "refused replayed, expired or future-dated messages");
         }
-        for h in woken {
+        for h in &woken {
             h.queues.wake();
         }
-        Ok(())
+        woken.retain(|h| h.queues.over_high_water(lane));
+        Ok(woken)
     }
 
     /// Applies the signature policy. `None` means every message passes;

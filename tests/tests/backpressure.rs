@@ -1,0 +1,72 @@
+//! A sender faster than its receiver is slowed to the receiver's pace by
+//! the relay (it stops reading the sender's lane while the receiver's queue
+//! drains), so nothing is dropped. The case of a receiver that never drains
+//! is in bad_input.rs (`a_cell_that_never_reads_loses_only_its_own_messages`).
+
+use relay_client::cell::{AuthMode, CellOptions};
+use relay_codec::{Keypair, Lane};
+use relay_tests::RelayProcess;
+use relay_tests::cells::{WAIT, connect, options, within};
+use relay_tests::raw::noise;
+use std::collections::HashSet;
+use std::time::Duration;
+
+/// Messages sent: ten times the relay's lane queue below, so a relay that
+/// dropped instead of pausing would lose most of them.
+const SENT: u64 = 20_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_sender_is_slowed_to_a_slow_receiver_and_nothing_is_lost() {
+    // A short queue, and a pause long enough that a receiver taking 64
+    // messages per millisecond always drains in time, however the test
+    // machine schedules it.
+    let relay = RelayProcess::start_with_config(
+        "[limits]\nlane_queue_depth = 2048\n[link]\nmax_stall_ms = 1000\n",
+    );
+    let sender = connect(
+        &relay,
+        Keypair::generate(),
+        CellOptions {
+            auth: AuthMode::Link,
+            ..options()
+        },
+    )
+    .await;
+    let mut receiver = connect(&relay, Keypair::generate(), options()).await;
+    let to = receiver.public_key();
+    let handle = sender.handle();
+    let send = tokio::spawn(async move {
+        for i in 0..SENT {
+            // Distinct, incompressible payloads that carry their number.
+            let mut p = noise(200, i);
+            p[..8].copy_from_slice(&i.to_le_bytes());
+            handle.send(to, Lane::Normal, p).await.expect("send");
+        }
+    });
+
+    let mut seen = HashSet::new();
+    let mut buf = Vec::new();
+    within("every message, read slowly", WAIT * 4, async {
+        while seen.len() < SENT as usize {
+            buf.clear();
+            receiver.recv_many(&mut buf, 64).await;
+            for m in &buf {
+                let n = u64::from_le_bytes(m.payload[..8].try_into().unwrap());
+                assert!(seen.insert(n), "message {n} delivered twice");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    within("sender done", WAIT, send).await.unwrap();
+
+    assert_eq!(
+        relay.metric("celluler_drops_total", "reason=\"slow_receiver\""),
+        0.0
+    );
+    assert!(
+        relay.metric("celluler_sender_stalls_total", "") > 0.0,
+        "the receiver was slower, so the sender must have been paused"
+    );
+    assert!(relay.metric("celluler_sender_stall_seconds_total", "") > 0.0);
+}
