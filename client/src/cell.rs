@@ -1845,8 +1845,8 @@ async fn check(
             destination: env.destination(),
             lane: env.lane(),
             timestamp_ms: env.timestamp_ms(),
-            payload: env.payload(),
             auth,
+            payload: env.into_payload(),
         });
     }
     let c = &shared.counters;

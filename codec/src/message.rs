@@ -30,7 +30,7 @@ use crate::error::{DecodeError, VerifyError};
 use crate::key::{Keypair, PublicKey};
 use crate::limits::Limits;
 use crate::wire::{le_u32, le_u64, split_front};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::fmt;
 
 /// The message format version this build speaks.
@@ -644,6 +644,16 @@ impl Envelope {
     pub fn payload(&self) -> Bytes {
         self.raw
             .slice(HEADER_LEN + self.dest_len()..self.auth_start as usize)
+    }
+
+    /// The payload, keeping the envelope's buffer but not the envelope:
+    /// unlike [`payload`](Self::payload), no reference count is touched.
+    pub fn into_payload(self) -> Bytes {
+        let start = HEADER_LEN + self.dest_len();
+        let mut raw = self.raw;
+        raw.truncate(self.auth_start as usize);
+        raw.advance(start);
+        raw
     }
 
     /// The authenticated bytes: everything but TTL and authenticator.

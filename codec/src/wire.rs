@@ -106,5 +106,10 @@ pub(crate) fn split_front(buf: &mut Bytes, n: usize) -> Result<Bytes, DecodeErro
             needed: n - buf.remaining(),
         });
     }
+    if n == buf.len() {
+        // The whole buffer: no reference count to raise, and a buffer made
+        // from a Vec is not promoted to a shared one (an allocation).
+        return Ok(std::mem::take(buf));
+    }
     Ok(buf.split_to(n))
 }

@@ -91,6 +91,8 @@ proptest! {
         let env = Envelope::parse(&mut b.clone(), &Limits::default()).unwrap();
         prop_assert_eq!(env.id(), m.id());
         prop_assert_eq!(env.raw(), &b);
+        prop_assert_eq!(&env.payload(), &m.payload);
+        prop_assert_eq!(&env.into_payload(), &m.payload);
     }
 
     #[test]
@@ -104,6 +106,8 @@ proptest! {
         let mut m2 = m.clone();
         m2.sign(&kp);
         prop_assert_eq!(env.to_message(), m2);
+        // The signature after the payload is cut off.
+        prop_assert_eq!(&env.into_payload(), &m.payload);
     }
 
     #[test]
