@@ -346,6 +346,63 @@ async fn push_wait_blocks_while_a_lane_is_full_and_resumes_when_drained() {
 }
 
 #[tokio::test]
+async fn wait_for_room_returns_once_a_lane_drains_to_half_or_at_the_deadline() {
+    let relay = Keypair::generate();
+    let cell = Keypair::generate();
+    let pair = connect(&relay, &cell).await;
+    let queues = Arc::new(LaneQueues::new(4));
+    let msg = |n| outbound(envelope(&cell, Lane::Normal, n, Bytes::from_static(b"x")));
+    for n in 0..2 {
+        queues.push(msg(n)).unwrap();
+    }
+    assert!(
+        !queues.over_high_water(Lane::Normal),
+        "half full is not over"
+    );
+    queues.push(msg(2)).unwrap();
+    assert!(queues.over_high_water(Lane::Normal));
+    assert!(
+        !queues.over_high_water(Lane::High),
+        "lanes are counted apart"
+    );
+
+    // Nobody drains: the wait ends at its deadline, saying so.
+    let soon = tokio::time::Instant::now() + Duration::from_millis(50);
+    assert!(!queues.wait_for_room(Lane::Normal, soon).await);
+    assert_eq!(queues.lane_len(Lane::Normal), 3);
+
+    // A writer drains the lane: the wait ends well before its deadline.
+    let receiver = tokio::spawn(receive_all(pair.server.clone(), 1));
+    let waiting = {
+        let queues = queues.clone();
+        tokio::spawn(async move {
+            let far = tokio::time::Instant::now() + WAIT * 10;
+            queues.wait_for_room(Lane::Normal, far).await
+        })
+    };
+    let writer = tokio::spawn(link::run_writer(
+        pair.client.clone(),
+        queues.clone(),
+        WriterConfig::default(),
+        NoObserver,
+    ));
+    let drained = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the wait ended once the writer took the messages")
+        .unwrap();
+    assert!(drained);
+    assert!(!queues.over_high_water(Lane::Normal));
+    queues.close();
+    tokio::time::timeout(WAIT, writer)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let by_lane = tokio::time::timeout(WAIT, receiver).await.unwrap().unwrap();
+    assert_eq!(by_lane[Lane::Normal.index()].len(), 3);
+}
+
+#[tokio::test]
 async fn closed_queues_give_messages_back() {
     let cell = Keypair::generate();
     let queues = Arc::new(LaneQueues::new(1));
