@@ -63,6 +63,33 @@ fn outbound(env: Envelope) -> Outbound {
     }
 }
 
+/// Starts a link writer draining `queues` over `conn`.
+fn spawn_writer(
+    conn: &quinn::Connection,
+    queues: &Arc<LaneQueues>,
+    cfg: WriterConfig,
+) -> tokio::task::JoinHandle<Result<(), LinkError>> {
+    tokio::spawn(link::run_writer(
+        conn.clone(),
+        queues.clone(),
+        cfg,
+        NoObserver,
+    ))
+}
+
+/// Closes `queues` and waits for their writer to send everything and end.
+async fn close_and_join(
+    queues: &LaneQueues,
+    writer: tokio::task::JoinHandle<Result<(), LinkError>>,
+) {
+    queues.close();
+    tokio::time::timeout(WAIT, writer)
+        .await
+        .expect("writer finished")
+        .unwrap()
+        .expect("writer succeeded");
+}
+
 /// Reads every uni stream the peer opens until `streams` of them have
 /// ended, returning per lane the messages in arrival order.
 async fn receive_all(conn: quinn::Connection, streams: usize) -> [Vec<Envelope>; 4] {
@@ -246,18 +273,8 @@ async fn writer_sends_every_lane_in_order() {
         max_batch_messages: 50,
         ..WriterConfig::default()
     };
-    let writer = tokio::spawn(link::run_writer(
-        pair.client.clone(),
-        queues.clone(),
-        cfg,
-        NoObserver,
-    ));
-    queues.close();
-    tokio::time::timeout(WAIT, writer)
-        .await
-        .expect("writer finished")
-        .unwrap()
-        .expect("writer succeeded");
+    let writer = spawn_writer(&pair.client, &queues, cfg);
+    close_and_join(&queues, writer).await;
     assert!(queues.is_empty());
     let by_lane = tokio::time::timeout(WAIT, receiver)
         .await
@@ -312,12 +329,7 @@ async fn push_wait_blocks_while_a_lane_is_full_and_resumes_when_drained() {
 
     // Draining the lane (a writer) lets it in.
     let receiver = tokio::spawn(receive_all(pair.server.clone(), 2));
-    let writer = tokio::spawn(link::run_writer(
-        pair.client.clone(),
-        queues.clone(),
-        WriterConfig::default(),
-        NoObserver,
-    ));
+    let writer = spawn_writer(&pair.client, &queues, WriterConfig::default());
     let pushed = tokio::time::timeout(WAIT, waiting)
         .await
         .expect("push_wait resumed once the lane drained")
@@ -326,12 +338,7 @@ async fn push_wait_blocks_while_a_lane_is_full_and_resumes_when_drained() {
     // Everything, including the waiting message, reaches the other side.
     let more = outbound(envelope(&cell, Lane::Normal, 3, Bytes::from_static(b"y")));
     queues.push_wait(more).await.unwrap();
-    queues.close();
-    tokio::time::timeout(WAIT, writer)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    close_and_join(&queues, writer).await;
     let by_lane = tokio::time::timeout(WAIT, receiver).await.unwrap().unwrap();
     let normal: Vec<u64> = by_lane[Lane::Normal.index()]
         .iter()
@@ -380,24 +387,14 @@ async fn wait_for_room_returns_once_a_lane_drains_to_half_or_at_the_deadline() {
             queues.wait_for_room(Lane::Normal, far).await
         })
     };
-    let writer = tokio::spawn(link::run_writer(
-        pair.client.clone(),
-        queues.clone(),
-        WriterConfig::default(),
-        NoObserver,
-    ));
+    let writer = spawn_writer(&pair.client, &queues, WriterConfig::default());
     let drained = tokio::time::timeout(WAIT, waiting)
         .await
         .expect("the wait ended once the writer took the messages")
         .unwrap();
     assert!(drained);
     assert!(!queues.over_high_water(Lane::Normal));
-    queues.close();
-    tokio::time::timeout(WAIT, writer)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    close_and_join(&queues, writer).await;
     let by_lane = tokio::time::timeout(WAIT, receiver).await.unwrap().unwrap();
     assert_eq!(by_lane[Lane::Normal.index()].len(), 3);
 }
@@ -495,21 +492,15 @@ async fn a_forwarded_batch_goes_out_unchanged_and_in_lane_order() {
             recv.read_to_end(1 << 20).await.unwrap()
         }
     });
-    let writer = tokio::spawn(link::run_writer(
-        pair.client.clone(),
-        queues.clone(),
+    let writer = spawn_writer(
+        &pair.client,
+        &queues,
         WriterConfig {
             compress_min: usize::MAX,
             ..WriterConfig::default()
         },
-        NoObserver,
-    ));
-    queues.close();
-    tokio::time::timeout(WAIT, writer)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    );
+    close_and_join(&queues, writer).await;
     let raw = tokio::time::timeout(WAIT, receiver).await.unwrap().unwrap();
     assert!(
         raw.windows(frame.len()).any(|w| w == &frame[..]),
