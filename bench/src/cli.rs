@@ -133,12 +133,12 @@ pub enum Auth {
     Sealed,
 }
 
-/// What receivers are built from.
+/// What senders and receivers are built from.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientArg {
     /// relay_client::Cell.
     Cell,
-    /// Bare links decoding batches in place.
+    /// Bare links: senders encode into batch frames, receivers decode them in place.
     Raw,
 }
 
@@ -177,10 +177,12 @@ pub struct MsgArgs {
     /// missing messages count as lost.
     #[arg(long, value_name = "SECS", default_value_t = 3.0, value_parser = parse_secs)]
     pub grace: f64,
-    /// What the receivers are: `cell` (the client's Cell: end-to-end
-    /// checks, dedup, one event per message, what applications get) or
-    /// `raw` (bare links that decode batches in place, to measure the
-    /// relay without the Cell receive path). Senders are always Cells.
+    /// What the senders and receivers are: `cell` (the client's Cell:
+    /// end-to-end checks, dedup, a queue between the application and the
+    /// link, what applications get) or `raw` (bare links, as natsbench
+    /// speaks the NATS protocol without a client library: senders encode
+    /// each message straight into the open batch frame, receivers decode
+    /// batches in place), to measure the relay with lighter clients.
     #[arg(long, value_enum, default_value_t = ClientArg::Cell)]
     pub client: ClientArg,
     /// Write the results as JSON to FILE.

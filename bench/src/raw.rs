@@ -1,26 +1,33 @@
-//! Lean receivers for `--client raw`: a bare link (the QUIC connection and
-//! Hello/Welcome a `Cell` sets up, from `relay_client::transport` and
-//! `relay_client::link`) whose data streams are decoded in place.
+//! Lean senders and receivers for `--client raw`: a bare link (the QUIC
+//! connection and Hello/Welcome a `Cell` sets up, from
+//! `relay_client::transport` and `relay_client::link`), the way natsbench
+//! speaks the NATS protocol without a client library.
 //!
 //! A `Cell` hands messages to the application through an event queue after
 //! end-to-end checks (id hash, dedup set, a `Received` per message, one
-//! queue operation per batch). A raw receiver reads each batch frame, walks
-//! its messages and records their timestamps directly: no queue, dedup or
-//! per-message allocation. Comparing the two shows what the Cell receive path costs
-//! and how fast the relay is with a receiver that does not hold it back.
-//! Senders stay `Cell`s.
+//! queue operation per batch), and takes them from it through a queue to
+//! its link writer (an allocation, a queue item and a copy per message). A
+//! raw receiver reads each batch frame, walks its messages and records
+//! their timestamps directly; a raw sender encodes each message straight
+//! into the open batch frame. Comparing the two shows what the Cell costs
+//! and how fast the relay is with clients that do not hold it back.
 
 use crate::cells::Progress;
 use crate::clock::now_ns;
 use crate::payload::read_stamps;
 use crate::stats::{new_hist, record};
 use anyhow::{Context as _, Result, anyhow, bail};
+use bytes::{Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use quinn::{Connection, Endpoint, SendStream};
+use relay_client::lanes::LANES;
 use relay_client::link::{self, FrameReader};
 use relay_client::transport::{self, TransportTuning};
 use relay_codec::frame::Role;
-use relay_codec::{BatchDecoder, Frame, Keypair, Limits, NodeAddr, PublicKey, ServiceName};
+use relay_codec::{
+    BatchDecoder, BatchEncoder, Destination, Frame, Keypair, Lane, Limits, Message, NodeAddr,
+    PublicKey, ServiceName,
+};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +45,15 @@ pub struct RawReceiver {
     _reader: FrameReader,
 }
 
+/// A bare link, attached: what a `Cell` sets up, without the `Cell`.
+struct RawLink {
+    key: Keypair,
+    conn: Connection,
+    endpoint: Endpoint,
+    control: SendStream,
+    reader: FrameReader,
+}
+
 /// Connects a raw receiver, announces `services`, and waits (one discover
 /// round trip) until the relay has attached it.
 pub async fn connect(
@@ -45,6 +61,20 @@ pub async fn connect(
     services: Vec<ServiceName>,
     timeout: Duration,
 ) -> Result<RawReceiver> {
+    let l = dial(relay, services, timeout).await?;
+    Ok(RawReceiver {
+        key: l.key.public(),
+        conn: l.conn,
+        endpoint: l.endpoint,
+        _control: l.control,
+        _reader: l.reader,
+    })
+}
+
+/// Dials the relay with a fresh key, as a cell, announces `services`, and
+/// waits (one discover round trip) until the relay has attached the link
+/// and registered the services.
+async fn dial(relay: &NodeAddr, services: Vec<ServiceName>, timeout: Duration) -> Result<RawLink> {
     let addr: SocketAddr = tokio::net::lookup_host(relay.host_port())
         .await
         .with_context(|| format!("resolving {}", relay.host_port()))?
@@ -61,7 +91,7 @@ pub async fn connect(
         transport::client_config(key.signing_key(), relay.key.0, &TransportTuning::default())?;
     let fail = |e: &dyn std::fmt::Display| {
         anyhow!(
-            "a raw receiver could not connect to the relay {relay}: {e}\ncheck that a relay runs \
+            "a raw link could not connect to the relay {relay}: {e}\ncheck that a relay runs \
              there and that KEY is its key, or use --spawn"
         )
     };
@@ -87,7 +117,8 @@ pub async fn connect(
         )
         .await?;
     }
-    // The relay serves the control stream only once the link is attached.
+    // The relay serves the control stream only once the link is attached,
+    // and in order: the reply also means the announcement is registered.
     let probe = ServiceName::new("relay-bench-probe").expect("valid service name");
     link::write_frame(
         &mut control,
@@ -108,13 +139,113 @@ pub async fn connect(
     })
     .await
     .map_err(|_| anyhow!("the relay did not answer a discover within {timeout:?}"))??;
-    Ok(RawReceiver {
-        key: key.public(),
+    Ok(RawLink {
+        key,
         conn,
         endpoint,
-        _control: control,
-        _reader: reader,
+        control,
+        reader,
     })
+}
+
+/// A bare sending link for `--client raw`: each message is encoded straight
+/// into the open batch frame (zstd and the 20 % rule as a `Cell`'s writer
+/// applies them), and a full batch is written to its lane's stream, the way
+/// natsbench writes prebuilt frames. No queue, task hand-off or allocation
+/// per message; what is left is encoding each message and compressing
+/// each batch.
+pub struct RawSender {
+    link: RawLink,
+    signed: bool,
+    enc: BatchEncoder,
+    /// The lane of the open batch.
+    lane: Lane,
+    out: BytesMut,
+    streams: [Option<SendStream>; LANES],
+    nonce: u64,
+}
+
+/// Bytes and messages at which the open batch is written: a `Cell`'s
+/// writer defaults.
+const BATCH_BYTES: usize = 64 * 1024;
+const BATCH_MESSAGES: usize = 4096;
+
+/// Connects a raw sender; `signed` signs every message (`--auth signed`).
+pub async fn connect_sender(
+    relay: &NodeAddr,
+    signed: bool,
+    timeout: Duration,
+) -> Result<RawSender> {
+    let link = dial(relay, Vec::new(), timeout).await?;
+    let defaults = relay_client::link::WriterConfig::default();
+    Ok(RawSender {
+        link,
+        signed,
+        enc: BatchEncoder::new(defaults.zstd_level, defaults.compress_min)
+            .context("creating a zstd encoder")?,
+        lane: Lane::Normal,
+        out: BytesMut::new(),
+        streams: Default::default(),
+        nonce: 1,
+    })
+}
+
+impl RawSender {
+    /// Adds one message to the open batch, writing the batch first if it is
+    /// of another lane, and after if it is full.
+    pub async fn send(&mut self, to: Destination, lane: Lane, payload: Bytes) -> Result<()> {
+        if lane != self.lane {
+            self.flush().await?;
+            self.lane = lane;
+        }
+        let msg = Message::new(self.link.key.public(), to, payload)
+            .with_lane(lane)
+            .with_timestamp(unix_ms())
+            .with_nonce(self.nonce);
+        self.nonce += 1;
+        if self.signed {
+            self.enc.push_signed(&msg, &self.link.key);
+        } else {
+            self.enc.push(&msg);
+        }
+        if self.enc.len_bytes() >= BATCH_BYTES || self.enc.count() >= BATCH_MESSAGES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the open batch, if any.
+    pub async fn flush(&mut self) -> Result<()> {
+        if self.enc.is_empty() {
+            return Ok(());
+        }
+        self.enc.finish(self.lane, &mut self.out);
+        let stream =
+            link::lane_stream(&self.link.conn, &mut self.streams, self.lane.index()).await?;
+        stream
+            .write_chunk(self.out.split().freeze())
+            .await
+            .map_err(|e| anyhow!("sending failed: {e}"))?;
+        Ok(())
+    }
+
+    /// Writes what is open, finishes the streams and closes the link once
+    /// the relay has read them (or after 3 s).
+    pub async fn close(mut self) {
+        let _ = self.flush().await;
+        for s in self.streams.iter_mut().flatten() {
+            let _ = s.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(3), s.stopped()).await;
+        }
+        self.link.conn.close(0u32.into(), b"relay-bench done");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.link.endpoint.wait_idle()).await;
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What one raw receiver saw.

@@ -242,11 +242,11 @@ pub fn table(r: &Report, notes: &[String]) -> String {
     );
     let _ = writeln!(
         s,
-        "relay: {} ({}); receivers: {}",
+        "relay: {} ({}); senders and receivers: {}",
         r.relay,
         r.target,
         match r.client.as_deref() {
-            Some("raw") => "raw links (no Cell receive path)",
+            Some("raw") => "raw links (no Cell)",
             _ => "client Cells",
         }
     );

@@ -151,6 +151,29 @@ async fn connect_raw(
         .collect())
 }
 
+/// Connects `n` raw senders concurrently.
+async fn connect_raw_senders(
+    target: &Target,
+    n: usize,
+    signed: bool,
+    timeout: Duration,
+) -> Result<Vec<crate::raw::RawSender>> {
+    let mut set = JoinSet::new();
+    for i in 0..n {
+        let addr = target.addr.clone();
+        set.spawn(async move { (i, crate::raw::connect_sender(&addr, signed, timeout).await) });
+    }
+    let mut out: Vec<Option<crate::raw::RawSender>> = (0..n).map(|_| None).collect();
+    while let Some(r) = set.join_next().await {
+        let (i, tx) = r.map_err(|e| anyhow!("connecting task failed: {e}"))?;
+        out[i] = Some(tx.with_context(|| format!("sender {i}"))?);
+    }
+    Ok(out
+        .into_iter()
+        .map(|c| c.expect("every sender connected"))
+        .collect())
+}
+
 /// Where senders send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fanout {
@@ -236,7 +259,44 @@ enum Dest {
     Service(ServiceName),
 }
 
+/// A sender of either kind.
+enum Tx {
+    Cell(CellHandle),
+    Raw(Box<crate::raw::RawSender>),
+}
+
+impl Tx {
+    /// Sends (a cell: queues) one message to `dest`.
+    #[inline]
+    async fn send(&mut self, dest: &Dest, lane: Lane, p: bytes::Bytes) -> Result<()> {
+        match self {
+            Tx::Cell(h) => dest
+                .send(h, lane, p)
+                .await
+                .map_err(|e| anyhow!("sending failed: {e}")),
+            Tx::Raw(r) => r.send(dest.destination(), lane, p).await,
+        }
+    }
+
+    /// Writes what a raw sender holds in its open batch; a cell's writer
+    /// sends on its own.
+    async fn flush(&mut self) -> Result<()> {
+        match self {
+            Tx::Cell(_) => Ok(()),
+            Tx::Raw(r) => r.flush().await,
+        }
+    }
+}
+
 impl Dest {
+    fn destination(&self) -> relay_codec::Destination {
+        match self {
+            Dest::Cell(k) => relay_codec::Destination::Cell(*k),
+            Dest::Broadcast => relay_codec::Destination::Broadcast,
+            Dest::Service(s) => relay_codec::Destination::Service(s.clone()),
+        }
+    }
+
     #[inline]
     async fn send(&self, h: &CellHandle, lane: Lane, p: bytes::Bytes) -> Result<(), CellError> {
         match self {
@@ -344,16 +404,33 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
             .map(|r| Rx::Raw(Box::new(r)))
             .collect(),
     };
-    let tx_cells = connect_many(
-        target,
-        plan.senders,
-        cells::options(common.auth, true, Vec::new(), common.connect_timeout),
-        "sender",
-    )
-    .await?;
-    if let Fanout::Service(svc) = &plan.fanout {
-        wait_for_service(&tx_cells[0], svc, plan.receivers).await?;
-    }
+    let (tx_cells, tx_raw) = match common.client {
+        Client::Cell => {
+            let cells = connect_many(
+                target,
+                plan.senders,
+                cells::options(common.auth, true, Vec::new(), common.connect_timeout),
+                "sender",
+            )
+            .await?;
+            if let Fanout::Service(svc) = &plan.fanout {
+                wait_for_service(&cells[0], svc, plan.receivers).await?;
+            }
+            (cells, Vec::new())
+        }
+        // Raw receivers are connected only once the relay has registered
+        // their services (see `raw::connect`): nothing to wait for.
+        Client::Raw => (
+            Vec::new(),
+            connect_raw_senders(
+                target,
+                plan.senders,
+                common.auth == AuthMode::Signed,
+                common.connect_timeout,
+            )
+            .await?,
+        ),
+    };
     let rx_keys: Vec<PublicKey> = rx_cells
         .iter()
         .map(|r| match r {
@@ -393,20 +470,25 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
     // Senders: payload pools are built before the clock starts.
     let notices = Arc::new(Notices::default());
     let mut watchers = Vec::new();
+    let mut txs: Vec<Tx> = Vec::new();
+    for cell in tx_cells {
+        txs.push(Tx::Cell(cell.handle()));
+        watchers.push(tokio::spawn(cells::watch_sender(
+            cell,
+            notices.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    txs.extend(tx_raw.into_iter().map(|r| Tx::Raw(Box::new(r))));
     let mut senders = Vec::new();
-    for (j, cell) in tx_cells.into_iter().enumerate() {
+    for (j, tx) in txs.into_iter().enumerate() {
         let pool = PayloadPool::new(common.fill, common.size, seed, j as u64);
         let dest = match &plan.fanout {
             Fanout::PerReceiver => Dest::Cell(rx_keys[j % rx_keys.len()]),
             Fanout::Broadcast => Dest::Broadcast,
             Fanout::Service(s) => Dest::Service(s.clone()),
         };
-        senders.push((cell.handle(), dest, pool));
-        watchers.push(tokio::spawn(cells::watch_sender(
-            cell,
-            notices.clone(),
-            stop_rx.clone(),
-        )));
+        senders.push((tx, dest, pool));
     }
     let warmup_ns = clock::ns(common.warmup);
     let start = now_ns() + 2_000_000;
@@ -426,21 +508,21 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
             progress: progress.clone(),
         })
     });
-    let mut send_done: Vec<oneshot::Receiver<Result<Sent>>> = Vec::new();
-    for (j, (handle, dest, pool)) in senders.into_iter().enumerate() {
+    let mut send_done: Vec<oneshot::Receiver<Result<(Sent, Tx)>>> = Vec::new();
+    for (j, (tx, dest, pool)) in senders.into_iter().enumerate() {
         let quota = plan.count.map(|c| c / n + u64::from((j as u64) < c % n));
-        let (tx, rx) = oneshot::channel();
-        send_done.push(rx);
+        let (done, done_rx) = oneshot::channel();
+        send_done.push(done_rx);
         let lane = common.lane;
         match plan.pacing {
             None => {
                 let window = window.clone();
                 tokio::spawn(async move {
                     let r = blast(
-                        handle, dest, lane, pool, quota, start, measure_ns, end_ns, window,
+                        tx, dest, lane, pool, quota, start, measure_ns, end_ns, window,
                     )
                     .await;
-                    let _ = tx.send(r);
+                    let _ = done.send(r);
                 });
             }
             Some(p) => {
@@ -449,23 +531,28 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
                 std::thread::Builder::new()
                     .name("pacer".into())
                     .spawn(move || {
-                        let r = pace(rt, handle, dest, lane, pool, p, start, measure_ns, end);
-                        let _ = tx.send(r);
+                        let r = pace(rt, tx, dest, lane, pool, p, start, measure_ns, end);
+                        let _ = done.send(r);
                     })
                     .context("starting the pacing thread")?;
             }
         }
     }
+    // The senders come back too: a raw sender's link must stay open until
+    // the relay has read everything it wrote.
     let all_sent = async move {
         let mut total = Sent::default();
+        let mut txs = Vec::new();
         for rx in send_done {
-            let s = rx
+            let (s, tx) = rx
                 .await
                 .map_err(|_| anyhow!("a sender stopped without a result"))??;
             total.merge(s);
+            txs.push(tx);
         }
-        Ok::<_, anyhow::Error>(total)
+        Ok::<_, anyhow::Error>((total, txs))
     };
+    let mut done_txs = Vec::new();
 
     // Monitor: progress, CPU at the start and at the last progress, the
     // end of the grace period.
@@ -490,7 +577,9 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
     loop {
         tokio::select! {
             r = &mut all_sent, if sent.is_none() => {
-                sent = Some(r?);
+                let (s, txs) = r?;
+                sent = Some(s);
+                done_txs = txs;
                 last_progress = Instant::now();
             }
             _ = tick.tick() => {}
@@ -544,6 +633,11 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
     };
 
     // Collect.
+    for tx in done_txs {
+        if let Tx::Raw(r) = tx {
+            r.close().await;
+        }
+    }
     let _ = stop_tx.send(true);
     let mut results: Vec<RxOut> = Vec::new();
     for t in rx_tasks {
@@ -729,7 +823,7 @@ async fn wait_for_service(cell: &Cell, svc: &ServiceName, n: usize) -> Result<()
 /// `measure_ns`, then `quota` messages or until `end_ns`.
 #[allow(clippy::too_many_arguments)]
 async fn blast(
-    h: CellHandle,
+    mut tx: Tx,
     dest: Dest,
     lane: Lane,
     mut pool: PayloadPool,
@@ -738,27 +832,26 @@ async fn blast(
     measure_ns: u64,
     end_ns: Option<u64>,
     window: Option<Arc<Window>>,
-) -> Result<Sent> {
+) -> Result<(Sent, Tx)> {
     let mut s = Sent::default();
     let mut k = 0u64;
-    let fail = |e: CellError| anyhow!("sending failed: {e}");
     let mut now = now_ns();
     if now < start {
         tokio::time::sleep(Duration::from_nanos(start - now)).await;
         now = now_ns();
     }
     while now < measure_ns {
-        dest.send(&h, lane, pool.make(now, now))
-            .await
-            .map_err(fail)?;
+        tx.send(&dest, lane, pool.make(now, now)).await?;
         s.warmup += 1;
         k += 1;
         if k.is_multiple_of(WINDOW_STEP) {
             if let Some(w) = &window {
+                // What is held back cannot be delivered while we wait.
+                tx.flush().await?;
                 w.step().await;
             }
             if cells::stopping() {
-                return Ok(s);
+                return Ok((s, tx));
             }
         }
         now = now_ns();
@@ -767,13 +860,12 @@ async fn blast(
     let end = end_ns.unwrap_or(u64::MAX);
     s.first_ns = now;
     while s.sent < quota && now < end {
-        dest.send(&h, lane, pool.make(now, now))
-            .await
-            .map_err(fail)?;
+        tx.send(&dest, lane, pool.make(now, now)).await?;
         s.sent += 1;
         k += 1;
         if k.is_multiple_of(WINDOW_STEP) {
             if let Some(w) = &window {
+                tx.flush().await?;
                 w.step().await;
             }
             if cells::stopping() {
@@ -782,7 +874,8 @@ async fn blast(
         }
         now = now_ns();
     }
-    Ok(s)
+    tx.flush().await?;
+    Ok((s, tx))
 }
 
 /// Paced sending on an OS thread: every `tick`, sends each message whose
@@ -791,7 +884,7 @@ async fn blast(
 #[allow(clippy::too_many_arguments)]
 fn pace(
     rt: tokio::runtime::Handle,
-    h: CellHandle,
+    mut tx: Tx,
     dest: Dest,
     lane: Lane,
     mut pool: PayloadPool,
@@ -799,7 +892,7 @@ fn pace(
     start: u64,
     measure_ns: u64,
     end_ns: u64,
-) -> Result<Sent> {
+) -> Result<(Sent, Tx)> {
     let period = 1e9 / p.rate;
     let total = ((end_ns - start) as f64 / period).floor() as u64;
     let mut s = Sent::default();
@@ -816,9 +909,7 @@ fn pace(
                 while i < due {
                     let intended = start + (i as f64 * period) as u64;
                     let sent = now_ns();
-                    dest.send(&h, lane, pool.make(sent, intended))
-                        .await
-                        .map_err(|e| anyhow!("sending failed: {e}"))?;
+                    tx.send(&dest, lane, pool.make(sent, intended)).await?;
                     if intended >= measure_ns {
                         if s.sent == 0 {
                             s.first_ns = sent;
@@ -829,10 +920,13 @@ fn pace(
                     }
                     i += 1;
                 }
-                Ok::<_, anyhow::Error>(())
+                // A tick's messages go out together, as a cell's writer
+                // sends what is queued when it runs.
+                tx.flush().await
             })?;
         }
         std::thread::sleep(p.tick);
     }
-    Ok(s)
+    rt.block_on(tx.flush())?;
+    Ok((s, tx))
 }

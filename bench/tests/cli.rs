@@ -385,7 +385,60 @@ fn connections_attach_idle_cells() {
 }
 
 #[test]
-fn raw_receivers_get_everything_too() {
+fn raw_senders_open_loop_and_paced_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("t.json");
+    // Open loop, two raw senders: their links stay open until the relay
+    // has read everything they wrote.
+    let v = measure(
+        &[
+            "throughput",
+            "--spawn",
+            "--client",
+            "raw",
+            "--senders",
+            "2",
+            "--receivers",
+            "2",
+            "--count",
+            "20000",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &json,
+        Duration::from_secs(30),
+    );
+    assert_eq!(v["client"], "raw");
+    assert_eq!(u(&v, "sent"), 20_000, "{v:#}");
+    assert_eq!(u(&v, "received"), 20_000, "{v:#}");
+    assert_eq!(u(&v, "lost"), 0, "{v:#}");
+    // Paced: each tick's messages leave as one batch.
+    let json = dir.path().join("l.json");
+    let v = measure(
+        &[
+            "latency",
+            "--spawn",
+            "--client",
+            "raw",
+            "--rate",
+            "2000",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &json,
+        Duration::from_secs(30),
+    );
+    assert!(u(&v, "sent") >= 1_000, "{v:#}");
+    assert_eq!(u(&v, "received"), u(&v, "sent"), "{v:#}");
+    assert!(f(&v, "p50_us") > 0.0, "{v:#}");
+}
+
+#[test]
+fn raw_links_get_everything_too() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.json");
     let v = measure(

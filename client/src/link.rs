@@ -415,7 +415,9 @@ pub async fn run_writer<O: WriteObserver>(
 }
 
 /// The lane's stream, opened on first use with the lane's QUIC priority.
-async fn lane_stream<'a>(
+/// The stream of lane `i` in `streams`, opened on first use with the
+/// lane's QUIC priority (control highest). For writers of batch frames.
+pub async fn lane_stream<'a>(
     conn: &Connection,
     streams: &'a mut [Option<SendStream>; LANES],
     i: usize,
