@@ -414,7 +414,6 @@ pub async fn run_writer<O: WriteObserver>(
     Ok(())
 }
 
-/// The lane's stream, opened on first use with the lane's QUIC priority.
 /// The stream of lane `i` in `streams`, opened on first use with the
 /// lane's QUIC priority (control highest). For writers of batch frames.
 pub async fn lane_stream<'a>(
