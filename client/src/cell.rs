@@ -29,12 +29,12 @@
 //! [`CellOptions::endpoint`].
 
 use crate::lanes::LANES;
-use crate::link::{self, FrameReader, LaneQueues, LinkError, NoObserver, Outbound, WriterConfig};
+use crate::link::{self, FrameReader, LaneQueues, LinkError, NoObserver, WriterConfig};
 use crate::transport::{self, TransportError, TransportTuning};
 use bytes::{Bytes, BytesMut};
 use quinn::{Connection, ConnectionError, SendStream};
 use relay_codec::frame::{CloseCode, MAX_AGENT, NoticeCode, PROTOCOL_VERSION, PresenceInfo, Role};
-use relay_codec::message::SIGNATURE_LEN;
+use relay_codec::message::{SIGNATURE_LEN, encoded_layout};
 use relay_codec::{
     Authenticator, BatchDecoder, Destination, Envelope, Frame, KeyError, Keypair, Kind, Lane,
     Limits, Message, MessageId, NodeAddr, PublicKey, ServiceName,
@@ -931,7 +931,7 @@ impl CellHandle {
                 limit,
             });
         }
-        let mut buf = BytesMut::with_capacity(msg.encoded_len() + SIGNATURE_LEN);
+        let mut sign = false;
         if msg.auth == Authenticator::None {
             if msg.timestamp_ms == 0 {
                 msg.timestamp_ms = now_ms();
@@ -939,30 +939,39 @@ impl CellHandle {
             if msg.nonce == 0 {
                 msg.nonce = s.nonce.fetch_add(1, Ordering::Relaxed);
             }
-            match s.opts.auth {
-                AuthMode::Signed => msg.encode_signed(&s.key, &mut buf),
-                AuthMode::Link => msg.encode(&mut buf),
-            }
-        } else {
-            msg.encode(&mut buf);
+            sign = s.opts.auth == AuthMode::Signed;
         }
-        let env = Envelope::parse(&mut buf.freeze(), &s.opts.limits)
-            .map_err(|e| CellError::Invalid(format!("message does not encode: {e}")))?;
-        let id = env.id();
-        let item = Outbound {
-            env,
-            queued_at: std::time::Instant::now(),
+        let key = &s.key;
+        let msg = &msg;
+        // Encoded straight into the lane, where the link writer takes it
+        // from as part of a batch.
+        let encode = move |buf: &mut BytesMut| {
+            let start = buf.len();
+            if sign {
+                msg.encode_signed(key, buf);
+            } else {
+                msg.encode(buf);
+            }
+            let (auth_start, _) =
+                encoded_layout(&buf[start..]).expect("a message this cell encoded");
+            debug_assert!(
+                Envelope::parse(&mut Bytes::copy_from_slice(&buf[start..]), &s.opts.limits).is_ok()
+            );
+            MessageId::of(&buf[start + 1..start + auth_start])
         };
-        // Room in the lane is the common case: push without registering
-        // for the room notification `push_wait` sets up.
-        match s.queues.push(item) {
-            Ok(()) => s.queues.wake(),
-            Err(item) => s
+        // Room in the lane is the common case: stage without registering
+        // for the room notification `stage_wait` sets up.
+        let id = match s.queues.stage(msg.lane, encode) {
+            Ok(id) => {
+                s.queues.wake();
+                id
+            }
+            Err(encode) => s
                 .queues
-                .push_wait(item)
+                .stage_wait(msg.lane, encode)
                 .await
                 .map_err(|_| s.closed_error())?,
-        }
+        };
         Ok(id)
     }
 

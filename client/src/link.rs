@@ -17,7 +17,9 @@ use crossbeam_queue::SegQueue;
 use quinn::{Connection, RecvStream, SendStream};
 use relay_codec::batch::{BatchFrame, BatchStats};
 use relay_codec::frame::{CloseCode, LEN_PREFIX, PROTOCOL_VERSION, Role};
+use relay_codec::message::encoded_layout;
 use relay_codec::{BatchEncoder, DecodeError, Envelope, Frame, Lane, Limits, PublicKey};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -108,23 +110,73 @@ pub struct LaneQueues {
     closed: AtomicBool,
 }
 
-/// A `SegQueue` that refuses pushes past `cap` queued messages.
+/// A `SegQueue` that refuses pushes past `cap` queued messages, and the
+/// lane's staging buffer; `len` counts both.
 struct BoundedLane {
     queue: SegQueue<Queued>,
+    staged: Mutex<Staged>,
     len: AtomicUsize,
     cap: usize,
 }
 
+/// Messages encoded straight into a lane by [`LaneQueues::stage`], end to
+/// end, waiting for the writer.
+#[derive(Default)]
+struct Staged {
+    buf: BytesMut,
+    count: usize,
+}
+
 impl BoundedLane {
-    fn push(&self, item: Queued) -> Result<(), Queued> {
-        let w = item.weight();
+    /// Takes room for `w` messages, if there is.
+    fn reserve(&self, w: usize) -> bool {
         // Reserve the room first, so concurrent producers never overshoot.
         if self.len.fetch_add(w, Ordering::AcqRel) + w > self.cap {
             self.len.fetch_sub(w, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn push(&self, item: Queued) -> Result<(), Queued> {
+        if !self.reserve(item.weight()) {
             return Err(item);
         }
         self.queue.push(item);
         Ok(())
+    }
+
+    fn staged(&self) -> std::sync::MutexGuard<'_, Staged> {
+        self.staged.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The staged messages at the front that fit one batch of at most
+    /// `max_bytes` (but at least one message) and `max_count`, and how many
+    /// they are.
+    fn take_staged(&self, max_bytes: usize, max_count: usize) -> Option<(BytesMut, usize)> {
+        let mut st = self.staged();
+        if st.count == 0 {
+            return None;
+        }
+        let (mut end, mut n) = (0, 0);
+        while n < st.count && n < max_count {
+            let Some((_, len)) = encoded_layout(&st.buf[end..]) else {
+                // Cannot happen for what `stage` encoded; send the rest
+                // whole rather than lose it, and let the peer judge it.
+                (end, n) = (st.buf.len(), st.count);
+                break;
+            };
+            if n > 0 && end + len > max_bytes {
+                break;
+            }
+            end += len;
+            n += 1;
+        }
+        let run = st.buf.split_to(end);
+        st.count -= n;
+        drop(st);
+        self.len.fetch_sub(n, Ordering::AcqRel);
+        Some((run, n))
     }
 
     fn pop(&self) -> Option<Queued> {
@@ -145,6 +197,7 @@ impl LaneQueues {
         Self {
             lanes: std::array::from_fn(|_| BoundedLane {
                 queue: SegQueue::new(),
+                staged: Mutex::new(Staged::default()),
                 len: AtomicUsize::new(0),
                 cap: depth,
             }),
@@ -200,6 +253,58 @@ impl LaneQueues {
                 Err(back) if self.is_closed() => return Err(back),
                 Err(back) => {
                     item = back;
+                    self.wake();
+                    room.await;
+                }
+            }
+        }
+    }
+
+    /// Encodes one message with `encode` straight into `lane`'s staging
+    /// buffer, where the writer takes it from as part of a batch: no queue
+    /// item, allocation or copy per message (a cell's own sends). Gives
+    /// `encode` back, not called, if the lane is full or the link closed.
+    /// Call [`wake`](Self::wake) after a run of stages.
+    ///
+    /// `encode` must append exactly one whole message. A lane's producers
+    /// use either this or [`push`](Self::push), not both: the writer sends
+    /// queued items before staged ones, so their order would not be kept.
+    pub fn stage<R, F: FnOnce(&mut BytesMut) -> R>(&self, lane: Lane, encode: F) -> Result<R, F> {
+        if self.is_closed() {
+            return Err(encode);
+        }
+        let l = &self.lanes[lane.index()];
+        // Room is taken under the lock, so a writer that sees the count
+        // also finds the message.
+        let mut st = l.staged();
+        if !l.reserve(1) {
+            return Err(encode);
+        }
+        let r = encode(&mut st.buf);
+        st.count += 1;
+        Ok(r)
+    }
+
+    /// Like [`stage`](Self::stage), but waits for room while the lane is
+    /// full. Gives `encode` back only if the link is closed. Wakes the
+    /// writer.
+    pub async fn stage_wait<R, F: FnOnce(&mut BytesMut) -> R>(
+        &self,
+        lane: Lane,
+        mut encode: F,
+    ) -> Result<R, F> {
+        loop {
+            let room = self.space.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            match self.stage(lane, encode) {
+                Ok(r) => {
+                    self.wake();
+                    return Ok(r);
+                }
+                Err(back) if self.is_closed() => return Err(back),
+                Err(back) => {
+                    encode = back;
                     self.wake();
                     room.await;
                 }
@@ -381,6 +486,12 @@ pub async fn run_writer<O: WriteObserver>(
             if enc.len_bytes() >= cfg.batch_bytes || enc.count() >= max_msgs {
                 break;
             }
+        }
+        if enc.is_empty()
+            && forwarded.is_none()
+            && let Some((run, n)) = queues.lanes[i].take_staged(cfg.batch_bytes, max_msgs)
+        {
+            enc.push_encoded(&run, n);
         }
         queues.space.notify_waiters();
         let stats = enc.finish(lane, &mut out);

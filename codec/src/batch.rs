@@ -221,6 +221,13 @@ impl BatchEncoder {
         self.count += 1;
     }
 
+    /// Adds `count` already-encoded messages laid end to end in `run`, as
+    /// they are.
+    pub fn push_encoded(&mut self, run: &[u8], count: usize) {
+        self.body.extend_from_slice(run);
+        self.count += count;
+    }
+
     /// Adds an already-encoded message with its TTL set to `ttl`: how a relay
     /// forwards without re-encoding.
     pub fn push_with_ttl(&mut self, env: &Envelope, ttl: u8) {

@@ -46,6 +46,23 @@ pub const SIGNATURE_LEN: usize = 64;
 /// Length of an AEAD tag authenticator.
 pub const AEAD_TAG_LEN: usize = 16;
 
+/// Where the authenticator starts and where the message ends, read from
+/// the header of an encoded message at the front of `buf`. Only the length
+/// fields are read, nothing is checked: for messages this node encoded
+/// itself (parse anything else with [`Envelope::parse`]). `None` if the
+/// header is incomplete or names an unknown authenticator.
+pub fn encoded_layout(buf: &[u8]) -> Option<(usize, usize)> {
+    let h = buf.get(..HEADER_LEN)?;
+    let auth_len = match h[OFF_AUTH] {
+        0 => 0,
+        1 => SIGNATURE_LEN,
+        2 => AEAD_TAG_LEN,
+        _ => return None,
+    };
+    let auth_start = HEADER_LEN + h[OFF_DEST_LEN] as usize + le_u32(h, OFF_PAYLOAD_LEN) as usize;
+    Some((auth_start, auth_start + auth_len))
+}
+
 const OFF_VERSION: usize = 1;
 const OFF_KIND: usize = 2;
 const OFF_FLAGS: usize = 3;

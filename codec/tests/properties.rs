@@ -92,6 +92,9 @@ proptest! {
         prop_assert_eq!(env.id(), m.id());
         prop_assert_eq!(env.raw(), &b);
         prop_assert_eq!(&env.payload(), &m.payload);
+        let (auth_start, end) = relay_codec::message::encoded_layout(&b).unwrap();
+        prop_assert_eq!(end, b.len());
+        prop_assert_eq!(&b[1..auth_start], env.authenticated_bytes());
         prop_assert_eq!(&env.into_payload(), &m.payload);
     }
 
