@@ -400,6 +400,72 @@ async fn wait_for_room_returns_once_a_lane_drains_to_half_or_at_the_deadline() {
 }
 
 #[tokio::test]
+async fn staged_messages_leave_whole_in_order_and_within_the_batch_limits() {
+    let relay = Keypair::generate();
+    let cell = Keypair::generate();
+    let pair = connect(&relay, &cell).await;
+    let queues = Arc::new(LaneQueues::new(40));
+    let key = &cell;
+    let stage = |n: u64| {
+        let msg = Message::new(key.public(), Destination::Broadcast, vec![7u8; 100].into())
+            .with_lane(Lane::Bulk)
+            .with_timestamp(1_700_000_000_000)
+            .with_nonce(n);
+        move |buf: &mut BytesMut| msg.encode_signed(key, buf)
+    };
+    for n in 0..40 {
+        assert!(queues.stage(Lane::Bulk, stage(n)).is_ok());
+    }
+    assert!(
+        queues.stage(Lane::Bulk, stage(40)).is_err(),
+        "a full lane refuses"
+    );
+    assert_eq!(queues.lane_len(Lane::Bulk), 40);
+
+    // Batches of at most 7 messages or 1 KiB: one message is ~230 bytes.
+    let cfg = WriterConfig {
+        batch_bytes: 1024,
+        max_batch_messages: 7,
+        ..WriterConfig::default()
+    };
+    let server = pair.server.clone();
+    let receiver = tokio::spawn(async move {
+        let recv = server.accept_uni().await.expect("a data stream");
+        let mut reader = FrameReader::new(recv, Limits::default());
+        let mut decoder = BatchDecoder::new(Limits::default()).unwrap();
+        let mut batches = Vec::new();
+        while let Some(Frame::Batch(b)) = reader.next().await.expect("a frame") {
+            let msgs: Vec<Envelope> = decoder.messages(&b).unwrap().map(Result::unwrap).collect();
+            batches.push((b.raw_len as usize, msgs));
+        }
+        batches
+    });
+    let writer = spawn_writer(&pair.client, &queues, cfg);
+    // Waits for room, then gets in behind the rest.
+    let late = tokio::time::timeout(WAIT, queues.stage_wait(Lane::Bulk, stage(40)))
+        .await
+        .expect("room once the writer drained the lane");
+    assert!(late.is_ok());
+    close_and_join(&queues, writer).await;
+    let batches = tokio::time::timeout(WAIT, receiver).await.unwrap().unwrap();
+    for (raw_len, msgs) in &batches {
+        assert!(
+            !msgs.is_empty() && msgs.len() <= 7,
+            "{} messages",
+            msgs.len()
+        );
+        assert!(*raw_len <= 1024, "{raw_len} bytes");
+    }
+    let got: Vec<Envelope> = batches.into_iter().flat_map(|(_, m)| m).collect();
+    let nonces: Vec<u64> = got.iter().map(Envelope::nonce).collect();
+    assert_eq!(nonces, (0..41).collect::<Vec<_>>());
+    assert!(
+        got.iter().all(|e| e.verify().is_ok()),
+        "whole, signed messages"
+    );
+}
+
+#[tokio::test]
 async fn closed_queues_give_messages_back() {
     let cell = Keypair::generate();
     let queues = Arc::new(LaneQueues::new(1));
