@@ -119,6 +119,10 @@ struct BoundedLane {
     cap: usize,
 }
 
+/// Staging buffer capacity an emptied lane keeps (a few batches); a larger
+/// one is released.
+const STAGED_KEEP: usize = 256 * 1024;
+
 /// Messages encoded straight into a lane by [`LaneQueues::stage`], end to
 /// end, waiting for the writer.
 #[derive(Default)]
@@ -174,6 +178,11 @@ impl BoundedLane {
         }
         let run = st.buf.split_to(end);
         st.count -= n;
+        if st.count == 0 && st.buf.capacity() > STAGED_KEEP {
+            // After a burst, let the big buffer go with the last run
+            // instead of holding it on an idle lane.
+            st.buf = BytesMut::new();
+        }
         drop(st);
         self.len.fetch_sub(n, Ordering::AcqRel);
         Some((run, n))
