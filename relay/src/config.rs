@@ -218,9 +218,11 @@ pub struct LinkConfig {
     /// Drain time on shutdown, ms, `0..=600_000`. Default 3 000.
     pub shutdown_grace_ms: u64,
     /// Longest pause, ms, `0..=1_000`, in reading a sender's lane after a
-    /// batch left a destination's lane queue over half full: the sender is
-    /// slowed to its receiver's pace before anything is dropped. 0 never
-    /// pauses. Default 20.
+    /// batch left a cell-addressed receiver's lane queue over half full:
+    /// the sender is slowed to its receiver's pace before anything is
+    /// dropped. A receiver that does not drain in time is not waited for
+    /// again for a second; broadcast and service receivers never are. 0
+    /// never pauses. Default 20.
     pub max_stall_ms: u64,
 }
 

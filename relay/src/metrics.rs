@@ -226,6 +226,7 @@ pub struct Metrics {
     dedup_hits: Counter,
     not_quic: Counter,
     stalls: Counter,
+    stall_timeouts: Counter,
     stall_seconds: Counter<f64, AtomicU64>,
     links: [Gauge; 2],
     links_opened: [Counter; 2],
@@ -320,6 +321,12 @@ impl Metrics {
             "Pauses in reading a sender's lane while a receiver's queue drained (link.max_stall_ms)",
             stalls.clone(),
         );
+        let stall_timeouts = Counter::default();
+        r.register(
+            "celluler_sender_stall_timeouts",
+            "Pauses that ended because the receiver did not drain in time (it is then not waited for during a hold-off)",
+            stall_timeouts.clone(),
+        );
         let stall_seconds = Counter::<f64, AtomicU64>::default();
         r.register(
             "celluler_sender_stall_seconds",
@@ -400,6 +407,7 @@ impl Metrics {
             dedup_hits,
             not_quic,
             stalls,
+            stall_timeouts,
             stall_seconds,
             links,
             links_opened,
@@ -456,9 +464,13 @@ impl Metrics {
         self.not_quic.inc_by(n);
     }
 
-    /// Counts one pause of a sender's lane that lasted `seconds`.
-    pub fn stalled(&self, seconds: f64) {
+    /// Counts one pause of a sender's lane that lasted `seconds`, and
+    /// whether it ended because a receiver did not drain in time.
+    pub fn stalled(&self, seconds: f64, timed_out: bool) {
         self.stalls.inc();
+        if timed_out {
+            self.stall_timeouts.inc();
+        }
         self.stall_seconds.inc_by(seconds);
     }
 
@@ -668,6 +680,7 @@ mod tests {
             "celluler_dedup_hits_total",
             "celluler_not_quic_datagrams_total",
             "celluler_sender_stalls_total",
+            "celluler_sender_stall_timeouts_total",
             "celluler_sender_stall_seconds_total",
             "celluler_links",
             "celluler_links_opened_total",

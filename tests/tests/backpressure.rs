@@ -1,13 +1,15 @@
 //! A sender faster than its receiver is slowed to the receiver's pace by
 //! the relay (it stops reading the sender's lane while the receiver's queue
-//! drains), so nothing is dropped. The case of a receiver that never drains
-//! is in bad_input.rs (`a_cell_that_never_reads_loses_only_its_own_messages`).
+//! drains), so nothing is dropped; a broadcaster is never slowed for one
+//! member. The case of a cell-addressed receiver that never drains is in
+//! bad_input.rs (`a_cell_that_never_reads_loses_only_its_own_messages`).
 
 use relay_client::cell::{AuthMode, CellOptions};
+use relay_client::transport::TransportTuning;
 use relay_codec::{Keypair, Lane};
 use relay_tests::RelayProcess;
 use relay_tests::cells::{WAIT, connect, options, within};
-use relay_tests::raw::noise;
+use relay_tests::raw::{RawLink, RawOptions, noise};
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -69,4 +71,68 @@ async fn a_fast_sender_is_slowed_to_a_slow_receiver_and_nothing_is_lost() {
         "the receiver was slower, so the sender must have been paused"
     );
     assert!(relay.metric("celluler_sender_stall_seconds_total", "") > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_never_reads_does_not_slow_a_broadcaster() {
+    let relay = RelayProcess::start_with_config("[limits]\nlane_queue_depth = 256\n");
+    // Never accepts the relay's data streams, with small windows: its lane
+    // queue fills after a few batches and stays full.
+    let sink = RawLink::connect_with(
+        &relay,
+        Keypair::generate(),
+        RawOptions {
+            read_data: false,
+            tuning: TransportTuning {
+                stream_window: 16 * 1024,
+                conn_window: 32 * 1024,
+                ..TransportTuning::default()
+            },
+            ..RawOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut reader = connect(&relay, Keypair::generate(), options()).await;
+    let broadcaster = connect(
+        &relay,
+        Keypair::generate(),
+        CellOptions {
+            auth: AuthMode::Link,
+            ..options()
+        },
+    )
+    .await;
+    const SENT: u64 = 3_000;
+    let handle = broadcaster.handle();
+    let send = tokio::spawn(async move {
+        for i in 0..SENT {
+            let mut p = noise(200, i);
+            p[..8].copy_from_slice(&i.to_le_bytes());
+            handle.broadcast(Lane::Normal, p).await.expect("broadcast");
+            if i % 64 == 0 {
+                // A pace the reader keeps up with, so its own queue never
+                // fills: only the sink falls behind.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    let mut seen = HashSet::new();
+    let mut buf = Vec::new();
+    within("every broadcast at the reader", WAIT * 4, async {
+        while seen.len() < SENT as usize {
+            buf.clear();
+            reader.recv_many(&mut buf, 1024).await;
+            for m in &buf {
+                seen.insert(u64::from_le_bytes(m.payload[..8].try_into().unwrap()));
+            }
+        }
+    })
+    .await;
+    within("broadcaster done", WAIT, send).await.unwrap();
+    // The sink lost what did not fit, and the broadcaster was never paused
+    // for it.
+    assert!(relay.metric("celluler_drops_total", "reason=\"slow_receiver\"") > 0.0);
+    assert_eq!(relay.metric("celluler_sender_stalls_total", ""), 0.0);
+    drop(sink);
 }

@@ -5,6 +5,7 @@
 //! started first and checked after every bad case.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use relay::core::STALL_HOLD_OFF_MS;
 use relay_client::cell::{AuthMode, Cell, CellError, CellOptions, Event};
 use relay_client::link::{FrameReader, LinkError};
 use relay_client::transport::{self, TransportTuning};
@@ -847,7 +848,11 @@ async fn a_bad_signature_is_caught_by_the_receiving_cell_when_the_relay_does_not
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cell_that_never_reads_loses_only_its_own_messages() {
-    let relay = RelayProcess::start_with_config("[limits]\nlane_queue_depth = 256\n");
+    // Small send buffers too, so that the relay's writer to the sink blocks
+    // and its lane queue stays full.
+    let relay = RelayProcess::start_with_config(
+        "[limits]\nlane_queue_depth = 256\n[link]\nstream_window = 16384\nconn_window = 65536\n",
+    );
     let mut pair = HonestPair::start(&relay).await;
     // Never accepts the relay's data streams, with small windows: the
     // relay's stream to it stalls after a few KiB.
@@ -876,6 +881,7 @@ async fn a_cell_that_never_reads_loses_only_its_own_messages() {
     )
     .await;
     const FLOOD: u64 = 5_000;
+    let flood_started = std::time::Instant::now();
     let handle = flooder.handle();
     let to = sink.public();
     let flood = tokio::spawn(async move {
@@ -926,6 +932,18 @@ async fn a_cell_that_never_reads_loses_only_its_own_messages() {
         )
         .await;
     assert!(n <= FLOOD as f64);
+    // The flooder waited out the sink at most once per hold-off: a pause
+    // for a receiver that does not drain times out and shuts its gate.
+    let timeouts = relay.metric("celluler_sender_stall_timeouts_total", "");
+    let bound = flood_started.elapsed().as_millis() as f64 / STALL_HOLD_OFF_MS as f64 + 1.0;
+    assert!(
+        timeouts >= 1.0,
+        "the sink never drained, so a pause timed out"
+    );
+    assert!(
+        timeouts <= bound,
+        "{timeouts} timed-out pauses, at most {bound}"
+    );
     pair.exchange("at the end").await;
     drop(sink);
     within("close flooder", WAIT, flooder.close())

@@ -8,6 +8,7 @@ pub mod dedup;
 pub mod freshness;
 mod id_table;
 pub mod router;
+pub mod stall;
 
 pub use dedup::{DedupVerdict, DedupWindow};
 pub use freshness::{FreshnessWindow, Staleness};
@@ -16,3 +17,4 @@ pub use freshness::{FreshnessWindow, Staleness};
 pub use relay_client::lanes;
 pub use relay_client::lanes::{DEFAULT_LANE_WEIGHTS, LANES, LaneScheduler, MAX_LANE_WEIGHT};
 pub use router::{LinkId, PresenceReport, Route, Router};
+pub use stall::{STALL_HOLD_OFF_MS, StallGate};

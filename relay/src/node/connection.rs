@@ -3,7 +3,7 @@
 
 use super::ingest::RelayObserver;
 use super::{LinkEntry, Shared, unix_ms};
-use crate::core::LinkId;
+use crate::core::{LinkId, StallGate};
 use crate::metrics::{CloseReason, DropReason};
 use relay_client::link::{self, FrameReader, LaneQueues, LinkError};
 use relay_client::transport;
@@ -33,6 +33,8 @@ pub struct LinkHandle {
     pub(super) notices: bool,
     /// Why this relay closed the link, if it did; counted when it ends.
     pub(super) closed_by_us: Mutex<Option<CloseReason>>,
+    /// Whether senders may pause for this link as a receiver.
+    pub(super) stall_gate: StallGate,
 }
 
 impl LinkHandle {
@@ -167,6 +169,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
         conn: conn.clone(),
         notices: hello.notices,
         closed_by_us: Mutex::new(None),
+        stall_gate: StallGate::default(),
     });
     let writer = tokio::spawn({
         let conn = conn.clone();
@@ -461,24 +464,42 @@ async fn ingress(shared: Arc<Shared>, from: Arc<LinkHandle>, recv: quinn::RecvSt
     }
 }
 
-/// Stops reading a sender's lane until every receiver its last batch left
-/// backlogged has drained to half its queue, for at most
-/// `link.max_stall_ms`. While the relay does not read, QUIC flow control
-/// slows the sender to its receivers' pace, so a fast sender and a slower
-/// receiver lose nothing. A receiver that does not drain in time costs the
-/// sender no more than that pause per batch; what then finds no room is
-/// dropped as before. Other links are never paused.
+/// Stops reading a sender's lane until every receiver its last batch's
+/// cell-addressed messages left backlogged has drained to half its queue,
+/// for at most `link.max_stall_ms`. While the relay does not read, QUIC
+/// flow control slows the sender to its receivers' pace, so a fast sender
+/// and a slower receiver lose nothing. Other links are never paused.
+///
+/// A receiver that does not drain in time is not waited for again by any
+/// sender for [`STALL_HOLD_OFF_MS`](crate::core::STALL_HOLD_OFF_MS)
+/// ([`StallGate`]): a cell that never reads costs its senders at most one
+/// pause per hold-off, and what then finds no room is dropped and counted.
+/// Broadcast and service messages never pause their sender: one slow
+/// member must not slow everyone who broadcasts.
 async fn stall(shared: &Shared, backlogged: &[Arc<LinkHandle>], lane: Lane) {
     let max = shared.cfg.link.max_stall();
-    if backlogged.is_empty() || max.is_zero() {
+    if max.is_zero() {
+        return;
+    }
+    let now_ms = unix_ms();
+    let waiting: Vec<&Arc<LinkHandle>> = backlogged
+        .iter()
+        .filter(|h| h.stall_gate.may_wait(now_ms))
+        .collect();
+    if waiting.is_empty() {
         return;
     }
     let start = tokio::time::Instant::now();
     let deadline = start + max;
-    for h in backlogged {
+    let mut timed_out = false;
+    for h in waiting {
         if !h.queues.wait_for_room(lane, deadline).await {
+            h.stall_gate.timed_out(unix_ms());
+            timed_out = true;
             break;
         }
     }
-    shared.metrics.stalled(start.elapsed().as_secs_f64());
+    shared
+        .metrics
+        .stalled(start.elapsed().as_secs_f64(), timed_out);
 }

@@ -28,9 +28,10 @@ impl Shared {
     }
 
     /// Checks, deduplicates and routes one incoming batch; returns the
-    /// links whose lane queue this batch left over half full, for the
-    /// reader to wait on. An error closes the sending link with that code
-    /// and reason.
+    /// cells whose lane queue this batch's cell-addressed messages left over
+    /// half full, for the reader to wait on (broadcast and service
+    /// receivers are never waited for). An error closes the sending link
+    /// with that code and reason.
     ///
     /// When every message of the batch passes and goes to the same cell,
     /// the batch is forwarded as it arrived (no re-encoding, no second
@@ -67,6 +68,9 @@ impl Shared {
         let queued_at = Instant::now();
         let ids: Vec<MessageId> = envs.iter().map(Envelope::id).collect();
         let mut woken: Vec<Arc<LinkHandle>> = Vec::new();
+        // Receivers of cell-addressed messages: the only ones a sender may
+        // be paused for.
+        let mut unicast: Vec<Arc<LinkHandle>> = Vec::new();
         let mut refused = 0u64;
         // The one cell this batch goes to so far, and its messages, held
         // back in case the whole batch can be forwarded as it is.
@@ -115,14 +119,19 @@ impl Shared {
                 };
                 match e.destination() {
                     Destination::Cell(dest) => match core.router.route_cell(&dest) {
-                        Route::One(h) => match &single {
-                            None => {
-                                single = Some(h.clone());
-                                held.push(i);
+                        Route::One(h) => {
+                            if !unicast.iter().any(|u| Arc::ptr_eq(u, h)) {
+                                unicast.push(h.clone());
                             }
-                            Some(s) if Arc::ptr_eq(s, h) => held.push(i),
-                            Some(_) => self.enqueue(from, h, out(), ids[i], &mut woken),
-                        },
+                            match &single {
+                                None => {
+                                    single = Some(h.clone());
+                                    held.push(i);
+                                }
+                                Some(s) if Arc::ptr_eq(s, h) => held.push(i),
+                                Some(_) => self.enqueue(from, h, out(), ids[i], &mut woken),
+                            }
+                        }
                         _ => {
                             m.dropped(DropReason::UnknownDestination, 1);
                             from.notice(NoticeCode::UnknownDestination, ids[i], dest);
@@ -167,8 +176,8 @@ impl Shared {
         for h in &woken {
             h.queues.wake();
         }
-        woken.retain(|h| h.queues.over_high_water(lane));
-        Ok(woken)
+        unicast.retain(|h| h.queues.over_high_water(lane));
+        Ok(unicast)
     }
 
     /// Applies the signature policy. `None` means every message passes;
