@@ -20,7 +20,7 @@ use relay_codec::frame::{CloseCode, LEN_PREFIX, PROTOCOL_VERSION, Role};
 use relay_codec::message::encoded_layout;
 use relay_codec::{BatchEncoder, DecodeError, Envelope, Frame, Lane, Limits, PublicKey};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::Notify;
@@ -117,6 +117,8 @@ struct BoundedLane {
     staged: Mutex<Staged>,
     len: AtomicUsize,
     cap: usize,
+    /// Messages the writer has taken since the start.
+    taken: AtomicU64,
 }
 
 /// Staging buffer capacity an emptied lane keeps (a few batches); a larger
@@ -185,12 +187,15 @@ impl BoundedLane {
         }
         drop(st);
         self.len.fetch_sub(n, Ordering::AcqRel);
+        self.taken.fetch_add(n as u64, Ordering::Relaxed);
         Some((run, n))
     }
 
     fn pop(&self) -> Option<Queued> {
         let item = self.queue.pop()?;
         self.len.fetch_sub(item.weight(), Ordering::AcqRel);
+        self.taken
+            .fetch_add(item.weight() as u64, Ordering::Relaxed);
         Some(item)
     }
 
@@ -209,6 +214,7 @@ impl LaneQueues {
                 staged: Mutex::new(Staged::default()),
                 len: AtomicUsize::new(0),
                 cap: depth,
+                taken: AtomicU64::new(0),
             }),
             notify: Notify::new(),
             space: Notify::new(),
@@ -319,6 +325,12 @@ impl LaneQueues {
                 }
             }
         }
+    }
+
+    /// How many messages the writer has taken off `lane` since the start:
+    /// whether a lane that stays full is moving at all.
+    pub fn taken(&self, lane: Lane) -> u64 {
+        self.lanes[lane.index()].taken.load(Ordering::Relaxed)
     }
 
     /// Whether `lane` holds more than half of what it may: a producer that

@@ -220,9 +220,9 @@ pub struct LinkConfig {
     /// Longest pause, ms, `0..=1_000`, in reading a sender's lane after a
     /// batch left a cell-addressed receiver's lane queue over half full:
     /// the sender is slowed to its receiver's pace before anything is
-    /// dropped. A receiver that does not drain in time is not waited for
-    /// again for a second; broadcast and service receivers never are. 0
-    /// never pauses. Default 20.
+    /// dropped. A receiver that has taken nothing for a second is not
+    /// waited for until it does; broadcast and service receivers never
+    /// are. 0 never pauses. Default 20.
     pub max_stall_ms: u64,
 }
 

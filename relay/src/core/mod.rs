@@ -17,4 +17,4 @@ pub use freshness::{FreshnessWindow, Staleness};
 pub use relay_client::lanes;
 pub use relay_client::lanes::{DEFAULT_LANE_WEIGHTS, LANES, LaneScheduler, MAX_LANE_WEIGHT};
 pub use router::{LinkId, PresenceReport, Route, Router};
-pub use stall::{STALL_HOLD_OFF_MS, StallGate};
+pub use stall::{STUCK_AFTER_MS, StallGate};

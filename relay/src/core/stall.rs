@@ -1,37 +1,40 @@
 //! When the relay may pause a sender for a receiver (`link.max_stall_ms`).
 //!
 //! Pausing a fast sender until its receiver drains loses nothing, but a
-//! receiver that does not drain would cost every sender that reaches it a
-//! whole pause per batch. [`StallGate`] bounds that: once a receiver fails
-//! to drain within a pause, no sender waits for it again until a hold-off
-//! has passed; its messages that find no room are dropped and counted
-//! meanwhile, as without pauses.
+//! receiver that does not drain at all would cost every sender that reaches
+//! it a whole pause per batch. [`StallGate`] bounds that: a receiver whose
+//! link writer has taken nothing for [`STUCK_AFTER_MS`] is not waited for
+//! until it takes something again; its messages that find no room are
+//! dropped and counted meanwhile, as without pauses. A receiver that drains,
+//! however slowly (a busy machine can hold a process off the CPU for tens of
+//! milliseconds), keeps being waited for.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// How long a receiver that did not drain within a pause is not waited
-/// for, in milliseconds.
-pub const STALL_HOLD_OFF_MS: u64 = 1_000;
+/// How long a receiver may take nothing off its queue before senders stop
+/// waiting for it, in milliseconds.
+pub const STUCK_AFTER_MS: u64 = 1_000;
 
 /// Per receiver: whether senders may wait for it now. Shared by every
-/// sender's reader, so it is one atomic; time is the caller's `now_ms`.
+/// sender's reader, so it is atomics; the receiver's progress (messages its
+/// writer has taken, a monotonic count) and the time are the caller's
+/// values.
 #[derive(Debug, Default)]
 pub struct StallGate {
-    /// Senders may wait again from this time on (0: always).
-    not_before_ms: AtomicU64,
+    /// The progress count last seen, and since when it has not changed.
+    taken: AtomicU64,
+    since_ms: AtomicU64,
 }
 
 impl StallGate {
-    /// Whether a sender may wait for this receiver at `now_ms`.
-    pub fn may_wait(&self, now_ms: u64) -> bool {
-        now_ms >= self.not_before_ms.load(Ordering::Relaxed)
-    }
-
-    /// The receiver did not drain within a pause that ended at `now_ms`:
-    /// nobody waits for it for the next [`STALL_HOLD_OFF_MS`].
-    pub fn timed_out(&self, now_ms: u64) {
-        self.not_before_ms
-            .fetch_max(now_ms.saturating_add(STALL_HOLD_OFF_MS), Ordering::Relaxed);
+    /// Whether a sender may wait for this receiver at `now_ms`, its writer
+    /// having taken `taken` messages so far.
+    pub fn may_wait(&self, taken: u64, now_ms: u64) -> bool {
+        if self.taken.swap(taken, Ordering::Relaxed) != taken {
+            self.since_ms.store(now_ms, Ordering::Relaxed);
+            return true;
+        }
+        now_ms.saturating_sub(self.since_ms.load(Ordering::Relaxed)) < STUCK_AFTER_MS
     }
 }
 
@@ -40,23 +43,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_receiver_that_times_out_is_not_waited_for_during_the_hold_off() {
+    fn a_receiver_that_takes_nothing_is_waited_for_until_it_counts_as_stuck() {
         let gate = StallGate::default();
-        assert!(gate.may_wait(0));
-        assert!(gate.may_wait(5_000));
-        gate.timed_out(5_000);
-        assert!(!gate.may_wait(5_000));
-        assert!(!gate.may_wait(5_000 + STALL_HOLD_OFF_MS - 1));
-        assert!(gate.may_wait(5_000 + STALL_HOLD_OFF_MS));
+        assert!(gate.may_wait(5, 1_000));
+        assert!(gate.may_wait(5, 1_000 + STUCK_AFTER_MS - 1));
+        assert!(!gate.may_wait(5, 1_000 + STUCK_AFTER_MS));
+        assert!(!gate.may_wait(5, 60_000));
+        // It takes something: waited for again, and the clock restarts.
+        assert!(gate.may_wait(6, 60_001));
+        assert!(gate.may_wait(6, 60_001 + STUCK_AFTER_MS - 1));
+        assert!(!gate.may_wait(6, 60_001 + STUCK_AFTER_MS));
     }
 
     #[test]
-    fn an_earlier_time_out_never_shortens_the_hold_off() {
+    fn a_receiver_that_keeps_taking_is_always_waited_for() {
         let gate = StallGate::default();
-        gate.timed_out(9_000);
-        // A reader whose pause ended earlier reports late.
-        gate.timed_out(8_000);
-        assert!(!gate.may_wait(9_000 + STALL_HOLD_OFF_MS - 1));
-        assert!(gate.may_wait(9_000 + STALL_HOLD_OFF_MS));
+        for k in 0..100u64 {
+            // Progress every 900 ms: never stuck, however long it runs.
+            assert!(gate.may_wait(k, k * 900));
+            assert!(gate.may_wait(k, k * 900 + 899));
+        }
     }
 }

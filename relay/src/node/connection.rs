@@ -470,10 +470,12 @@ async fn ingress(shared: Arc<Shared>, from: Arc<LinkHandle>, recv: quinn::RecvSt
 /// flow control slows the sender to its receivers' pace, so a fast sender
 /// and a slower receiver lose nothing. Other links are never paused.
 ///
-/// A receiver that does not drain in time is not waited for again by any
-/// sender for [`STALL_HOLD_OFF_MS`](crate::core::STALL_HOLD_OFF_MS)
-/// ([`StallGate`]): a cell that never reads costs its senders at most one
-/// pause per hold-off, and what then finds no room is dropped and counted.
+/// A receiver none of whose messages has left for
+/// [`STUCK_AFTER_MS`](crate::core::STUCK_AFTER_MS) is not waited for
+/// ([`StallGate`]) until one leaves: a cell that never reads costs each of
+/// its senders about that long in pauses, then what finds no room is
+/// dropped and counted. One that drains, however slowly, keeps being
+/// waited for.
 /// Broadcast and service messages never pause their sender: one slow
 /// member must not slow everyone who broadcasts.
 async fn stall(shared: &Shared, backlogged: &[Arc<LinkHandle>], lane: Lane) {
@@ -484,7 +486,7 @@ async fn stall(shared: &Shared, backlogged: &[Arc<LinkHandle>], lane: Lane) {
     let now_ms = unix_ms();
     let waiting: Vec<&Arc<LinkHandle>> = backlogged
         .iter()
-        .filter(|h| h.stall_gate.may_wait(now_ms))
+        .filter(|h| h.stall_gate.may_wait(h.queues.taken(lane), now_ms))
         .collect();
     if waiting.is_empty() {
         return;
@@ -494,7 +496,6 @@ async fn stall(shared: &Shared, backlogged: &[Arc<LinkHandle>], lane: Lane) {
     let mut timed_out = false;
     for h in waiting {
         if !h.queues.wait_for_room(lane, deadline).await {
-            h.stall_gate.timed_out(unix_ms());
             timed_out = true;
             break;
         }
