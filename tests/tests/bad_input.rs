@@ -880,7 +880,7 @@ async fn a_cell_that_never_reads_loses_only_its_own_messages() {
         },
     )
     .await;
-    const FLOOD: u64 = 5_000;
+    const FLOOD: u64 = 20_000;
     let handle = flooder.handle();
     let to = sink.public();
     let flood = tokio::spawn(async move {
