@@ -181,6 +181,26 @@ impl RawLink {
         Self::connect_with(relay, key, RawOptions::default()).await
     }
 
+    /// A cell that never reads: it never accepts the relay's data streams,
+    /// and its small windows make the relay's stream to it stall after a
+    /// few KiB, so its lane queue fills and stays full.
+    pub async fn connect_never_reading(relay: &RelayProcess) -> Result<RawLink, LinkError> {
+        Self::connect_with(
+            relay,
+            Keypair::generate(),
+            RawOptions {
+                read_data: false,
+                tuning: TransportTuning {
+                    stream_window: 16 * 1024,
+                    conn_window: 32 * 1024,
+                    ..TransportTuning::default()
+                },
+                ..RawOptions::default()
+            },
+        )
+        .await
+    }
+
     /// Like [`connect`](Self::connect) with options.
     pub async fn connect_with(
         relay: &RelayProcess,

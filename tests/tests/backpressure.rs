@@ -4,14 +4,23 @@
 //! member. The case of a cell-addressed receiver that never drains is in
 //! bad_input.rs (`a_cell_that_never_reads_loses_only_its_own_messages`).
 
-use relay_client::cell::{AuthMode, CellOptions};
-use relay_client::transport::TransportTuning;
+use relay_client::cell::{AuthMode, Cell, CellOptions};
 use relay_codec::{Keypair, Lane};
 use relay_tests::RelayProcess;
 use relay_tests::cells::{WAIT, connect, options, within};
-use relay_tests::raw::{RawLink, RawOptions, noise};
+use relay_tests::raw::{RawLink, noise};
 use std::collections::HashSet;
 use std::time::Duration;
+
+/// A sending cell whose messages carry no signature (the relay vouches for
+/// the source), so that a debug build is not bound by signing.
+async fn unsigned_sender(relay: &RelayProcess) -> Cell {
+    let opts = CellOptions {
+        auth: AuthMode::Link,
+        ..options()
+    };
+    connect(relay, Keypair::generate(), opts).await
+}
 
 /// Messages sent: ten times the relay's lane queue below, so a relay that
 /// dropped instead of pausing would lose most of them.
@@ -25,15 +34,7 @@ async fn a_fast_sender_is_slowed_to_a_slow_receiver_and_nothing_is_lost() {
     let relay = RelayProcess::start_with_config(
         "[limits]\nlane_queue_depth = 2048\n[link]\nmax_stall_ms = 1000\n",
     );
-    let sender = connect(
-        &relay,
-        Keypair::generate(),
-        CellOptions {
-            auth: AuthMode::Link,
-            ..options()
-        },
-    )
-    .await;
+    let sender = unsigned_sender(&relay).await;
     let mut receiver = connect(&relay, Keypair::generate(), options()).await;
     let to = receiver.public_key();
     let handle = sender.handle();
@@ -76,33 +77,9 @@ async fn a_fast_sender_is_slowed_to_a_slow_receiver_and_nothing_is_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_never_reads_does_not_slow_a_broadcaster() {
     let relay = RelayProcess::start_with_config("[limits]\nlane_queue_depth = 256\n");
-    // Never accepts the relay's data streams, with small windows: its lane
-    // queue fills after a few batches and stays full.
-    let sink = RawLink::connect_with(
-        &relay,
-        Keypair::generate(),
-        RawOptions {
-            read_data: false,
-            tuning: TransportTuning {
-                stream_window: 16 * 1024,
-                conn_window: 32 * 1024,
-                ..TransportTuning::default()
-            },
-            ..RawOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let sink = RawLink::connect_never_reading(&relay).await.unwrap();
     let mut reader = connect(&relay, Keypair::generate(), options()).await;
-    let broadcaster = connect(
-        &relay,
-        Keypair::generate(),
-        CellOptions {
-            auth: AuthMode::Link,
-            ..options()
-        },
-    )
-    .await;
+    let broadcaster = unsigned_sender(&relay).await;
     const SENT: u64 = 3_000;
     let handle = broadcaster.handle();
     let send = tokio::spawn(async move {

@@ -14,7 +14,7 @@ use relay_codec::{BatchFrame, Destination, Envelope, Frame, Keypair, Lane, Limit
 use relay_tests::RelayProcess;
 use relay_tests::cells::{HonestPair, WAIT, connect, options, wait_event, within};
 use relay_tests::raw::{
-    self, RawLink, RawOptions, batch_frame, encoded, envelope, message, noise, now_ms, signed,
+    self, RawLink, batch_frame, encoded, envelope, message, noise, now_ms, signed,
 };
 
 fn drops(relay: &RelayProcess, reason: &str) -> f64 {
@@ -854,23 +854,7 @@ async fn a_cell_that_never_reads_loses_only_its_own_messages() {
         "[limits]\nlane_queue_depth = 256\n[link]\nstream_window = 16384\nconn_window = 65536\n",
     );
     let mut pair = HonestPair::start(&relay).await;
-    // Never accepts the relay's data streams, with small windows: the
-    // relay's stream to it stalls after a few KiB.
-    let sink = RawLink::connect_with(
-        &relay,
-        Keypair::generate(),
-        RawOptions {
-            read_data: false,
-            tuning: TransportTuning {
-                stream_window: 16 * 1024,
-                conn_window: 32 * 1024,
-                ..TransportTuning::default()
-            },
-            ..RawOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let sink = RawLink::connect_never_reading(&relay).await.unwrap();
     let mut flooder = connect(
         &relay,
         Keypair::generate(),
