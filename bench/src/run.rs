@@ -127,6 +127,30 @@ impl From<crate::raw::RawReceived> for RxOut {
     }
 }
 
+/// Runs `connect(i)` for `i` in `0..n` concurrently and returns the
+/// results in order of `i`, or the first failure.
+async fn connect_all<T, F, Fut>(n: usize, connect: F) -> Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+{
+    let mut set = JoinSet::new();
+    for i in 0..n {
+        let fut = connect(i);
+        set.spawn(async move { (i, fut.await) });
+    }
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    while let Some(r) = set.join_next().await {
+        let (i, c) = r.map_err(|e| anyhow!("connecting task failed: {e}"))?;
+        out[i] = Some(c?);
+    }
+    Ok(out
+        .into_iter()
+        .map(|c| c.expect("every task reported"))
+        .collect())
+}
+
 /// Connects `n` raw receivers concurrently.
 async fn connect_raw(
     target: &Target,
@@ -134,21 +158,15 @@ async fn connect_raw(
     services: Vec<ServiceName>,
     timeout: Duration,
 ) -> Result<Vec<crate::raw::RawReceiver>> {
-    let mut set = JoinSet::new();
-    for i in 0..n {
-        let addr = target.addr.clone();
-        let services = services.clone();
-        set.spawn(async move { (i, crate::raw::connect(&addr, services, timeout).await) });
-    }
-    let mut out: Vec<Option<crate::raw::RawReceiver>> = (0..n).map(|_| None).collect();
-    while let Some(r) = set.join_next().await {
-        let (i, rx) = r.map_err(|e| anyhow!("connecting task failed: {e}"))?;
-        out[i] = Some(rx.with_context(|| format!("receiver {i}"))?);
-    }
-    Ok(out
-        .into_iter()
-        .map(|c| c.expect("every receiver connected"))
-        .collect())
+    connect_all(n, |i| {
+        let (addr, services) = (target.addr.clone(), services.clone());
+        async move {
+            crate::raw::connect(&addr, services, timeout)
+                .await
+                .with_context(|| format!("receiver {i}"))
+        }
+    })
+    .await
 }
 
 /// Connects `n` raw senders concurrently.
@@ -158,20 +176,15 @@ async fn connect_raw_senders(
     signed: bool,
     timeout: Duration,
 ) -> Result<Vec<crate::raw::RawSender>> {
-    let mut set = JoinSet::new();
-    for i in 0..n {
+    connect_all(n, |i| {
         let addr = target.addr.clone();
-        set.spawn(async move { (i, crate::raw::connect_sender(&addr, signed, timeout).await) });
-    }
-    let mut out: Vec<Option<crate::raw::RawSender>> = (0..n).map(|_| None).collect();
-    while let Some(r) = set.join_next().await {
-        let (i, tx) = r.map_err(|e| anyhow!("connecting task failed: {e}"))?;
-        out[i] = Some(tx.with_context(|| format!("sender {i}"))?);
-    }
-    Ok(out
-        .into_iter()
-        .map(|c| c.expect("every sender connected"))
-        .collect())
+        async move {
+            crate::raw::connect_sender(&addr, signed, timeout)
+                .await
+                .with_context(|| format!("sender {i}"))
+        }
+    })
+    .await
 }
 
 /// Where senders send.
@@ -354,29 +367,19 @@ async fn connect_many(
     opts: relay_client::CellOptions,
     what: &str,
 ) -> Result<Vec<Cell>> {
-    let mut set = JoinSet::new();
-    for i in 0..n {
-        let addr = target.addr.clone();
-        let opts = opts.clone();
+    connect_all(n, |i| {
+        let (addr, opts) = (target.addr.clone(), opts.clone());
         let what = format!("{what} {i}");
-        let opts_timeout = opts.connect_timeout;
-        set.spawn(async move {
+        async move {
+            let timeout = opts.connect_timeout;
             let cell = cells::connect(&addr, opts, &what).await?;
-            cells::probe_attached(&cell, opts_timeout)
+            cells::probe_attached(&cell, timeout)
                 .await
                 .with_context(|| format!("{what} connected but"))?;
-            Ok::<_, anyhow::Error>((i, cell))
-        });
-    }
-    let mut out: Vec<Option<Cell>> = (0..n).map(|_| None).collect();
-    while let Some(r) = set.join_next().await {
-        let (i, c) = r.map_err(|e| anyhow!("connecting task failed: {e}"))??;
-        out[i] = Some(c);
-    }
-    Ok(out
-        .into_iter()
-        .map(|c| c.expect("every cell connected"))
-        .collect())
+            Ok(cell)
+        }
+    })
+    .await
 }
 
 /// Runs `plan` against `target`.
