@@ -250,20 +250,31 @@ impl LaneQueues {
             })
     }
 
-    /// Queues `item`, waiting for room while its lane is full (for a cell's
-    /// own sends, where waiting is the right backpressure). Gives the item
+    /// Queues `item`, waiting for room while its lane is full (for
+    /// producers where waiting is the right backpressure). Gives the item
     /// back only if the link is closed. Wakes the writer.
-    pub async fn push_wait(&self, mut item: Outbound) -> Result<(), Outbound> {
+    pub async fn push_wait(&self, item: Outbound) -> Result<(), Outbound> {
+        self.put_wait(item, |item| self.push(item)).await
+    }
+
+    /// Retries `put` until it takes `item`, waiting for the writer to make
+    /// room between tries; gives the item back once the link is closed.
+    /// Wakes the writer.
+    async fn put_wait<T, R>(
+        &self,
+        mut item: T,
+        mut put: impl FnMut(T) -> Result<R, T>,
+    ) -> Result<R, T> {
         loop {
             let room = self.space.notified();
             tokio::pin!(room);
             // Register before trying, so a wake between the try and the
             // await is not lost.
             room.as_mut().enable();
-            match self.push(item) {
-                Ok(()) => {
+            match put(item) {
+                Ok(r) => {
                     self.wake();
-                    return Ok(());
+                    return Ok(r);
                 }
                 Err(back) if self.is_closed() => return Err(back),
                 Err(back) => {
@@ -306,25 +317,10 @@ impl LaneQueues {
     pub async fn stage_wait<R, F: FnOnce(&mut BytesMut) -> R>(
         &self,
         lane: Lane,
-        mut encode: F,
+        encode: F,
     ) -> Result<R, F> {
-        loop {
-            let room = self.space.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            match self.stage(lane, encode) {
-                Ok(r) => {
-                    self.wake();
-                    return Ok(r);
-                }
-                Err(back) if self.is_closed() => return Err(back),
-                Err(back) => {
-                    encode = back;
-                    self.wake();
-                    room.await;
-                }
-            }
-        }
+        self.put_wait(encode, |encode| self.stage(lane, encode))
+            .await
     }
 
     /// How many messages the writer has taken off `lane` since the start:
