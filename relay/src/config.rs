@@ -902,6 +902,11 @@ sample_rate = 0.5
         assert_invalid("[link]\nconn_window = 1024\n", "link.conn_window", Some(2));
         assert_invalid("[link]\nbatch_bytes = 512\n", "link.batch_bytes", Some(2));
         assert_invalid("[link]\nzstd_level = 0\n", "link.zstd_level", Some(2));
+        assert_invalid(
+            "[link]\nmax_stall_ms = 1001\n",
+            "link.max_stall_ms",
+            Some(2),
+        );
     }
 
     #[test]
