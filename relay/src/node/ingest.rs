@@ -2,7 +2,7 @@
 //! queueing; and what it counts as a link writer sends.
 
 use super::connection::LinkHandle;
-use super::{Shared, unix_ms};
+use super::{Core, Shared, unix_ms};
 use crate::config::VerifyMode;
 use crate::core::{DedupVerdict, PresenceReport, Route, Staleness};
 use crate::metrics::{DropReason, Metrics};
@@ -76,6 +76,9 @@ impl Shared {
         // back in case the whole batch can be forwarded as it is.
         let mut single: Option<Arc<LinkHandle>> = None;
         let mut held: Vec<usize> = Vec::new();
+        // Batches mostly go to one cell: look its route up once, not per
+        // message (a keyed hash of 32 bytes each).
+        let mut last_route: Option<(PublicKey, Arc<LinkHandle>)> = None;
         {
             let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
             for id in &ids {
@@ -118,8 +121,8 @@ impl Shared {
                     queued_at,
                 };
                 match e.destination() {
-                    Destination::Cell(dest) => match core.router.route_cell(&dest) {
-                        Route::One(h) => {
+                    Destination::Cell(dest) => match route_memo(&mut last_route, &core, dest) {
+                        Some(h) => {
                             if !unicast.iter().any(|u| Arc::ptr_eq(u, h)) {
                                 unicast.push(h.clone());
                             }
@@ -132,7 +135,7 @@ impl Shared {
                                 Some(_) => self.enqueue(from, h, out(), ids[i], &mut woken),
                             }
                         }
-                        _ => {
+                        None => {
                             m.dropped(DropReason::UnknownDestination, 1);
                             from.notice(NoticeCode::UnknownDestination, ids[i], dest);
                         }
@@ -329,4 +332,20 @@ impl WriteObserver for RelayObserver {
         self.samples.resize(stats.count, us);
         self.on_batch(lane, stats);
     }
+}
+
+/// The route to cell `dest`, from `memo` when the previous cell-addressed
+/// message of the batch went to the same cell; `None` for a cell not here.
+fn route_memo<'a>(
+    memo: &'a mut Option<(PublicKey, Arc<LinkHandle>)>,
+    core: &Core,
+    dest: PublicKey,
+) -> Option<&'a Arc<LinkHandle>> {
+    if memo.as_ref().is_none_or(|(k, _)| *k != dest) {
+        *memo = match core.router.route_cell(&dest) {
+            Route::One(h) => Some((dest, h.clone())),
+            _ => None,
+        };
+    }
+    memo.as_ref().map(|(_, h)| h)
 }
