@@ -399,7 +399,8 @@ pub struct WriterConfig {
     pub batch_bytes: usize,
     /// Close a batch once it holds this many messages (at most 65535).
     pub max_batch_messages: usize,
-    /// zstd level for batches that gain.
+    /// zstd level for batches that gain (at 1..=3, adapted to the traffic:
+    /// see [`relay_codec::BatchEncoder`]).
     pub zstd_level: i32,
     /// Only batches of at least this many bytes are offered to zstd.
     pub compress_min: usize,

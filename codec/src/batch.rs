@@ -138,11 +138,23 @@ pub struct BatchStats {
 /// after a batch that does not, the encoder sends the next 1, 2, 4 … 64
 /// batches raw without trying, so incompressible traffic costs almost no
 /// compression CPU.
+///
+/// Traffic that compresses, but not much (under [`FAST_BELOW_RATIO`]:
+/// random payloads whose repeated message headers are all zstd finds) is
+/// compressed at [`FAST_LEVEL`] instead of a fast configured level (at most
+/// [`ADAPTIVE_MAX_LEVEL`]): there zstd's fast strategy costs about 0.6× the
+/// CPU for about 5 % more bytes, while compressible traffic keeps the
+/// configured level and its ratio. Every [`PROBE_EVERY`]th attempt uses
+/// the configured level again, to notice traffic that turned compressible.
 pub struct BatchEncoder {
     body: BytesMut,
     count: usize,
     compress_min: usize,
     compressor: zstd::bulk::Compressor<'static>,
+    /// The configured level.
+    level: i32,
+    /// Whether the compressor is set to [`FAST_LEVEL`].
+    fast: bool,
     scratch: Vec<u8>,
     /// Batches to send raw before trying zstd again, after one that did
     /// not gain enough.
@@ -160,6 +172,21 @@ const MIN_GAIN_DEN: usize = 5;
 /// Longest run of batches sent raw without trying zstd, after batches that
 /// did not compress: traffic that turns compressible is noticed within it.
 const MAX_SKIP: u32 = 64;
+/// The zstd level for traffic that compresses less than
+/// [`FAST_BELOW_RATIO`] at the configured level. Measured on batches of
+/// 500 messages of 128 random bytes: level 1 compresses 1.87× at about
+/// 1.0 GB/s, level -5 1.78× at about 1.7 GB/s.
+pub const FAST_LEVEL: i32 = -5;
+/// Below this ratio (raw over compressed) at the configured level, a batch
+/// encoder switches to [`FAST_LEVEL`]. Compressible text (about 12× at
+/// level 1, 5× at -5) stays well above it.
+pub const FAST_BELOW_RATIO: f64 = 2.5;
+/// Highest configured level the encoder adapts: someone who chose a slow
+/// level chose ratio over CPU, and gets it on every batch.
+pub const ADAPTIVE_MAX_LEVEL: i32 = 3;
+/// While at [`FAST_LEVEL`], every this many compression attempts one is
+/// made at the configured level, to see whether the traffic changed.
+pub const PROBE_EVERY: u64 = 32;
 
 impl BatchEncoder {
     /// An encoder compressing at zstd `level` the batches of at least
@@ -170,6 +197,8 @@ impl BatchEncoder {
             count: 0,
             compress_min,
             compressor: zstd::bulk::Compressor::new(level)?,
+            level,
+            fast: false,
             scratch: Vec::new(),
             skip: 0,
             backoff: 0,
@@ -196,6 +225,24 @@ impl BatchEncoder {
     /// Whether nothing is pushed.
     pub fn is_empty(&self) -> bool {
         self.count == 0
+    }
+
+    /// Whether batches are being compressed at [`FAST_LEVEL`] rather than
+    /// the configured level.
+    pub fn is_fast(&self) -> bool {
+        self.fast
+    }
+
+    /// Sets the compressor to [`FAST_LEVEL`] or back to the configured
+    /// level. zstd accepts every level between its minimum and maximum, so
+    /// a failure would leave the previous level, which is still correct.
+    fn set_fast(&mut self, fast: bool) {
+        if fast != self.fast {
+            let level = if fast { FAST_LEVEL } else { self.level };
+            if self.compressor.set_compression_level(level).is_ok() {
+                self.fast = fast;
+            }
+        }
     }
 
     /// Whether one more message would exceed the count bound of a batch.
@@ -254,13 +301,23 @@ impl BatchEncoder {
                 self.skip -= 1;
             } else {
                 self.attempts += 1;
+                let probe = self.fast && self.attempts.is_multiple_of(PROBE_EVERY);
+                if probe {
+                    self.set_fast(false);
+                }
                 self.scratch.clear();
                 self.scratch
                     .reserve(zstd::zstd_safe::compress_bound(raw_len));
-                compressed = self
+                let n = self
                     .compressor
                     .compress_to_buffer(&self.body[..], &mut self.scratch)
-                    .is_ok_and(|n| n * MIN_GAIN_DEN <= raw_len * MIN_GAIN_NUM);
+                    .ok();
+                compressed = n.is_some_and(|n| n * MIN_GAIN_DEN <= raw_len * MIN_GAIN_NUM);
+                if let Some(n) = n.filter(|_| !self.fast) {
+                    // Only a ratio at the configured level decides.
+                    let barely = (raw_len as f64) < FAST_BELOW_RATIO * n as f64;
+                    self.set_fast(barely && self.level <= ADAPTIVE_MAX_LEVEL);
+                }
                 // Incompressible traffic stops paying for zstd on every
                 // batch: back off, doubling, and try again now and then.
                 if compressed {

@@ -3,6 +3,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
+use relay_codec::batch::{ADAPTIVE_MAX_LEVEL, PROBE_EVERY};
 use relay_codec::frame::{CloseCode, Role};
 use relay_codec::verify::{verify_batch, verify_each};
 use relay_codec::{
@@ -241,6 +242,98 @@ fn incompressible_traffic_backs_off_and_compressible_traffic_is_noticed() {
         compressed += usize::from(enc.finish(Lane::Normal, &mut out).compressed);
     }
     assert!(compressed >= 5, "{compressed}");
+}
+
+/// 64 messages from `from` to one cell, 128 random bytes each: zstd finds
+/// only the repeated headers, under 2.5×.
+fn headers_only_batch(enc: &mut BatchEncoder, from: &Keypair, x: &mut u64) -> Vec<Message> {
+    let to = Keypair::from_secret_bytes(&[2; 32]).public();
+    (0..64u64)
+        .map(|i| {
+            let payload: Vec<u8> = (0..128)
+                .map(|_| {
+                    *x ^= *x << 13;
+                    *x ^= *x >> 7;
+                    *x ^= *x << 17;
+                    *x as u8
+                })
+                .collect();
+            let m = Message::new(from.public(), Destination::Cell(to), Bytes::from(payload))
+                .with_nonce(i);
+            enc.push(&m);
+            m
+        })
+        .collect()
+}
+
+#[test]
+fn barely_compressible_traffic_goes_fast_and_text_gets_the_level_back() {
+    let kp = Keypair::from_secret_bytes(&[1; 32]);
+    let limits = Limits::default();
+    let mut dec = BatchDecoder::new(limits).unwrap();
+    let mut enc = BatchEncoder::new(1, 1024).unwrap();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut out = BytesMut::new();
+    assert!(!enc.is_fast());
+    for b in 0..10 {
+        let sent = headers_only_batch(&mut enc, &kp, &mut x);
+        out.clear();
+        let stats = enc.finish(Lane::Normal, &mut out);
+        // The first batch, at level 1, shows the ratio; every later one is
+        // at the fast level, and still round-trips.
+        assert!(enc.is_fast(), "batch {b}: {stats:?}");
+        assert!(
+            stats.compressed,
+            "batch {b}: headers still gain 20 %: {stats:?}"
+        );
+        let Frame::Batch(batch) = Frame::decode(out.split().freeze(), &limits).unwrap() else {
+            panic!("not a batch");
+        };
+        let back: Vec<Message> = dec
+            .messages(&batch)
+            .unwrap()
+            .map(|e| e.unwrap().to_message())
+            .collect();
+        assert_eq!(back, sent);
+    }
+    // Text arrives: the next probe at level 1 sees it compress well, and
+    // the encoder keeps level 1 from then on.
+    let mut probes = 0;
+    for b in 0..PROBE_EVERY {
+        for i in 0..64u64 {
+            let text = format!("{{\"sensor\":\"cell-{i}\",\"batch\":{b},\"status\":\"ok\"}}");
+            enc.push(
+                &Message::new(kp.public(), Destination::Broadcast, Bytes::from(text)).with_nonce(i),
+            );
+        }
+        out.clear();
+        let stats = enc.finish(Lane::Normal, &mut out);
+        assert!(stats.compressed);
+        if !enc.is_fast() {
+            probes += 1;
+            assert!(stats.wire_bytes * 3 < stats.raw_bytes, "{stats:?}");
+        }
+    }
+    assert!(
+        probes > 0,
+        "no probe at the configured level in {PROBE_EVERY} batches"
+    );
+    assert!(!enc.is_fast());
+}
+
+#[test]
+fn a_slow_level_is_kept_whatever_the_traffic() {
+    const { assert!(ADAPTIVE_MAX_LEVEL < 19) };
+    let kp = Keypair::from_secret_bytes(&[1; 32]);
+    let mut enc = BatchEncoder::new(19, 1024).unwrap();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut out = BytesMut::new();
+    for _ in 0..5 {
+        headers_only_batch(&mut enc, &kp, &mut x);
+        out.clear();
+        assert!(enc.finish(Lane::Normal, &mut out).compressed);
+        assert!(!enc.is_fast());
+    }
 }
 
 #[test]

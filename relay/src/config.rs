@@ -210,7 +210,8 @@ pub struct LinkConfig {
     /// Batches at least this large are zstd-compressed; any value (0
     /// compresses every batch). Default 1024.
     pub compress_min_bytes: usize,
-    /// zstd level, `1..=19`. Default 1.
+    /// zstd level, `1..=19`. Default 1. At 1..=3 the batch encoder adapts:
+    /// see [`relay_codec::BatchEncoder`].
     pub zstd_level: i32,
     /// Writer share of lanes `[control, high, normal, bulk]`, each `1..=1024`.
     /// Default `[8, 4, 2, 1]`.

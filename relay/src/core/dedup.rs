@@ -48,7 +48,7 @@ pub enum DedupVerdict {
 /// - **Bounded memory.** Never more than `capacity` ids are held
 ///   ([`len`](Self::len)), in two tables each allocated for at most
 ///   `capacity / 2` ids: 16-byte slots in power-of-two tables at most
-///   half full ([`IdTable`]), so 32 to 64 bytes per id of capacity (2 ×
+///   half full (`IdTable`), so 32 to 64 bytes per id of capacity (2 ×
 ///   16 MiB at the default 1 M).
 /// - **Cost.** A check is at most two hash-table lookups, one per
 ///   generation, and an insert into the slot the first one just brought
