@@ -27,6 +27,7 @@
 pub mod batch;
 pub mod error;
 pub mod frame;
+pub mod id_table;
 pub mod key;
 pub mod keyfile;
 pub mod limits;

@@ -13,7 +13,7 @@
 //! inserts (see [`DedupWindow`]), so the capacity should cover twice the
 //! traffic of a window.
 
-use super::id_table::{IdKey, IdTable};
+use relay_codec::id_table::{IdKey, IdTable};
 use std::mem;
 
 /// What [`DedupWindow::check_and_insert`] found.

@@ -6,7 +6,6 @@
 
 pub mod dedup;
 pub mod freshness;
-mod id_table;
 pub mod router;
 pub mod stall;
 

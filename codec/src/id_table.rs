@@ -1,14 +1,15 @@
-//! A flat hash set of 128-bit message ids, built for the dedup window.
+//! A flat hash set of 128-bit message ids, for dedup windows: the relay's
+//! (`relay::core::dedup`) and each cell's.
 //!
-//! Why not `std`'s `HashSet`: at the default capacity a generation holds
-//! half a million ids, and every check lands at a random place in tens of
-//! MiB. `HashSet` keeps control bytes apart from the slots, so a lookup
-//! costs two cache misses per table, and it cannot be told to fetch ahead.
-//! Here the slot is the id itself (zero marks an empty slot), probed
+//! Why not `std`'s `HashSet`: at the relay's default capacity a generation
+//! holds half a million ids, and every check lands at a random place in
+//! tens of MiB. `HashSet` keeps control bytes apart from the slots, so a
+//! lookup costs two cache misses per table, and it cannot be told to fetch
+//! ahead. Here the slot is the id itself (zero marks an empty slot), probed
 //! linearly from a keyed hash: one miss per lookup, and
 //! [`IdTable::prefetch`] lets a caller with a whole batch of ids start
-//! every miss before waiting on the first (`relay::node` checks batches of
-//! up to thousands of messages under one lock).
+//! every miss before waiting on the first (the relay checks batches of up
+//! to thousands of messages under one lock).
 
 use std::hash::{BuildHasher, RandomState};
 
@@ -23,7 +24,7 @@ const MIN_SLOTS: usize = 8;
 /// table grows (doubling, one rehash) only when an insert finds it full,
 /// and [`reserve`](Self::reserve) grows it ahead of need.
 #[derive(Debug)]
-pub(crate) struct IdTable {
+pub struct IdTable {
     /// Zero is an empty slot; the id zero itself is held in `has_zero`.
     slots: Box<[u128]>,
     len: usize,
@@ -34,7 +35,7 @@ pub(crate) struct IdTable {
 impl IdTable {
     /// A table that holds at least `ids` ids before growing, placing them
     /// with `key`.
-    pub(crate) fn with_capacity(ids: usize, key: IdKey) -> Self {
+    pub fn with_capacity(ids: usize, key: IdKey) -> Self {
         Self {
             slots: vec![0; slots_for(ids)].into_boxed_slice(),
             len: 0,
@@ -44,22 +45,22 @@ impl IdTable {
     }
 
     /// Ids held.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.len
     }
 
     /// Whether no id is held.
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// How many ids fit before the table grows.
-    pub(crate) fn capacity(&self) -> usize {
+    pub fn capacity(&self) -> usize {
         self.slots.len() / 2
     }
 
     /// Whether `id` is held.
-    pub(crate) fn contains(&self, id: u128) -> bool {
+    pub fn contains(&self, id: u128) -> bool {
         if id == 0 {
             return self.has_zero;
         }
@@ -77,7 +78,7 @@ impl IdTable {
     /// Starts loading the cache line where a lookup of `id` begins, so that
     /// a later [`contains`](Self::contains) or [`insert`](Self::insert)
     /// finds it in cache. Only ever a hint: it changes no result.
-    pub(crate) fn prefetch(&self, id: u128) {
+    pub fn prefetch(&self, id: u128) {
         let i = self.key.hash(id) as usize & (self.slots.len() - 1);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a prefetch never faults and changes nothing the program
@@ -95,7 +96,7 @@ impl IdTable {
 
     /// Adds `id`, which must not be held already; grows the table if it is
     /// full.
-    pub(crate) fn insert(&mut self, id: u128) {
+    pub fn insert(&mut self, id: u128) {
         debug_assert!(!self.contains(id));
         if self.len == self.capacity() {
             self.reserve(1);
@@ -105,7 +106,7 @@ impl IdTable {
 
     /// Makes room for `additional` more ids without further growth, in one
     /// rehash if the table must grow.
-    pub(crate) fn reserve(&mut self, additional: usize) {
+    pub fn reserve(&mut self, additional: usize) {
         let needed = self.len + additional;
         if needed <= self.capacity() {
             return;
@@ -124,7 +125,7 @@ impl IdTable {
     }
 
     /// Forgets every id, keeping the allocation.
-    pub(crate) fn clear(&mut self) {
+    pub fn clear(&mut self) {
         if self.len > usize::from(self.has_zero) {
             self.slots.fill(0);
         }
@@ -162,14 +163,14 @@ fn slots_for(ids: usize) -> usize {
 /// foldhash) costs about a nanosecond and takes that away. The key only
 /// changes the table layout, never a verdict.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct IdKey {
+pub struct IdKey {
     k0: u64,
     k1: u64,
 }
 
 impl IdKey {
     /// A fresh random key.
-    pub(crate) fn random() -> Self {
+    pub fn random() -> Self {
         // std's RandomState is already seeded from the OS once per thread;
         // borrowing it avoids a dependency and a syscall per window.
         let state = RandomState::new();
@@ -180,7 +181,7 @@ impl IdKey {
     }
 
     /// Where `id` goes: its low bits pick the first slot probed.
-    pub(crate) fn hash(&self, id: u128) -> u64 {
+    pub fn hash(&self, id: u128) -> u64 {
         let product = u128::from((id as u64) ^ self.k0) * u128::from(((id >> 64) as u64) ^ self.k1);
         (product as u64) ^ ((product >> 64) as u64)
     }
