@@ -1819,7 +1819,13 @@ async fn check(
     let (mut bad_signature, mut unsupported, mut duplicate) = (0u64, 0u64, 0u64);
     let mut out = Vec::with_capacity(envs.len());
     let mut ok = sig_ok.into_iter();
-    for env in envs.drain(..) {
+    // Each id is hashed once, here, and the dedup table uses it as its own
+    // hash; every lookup is started before the first is waited on.
+    let ids: Vec<MessageId> = envs.iter().map(Envelope::id).collect();
+    for id in &ids {
+        seen.prefetch(id.as_u128());
+    }
+    for (env, id) in envs.drain(..).zip(ids) {
         let auth = match env.authenticator() {
             Authenticator::Signature(_) => {
                 if !ok.next().unwrap_or(false) {
@@ -1841,9 +1847,7 @@ async fn check(
             continue;
         }
         // Only after the signature passed: a forged copy must not make the
-        // genuine message look like a duplicate. The id is hashed once,
-        // here, and the dedup table uses it as its own hash.
-        let id = env.id();
+        // genuine message look like a duplicate.
         if !seen.insert(id.as_u128()) {
             duplicate += 1;
             continue;
@@ -1893,6 +1897,15 @@ impl Dedup {
             current: IdTable::with_capacity(0, key),
             previous: IdTable::with_capacity(0, key),
             generation: (capacity / 2).max(1),
+        }
+    }
+
+    /// Starts loading the slots where [`insert`](Self::insert) of `id`
+    /// will look; changes nothing else.
+    fn prefetch(&self, id: u128) {
+        self.current.prefetch(id);
+        if !self.previous.is_empty() {
+            self.previous.prefetch(id);
         }
     }
 
