@@ -301,8 +301,7 @@ impl BatchEncoder {
                 self.skip -= 1;
             } else {
                 self.attempts += 1;
-                let probe = self.fast && self.attempts.is_multiple_of(PROBE_EVERY);
-                if probe {
+                if self.fast && self.attempts.is_multiple_of(PROBE_EVERY) {
                     self.set_fast(false);
                 }
                 self.scratch.clear();
