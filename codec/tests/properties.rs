@@ -232,16 +232,22 @@ fn incompressible_traffic_backs_off_and_compressible_traffic_is_noticed() {
     // Text arrives: within the longest skip, batches are compressed again.
     let mut compressed = 0;
     for b in 0..70u64 {
-        for i in 0..32u64 {
-            let text = format!("{{\"sensor\":\"cell-{i}\",\"batch\":{b},\"status\":\"ok\"}}");
-            enc.push(
-                &Message::new(kp.public(), Destination::Broadcast, Bytes::from(text)).with_nonce(i),
-            );
-        }
+        push_text_batch(&mut enc, &kp, b, 32);
         out.clear();
         compressed += usize::from(enc.finish(Lane::Normal, &mut out).compressed);
     }
     assert!(compressed >= 5, "{compressed}");
+}
+
+/// `count` small JSON-like records broadcast by `from`, numbered `batch`:
+/// they compress well.
+fn push_text_batch(enc: &mut BatchEncoder, from: &Keypair, batch: u64, count: u64) {
+    for i in 0..count {
+        let text = format!("{{\"sensor\":\"cell-{i}\",\"batch\":{batch},\"status\":\"ok\"}}");
+        enc.push(
+            &Message::new(from.public(), Destination::Broadcast, Bytes::from(text)).with_nonce(i),
+        );
+    }
 }
 
 /// 64 messages from `from` to one cell, 128 random bytes each: zstd finds
@@ -300,12 +306,7 @@ fn barely_compressible_traffic_goes_fast_and_text_gets_the_level_back() {
     // the encoder keeps level 1 from then on.
     let mut probes = 0;
     for b in 0..PROBE_EVERY {
-        for i in 0..64u64 {
-            let text = format!("{{\"sensor\":\"cell-{i}\",\"batch\":{b},\"status\":\"ok\"}}");
-            enc.push(
-                &Message::new(kp.public(), Destination::Broadcast, Bytes::from(text)).with_nonce(i),
-            );
-        }
+        push_text_batch(&mut enc, &kp, b, 64);
         out.clear();
         let stats = enc.finish(Lane::Normal, &mut out);
         assert!(stats.compressed);
