@@ -115,30 +115,32 @@ fn run(cli: Cli) -> Result<()> {
         let node = Node::bind(cfg).await?;
         let key = node.key();
         let quic = node.quic_addr();
+        // Before the ready line: a supervisor may stop the relay as soon
+        // as it reads it.
+        let shutdown = shutdown_signal()?;
         println!(
             "relay ready: key={key} quic={quic} admin=http://{admin} data={dir}{created} | next: cell keygen --out me.key && cell listen --relay {key}@{quic} --key me.key",
             admin = node.admin_addr(),
             dir = data_dir.display(),
             created = if node.key_created() { " (new key)" } else { "" },
         );
-        node.run(shutdown_signal()).await;
+        node.run(shutdown).await;
         Ok(())
     })
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Listens for SIGINT and SIGTERM from now on, and returns what completes
+/// on the first of them. Listening starts here, not when the future is
+/// first polled: a signal that arrived in between would otherwise take its
+/// default action and kill the relay without a clean shutdown.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cannot listen for SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    })
 }
