@@ -356,6 +356,53 @@ fn listen_exits_cleanly_on_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_stops_cleanly_on_an_interrupt() {
+    let relay = StandIn::start(RelayBehaviour::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cell.key");
+    keygen(&key);
+    let mut listener = tokio::process::Command::new(BIN)
+        .args([
+            "listen",
+            "--relay",
+            &relay.addr.to_string(),
+            "--key",
+            key.to_str().unwrap(),
+            "--timeout",
+            "60",
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut err_lines = BufReader::new(listener.stderr.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(20), err_lines.next_line())
+        .await
+        .expect("listener attached in time")
+        .unwrap()
+        .expect("a line on stderr");
+    assert!(first.starts_with("listening as "), "{first}");
+    // Sent at once: a process that printed the line before it listened for
+    // the interrupt could be killed by the default action (a narrow window,
+    // so this catches it only now and then).
+    let pid = listener.id().unwrap().to_string();
+    let sent = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(20), listener.wait())
+        .await
+        .expect("listener stops within 20 s of the interrupt")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let rest = tokio::time::timeout(Duration::from_secs(5), err_lines.next_line())
+        .await
+        .expect("stderr ends")
+        .unwrap();
+    assert_eq!(rest.as_deref(), Some("interrupted after 0 message(s)"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_link_is_one_clear_line() {
     let relay = StandIn::start(RelayBehaviour {
         refuse: Some((

@@ -238,6 +238,11 @@ async fn listen(
         // "discoverable" too.
         cell.discover(&service).await?;
     }
+    // Listening for Ctrl-C starts before "listening" is printed, and once
+    // for the whole loop: an interrupt sent as soon as that line is read
+    // ends the loop cleanly instead of killing the process.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("listening for SIGINT")?;
     eprintln!("listening as {} on {relay}", cell.public_key());
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut received = 0u64;
@@ -254,7 +259,7 @@ async fn listen(
         };
         let event = tokio::select! {
             e = next => e,
-            _ = tokio::signal::ctrl_c() => {
+            _ = interrupt.recv() => {
                 eprintln!("interrupted after {received} message(s)");
                 break Ok(());
             }
