@@ -19,11 +19,26 @@ pub const STUCK_AFTER_MS: u64 = 1_000;
 /// sender's reader, so it is atomics; the receiver's progress (messages its
 /// writer has taken, a monotonic count) and the time are the caller's
 /// values.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StallGate {
-    /// The progress count last seen, and since when it has not changed.
+    /// The progress count last seen ([`NOT_SEEN`] before the first call),
+    /// and since when it has not changed.
     taken: AtomicU64,
     since_ms: AtomicU64,
+}
+
+/// No progress count seen yet: the first one always counts as a change, so
+/// a receiver whose writer has taken nothing yet (a new link, still at 0)
+/// is waited for from its first call, not judged stuck since time 0.
+const NOT_SEEN: u64 = u64::MAX;
+
+impl Default for StallGate {
+    fn default() -> Self {
+        Self {
+            taken: AtomicU64::new(NOT_SEEN),
+            since_ms: AtomicU64::new(0),
+        }
+    }
 }
 
 impl StallGate {
@@ -53,6 +68,17 @@ mod tests {
         assert!(gate.may_wait(6, 60_001));
         assert!(gate.may_wait(6, 60_001 + STUCK_AFTER_MS - 1));
         assert!(!gate.may_wait(6, 60_001 + STUCK_AFTER_MS));
+    }
+
+    #[test]
+    fn a_new_receiver_that_has_taken_nothing_yet_is_waited_for() {
+        // A link's writer starts at 0 taken; at real clock values the first
+        // call must not find it "stuck since time 0".
+        let now = 1_764_000_000_000;
+        let gate = StallGate::default();
+        assert!(gate.may_wait(0, now));
+        assert!(gate.may_wait(0, now + STUCK_AFTER_MS - 1));
+        assert!(!gate.may_wait(0, now + STUCK_AFTER_MS));
     }
 
     #[test]
