@@ -166,6 +166,34 @@ fn bad_arguments_are_named() {
     assert_eq!(o.status.code(), Some(2), "bad lane: {}", stderr(&o));
 }
 
+/// Starts `cell listen` with `args` (stdout piped), and waits for the
+/// first line on its stderr, which says it is listening. Returns the
+/// process, that line and the rest of stderr.
+async fn start_listener(
+    args: &[&str],
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+) {
+    let mut listener = tokio::process::Command::new(BIN)
+        .arg("listen")
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut err_lines = BufReader::new(listener.stderr.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(20), err_lines.next_line())
+        .await
+        .expect("listener attached in time")
+        .unwrap()
+        .expect("a line on stderr");
+    (listener, first, err_lines)
+}
+
 async fn run(args: &[&str], stdin: &[u8]) -> Output {
     let mut child = tokio::process::Command::new(BIN)
         .args(args)
@@ -198,32 +226,20 @@ async fn listen_send_and_discover_through_a_relay() {
     let sender_key = keygen(&sk);
     let (lk, sk) = (lk.to_str().unwrap(), sk.to_str().unwrap());
 
-    let mut listener = tokio::process::Command::new(BIN)
-        .args([
-            "listen",
-            "--relay",
-            &addr,
-            "--key",
-            lk,
-            "--count",
-            "4",
-            "--timeout",
-            "30",
-            "--service",
-            "chat",
-        ])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut err_lines = BufReader::new(listener.stderr.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(20), err_lines.next_line())
-        .await
-        .expect("listener attached in time")
-        .unwrap()
-        .expect("a line on stderr");
+    // stderr stays open (and read by no one) until the listener exits.
+    let (mut listener, first, _err_lines) = start_listener(&[
+        "--relay",
+        &addr,
+        "--key",
+        lk,
+        "--count",
+        "4",
+        "--timeout",
+        "30",
+        "--service",
+        "chat",
+    ])
+    .await;
     assert_eq!(first, format!("listening as {listener_key} on {addr}"));
 
     let o = run(&["discover", "--relay", &addr, "--key", sk, "chat"], b"").await;
@@ -361,28 +377,15 @@ async fn listen_stops_cleanly_on_an_interrupt() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cell.key");
     keygen(&key);
-    let mut listener = tokio::process::Command::new(BIN)
-        .args([
-            "listen",
-            "--relay",
-            &relay.addr.to_string(),
-            "--key",
-            key.to_str().unwrap(),
-            "--timeout",
-            "60",
-        ])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut err_lines = BufReader::new(listener.stderr.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(20), err_lines.next_line())
-        .await
-        .expect("listener attached in time")
-        .unwrap()
-        .expect("a line on stderr");
+    let (mut listener, first, mut err_lines) = start_listener(&[
+        "--relay",
+        &relay.addr.to_string(),
+        "--key",
+        key.to_str().unwrap(),
+        "--timeout",
+        "60",
+    ])
+    .await;
     assert!(first.starts_with("listening as "), "{first}");
     // Sent at once: a process that printed the line before it listened for
     // the interrupt could be killed by the default action (a narrow window,
