@@ -208,9 +208,7 @@ impl NoticeCode {
     pub const fn describe(self) -> &'static str {
         match self {
             NoticeCode::UnknownDestination => "not attached to this relay",
-            NoticeCode::DroppedSlowReceiver => {
-                "the receiver reads too slowly; its queue was full"
-            }
+            NoticeCode::DroppedSlowReceiver => "the receiver reads too slowly; its queue was full",
             NoticeCode::Expired => {
                 "timestamp older than the relay accepts; check this machine's clock"
             }

@@ -935,9 +935,30 @@ async fn a_cell_that_never_reads_loses_only_its_own_messages() {
     );
     pair.exchange("at the end").await;
     drop(sink);
+    let tally = flooder.handle();
     within("close flooder", WAIT, flooder.close())
         .await
         .unwrap();
+    // Every drop was reported to the flooder, exactly: slow receiver while
+    // the sink was attached, then (its link closing, then gone) the rest.
+    let u = tally.undelivered();
+    assert!(u.complete, "{u:?}");
+    for (code, reason) in [
+        (NoticeCode::DroppedSlowReceiver, "slow_receiver"),
+        (NoticeCode::ReceiverClosing, "shutdown"),
+        (NoticeCode::UnknownDestination, "unknown_destination"),
+    ] {
+        assert_eq!(
+            u.count(code) as f64,
+            drops(&relay, reason),
+            "{reason}: {u:?}"
+        );
+    }
+    assert!(
+        u.count(NoticeCode::DroppedSlowReceiver) as f64 >= n,
+        "{u:?}"
+    );
+    assert!(u.notices < u.total / 10, "summed: {u:?}");
     pair.close().await;
     relay.stop();
 }

@@ -299,7 +299,12 @@ pub async fn serve_link(
                 let _ = tokio::time::timeout(Duration::from_secs(5), &mut acceptor).await;
                 // Like the relay: its own Close, then the cell closes the
                 // connection once it has read it (bounded).
-                let control = hub.lock().unwrap().cells.get(&peer).map(|a| a.control.clone());
+                let control = hub
+                    .lock()
+                    .unwrap()
+                    .cells
+                    .get(&peer)
+                    .map(|a| a.control.clone());
                 if let Some(c) = control {
                     let _ = c.send(Frame::Close {
                         code: CloseCode::Normal,

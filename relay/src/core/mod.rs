@@ -12,7 +12,7 @@ pub mod stall;
 
 pub use dedup::{DedupVerdict, DedupWindow};
 pub use freshness::{FreshnessWindow, Staleness};
-pub use notices::{NoticeAggregator, Notice};
+pub use notices::{Notice, NoticeAggregator};
 /// The lane scheduler lives in the client crate because cells and relays
 /// share the link writer that uses it.
 pub use relay_client::lanes;

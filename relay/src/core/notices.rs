@@ -176,8 +176,7 @@ impl NoticeAggregator {
     }
 
     fn forget_idle(&mut self, now_ms: u64) {
-        self.entries
-            .retain(|_, e| e.count > 0 || e.due_ms > now_ms);
+        self.entries.retain(|_, e| e.count > 0 || e.due_ms > now_ms);
     }
 }
 
@@ -237,7 +236,10 @@ mod tests {
         );
         // Within the interval: summed, due when it ends.
         assert!(a.record(UNKNOWN, key(1), id(2), 1, 1_010), "pending again");
-        assert!(!a.record(UNKNOWN, key(1), id(3), 5, 1_050), "already pending");
+        assert!(
+            !a.record(UNKNOWN, key(1), id(3), 5, 1_050),
+            "already pending"
+        );
         assert_eq!(a.next_due(), Some(1_100));
         assert!(due(&mut a, 1_099).is_empty());
         let n = due(&mut a, 1_100);
@@ -289,7 +291,11 @@ mod tests {
         a.record(SLOW, key(1), id(4), 1, 50);
         a.record(NoticeCode::Expired, key(1), id(5), 1, 50);
         let n = due(&mut a, 50);
-        assert_eq!(n.len(), 1, "a new code is due at once, the known one is not");
+        assert_eq!(
+            n.len(),
+            1,
+            "a new code is due at once, the known one is not"
+        );
         assert_eq!(n[0].code, NoticeCode::Expired);
         assert_eq!(a.next_due(), Some(100));
     }
@@ -299,7 +305,13 @@ mod tests {
         let mut a = NoticeAggregator::new(100);
         let mut total = 0;
         for i in 0..200u64 {
-            a.record(UNKNOWN, PublicKey([(i % 250) as u8 + 1; 32]), id(i), i + 1, 0);
+            a.record(
+                UNKNOWN,
+                PublicKey([(i % 250) as u8 + 1; 32]),
+                id(i),
+                i + 1,
+                0,
+            );
             total += i + 1;
             a.record(SLOW, PublicKey([(i % 250) as u8 + 1; 32]), id(i), 1, 0);
             total += 1;
@@ -313,8 +325,14 @@ mod tests {
         a.take_all(&mut out);
         assert_eq!(sum(&out), total);
         // The overflow went to each code's zero subject.
-        assert!(out.iter().any(|n| n.code == UNKNOWN && n.subject == NO_SUBJECT));
-        assert!(out.iter().any(|n| n.code == SLOW && n.subject == NO_SUBJECT));
+        assert!(
+            out.iter()
+                .any(|n| n.code == UNKNOWN && n.subject == NO_SUBJECT)
+        );
+        assert!(
+            out.iter()
+                .any(|n| n.code == SLOW && n.subject == NO_SUBJECT)
+        );
         assert!(out.iter().all(|n| n.count >= 1));
     }
 

@@ -5,11 +5,11 @@ use super::ingest::RelayObserver;
 use super::{LinkEntry, Shared, unix_ms};
 use crate::core::{LinkId, Notice, NoticeAggregator, StallGate};
 use crate::metrics::{CloseReason, DropReason};
+use quinn::SendStream;
 use relay_client::link::{self, FrameReader, LaneQueues, LinkError};
 use relay_client::transport;
 use relay_codec::frame::{CloseCode, MAX_DISCOVER_ENTRIES, NoticeCode, PROTOCOL_VERSION, Role};
 use relay_codec::{BatchDecoder, DecodeError, Envelope, Frame, Lane, MessageId, PublicKey};
-use quinn::SendStream;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -346,9 +346,9 @@ async fn control_writer(
     mut finish: tokio::sync::oneshot::Receiver<Frame>,
 ) {
     loop {
-        let due = handle.next_notice_due().map(|ms| {
-            tokio::time::Instant::from_std(shared.started + Duration::from_millis(ms))
-        });
+        let due = handle
+            .next_notice_due()
+            .map(|ms| tokio::time::Instant::from_std(shared.started + Duration::from_millis(ms)));
         let due = async move {
             match due {
                 Some(t) => tokio::time::sleep_until(t).await,

@@ -89,12 +89,24 @@ impl Shared {
             }
             for (i, e) in envs.iter().enumerate() {
                 if !good.as_ref().is_none_or(|g| g[i]) {
-                    add_drop(&mut drops, NoticeCode::BadSignature, dest_subject(e), ids[i], 1);
+                    add_drop(
+                        &mut drops,
+                        NoticeCode::BadSignature,
+                        dest_subject(e),
+                        ids[i],
+                        1,
+                    );
                     continue;
                 }
                 if e.ttl() == 0 {
                     m.dropped(DropReason::TtlExpired, 1);
-                    add_drop(&mut drops, NoticeCode::TtlExpired, dest_subject(e), ids[i], 1);
+                    add_drop(
+                        &mut drops,
+                        NoticeCode::TtlExpired,
+                        dest_subject(e),
+                        ids[i],
+                        1,
+                    );
                     continue;
                 }
                 if let Err(s) = core.freshness.check(e.timestamp_ms(), now_ms) {
