@@ -245,7 +245,7 @@ pub enum Frame {
         /// Cell or relay.
         role: Role,
         /// Whether the sender wants [`Frame::Notice`]s about its messages
-        /// (unknown destination, dropped for a slow receiver, refused).
+        /// that the relay drops (not attached, slow receiver, expired, ...).
         notices: bool,
         /// Software name and version, for logs (up to 64 bytes).
         agent: String,
