@@ -268,7 +268,9 @@ impl Shared {
                 let n = u64::from(batch.count);
                 let (reason, code) = full_queue(to);
                 self.metrics.dropped(reason, n);
-                add_drop(drops, code, to.key, ids[0], n);
+                if let Some(&first) = ids.first() {
+                    add_drop(drops, code, to.key, first, n);
+                }
             }
         }
     }
