@@ -183,7 +183,7 @@ pub async fn receive(
     }
 }
 
-/// Counts of the relay's notices about a sender's messages.
+/// Messages the relay's notices reported dropped, by reason.
 #[derive(Default)]
 pub struct Notices {
     /// Dropped for a slow receiver.
@@ -195,17 +195,17 @@ pub struct Notices {
 }
 
 impl Notices {
-    /// Adds one notice.
-    pub fn count(&self, code: NoticeCode) {
+    /// Adds one notice, about `n` messages.
+    pub fn count(&self, code: NoticeCode, n: u32) {
         let c = match code {
             NoticeCode::DroppedSlowReceiver => &self.slow_receiver,
             NoticeCode::UnknownDestination => &self.unknown_destination,
             _ => &self.refused,
         };
-        c.fetch_add(1, Ordering::Relaxed);
+        c.fetch_add(u64::from(n), Ordering::Relaxed);
     }
 
-    /// (slow receiver, unknown destination, refused).
+    /// Messages reported: (slow receiver, unknown destination, refused).
     pub fn get(&self) -> (u64, u64, u64) {
         (
             self.slow_receiver.load(Ordering::Relaxed),
@@ -226,7 +226,7 @@ pub async fn watch_sender(
     loop {
         tokio::select! {
             ev = cell.next_event() => match ev {
-                Some(Event::Notice { code, .. }) => notices.count(code),
+                Some(Event::Notice { code, count, .. }) => notices.count(code, count),
                 Some(Event::Disconnected { reason }) => { lost = Some(reason); break; }
                 Some(_) => {}
                 None => { lost.get_or_insert_with(|| "the cell stopped".to_owned()); break; }

@@ -40,7 +40,7 @@ use relay_codec::{
     Authenticator, BatchDecoder, Destination, Envelope, Frame, KeyError, Keypair, Kind, Lane,
     Limits, Message, MessageId, NodeAddr, PublicKey, ServiceName,
 };
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -58,8 +58,12 @@ const CONTROL_QUEUE: usize = 256;
 /// How long [`Cell::close`] waits for the relay to take its Close frame,
 /// and then for the endpoint to go idle.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// How long `close` waits for the relay to read what was sent and close.
+/// How long `close` waits for the relay to read what was sent and answer
+/// with its Close.
 const DRAIN_GRACE: Duration = Duration::from_secs(6);
+/// Destinations [`Undelivered`] keeps apart; drops to further ones are
+/// counted under the zero key.
+pub const MAX_UNDELIVERED_DESTINATIONS: usize = 64;
 
 /// How this cell authenticates the messages it sends.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -89,7 +93,8 @@ pub struct CellOptions {
     /// [`Cell::send_to_service`].
     pub services: Vec<ServiceName>,
     /// Whether the relay should send [`Event::Notice`]s about this cell's
-    /// messages (unknown destination, dropped for a slow receiver, refused).
+    /// messages it drops (not attached, slow receiver, expired, ...); they
+    /// are also summed in [`Cell::undelivered`].
     pub notices: bool,
     /// How sent messages are authenticated.
     pub auth: AuthMode,
@@ -214,14 +219,21 @@ pub enum Event {
         /// Who, and what it offers.
         info: PresenceInfo,
     },
-    /// The relay reports on a message this cell sent (when
-    /// [`CellOptions::notices`] is on).
+    /// The relay dropped `count` messages this cell sent, for one reason
+    /// and destination (when [`CellOptions::notices`] is on). A relay sums
+    /// its drops and sends at most one such notice per reason and
+    /// destination per interval (100 ms by default); the running totals
+    /// are in [`Cell::undelivered`], which also counts notices whose event
+    /// found the queue full.
     Notice {
-        /// What happened.
+        /// Why they were dropped; [`NoticeCode::describe`] says it in words.
         code: NoticeCode,
-        /// The message.
+        /// How many messages (at least 1).
+        count: u32,
+        /// The id of the first of them.
         id: MessageId,
-        /// Its destination cell (all zeros if none).
+        /// Their destination cell (all zeros for a broadcast or service
+        /// destination, or destinations the relay folded together).
         subject: PublicKey,
     },
     /// The link to the relay was lost. With [`CellOptions::reconnect`] the
@@ -251,6 +263,63 @@ pub struct CellStats {
     pub dropped_events: u64,
     /// Times the link was re-established after being lost.
     pub reconnects: u64,
+}
+
+/// What the relay reported it did not deliver of this cell's messages,
+/// summed from its notices ([`Event::Notice`]); see [`Cell::undelivered`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Undelivered {
+    /// Messages the relay reported dropped, in all.
+    pub total: u64,
+    /// Notice frames received.
+    pub notices: u64,
+    /// Dropped messages by reason and destination, ordered by reason then
+    /// key. At most [`MAX_UNDELIVERED_DESTINATIONS`] destinations are kept
+    /// apart; the rest are counted under the zero key, as are messages
+    /// without a cell destination.
+    pub by_destination: Vec<(NoticeCode, PublicKey, u64)>,
+    /// Whether this is known to be every notice: the relay answered the
+    /// orderly close of [`Cell::close`] with its own Close, which follows
+    /// its last notice, and no link was lost before (a lost link loses the
+    /// notices the relay had not sent yet). False until `close` returns.
+    pub complete: bool,
+}
+
+impl Undelivered {
+    /// Messages dropped for `code`, to any destination.
+    pub fn count(&self, code: NoticeCode) -> u64 {
+        self.by_destination
+            .iter()
+            .filter(|(c, _, _)| *c == code)
+            .map(|(_, _, n)| n)
+            .sum()
+    }
+}
+
+/// The running sums behind [`Undelivered`].
+#[derive(Default)]
+struct Tally {
+    by: BTreeMap<(NoticeCode, PublicKey), u64>,
+    total: u64,
+    notices: u64,
+    complete: bool,
+}
+
+impl Tally {
+    fn add(&mut self, code: NoticeCode, subject: PublicKey, count: u32) {
+        let n = u64::from(count);
+        self.total += n;
+        self.notices += 1;
+        let mut key = (code, subject);
+        let zero = PublicKey([0; 32]);
+        if !self.by.contains_key(&key)
+            && self.by.keys().filter(|(_, s)| *s != zero).count() >= MAX_UNDELIVERED_DESTINATIONS
+        {
+            key.1 = zero;
+        }
+        *self.by.entry(key).or_default() += n;
+    }
 }
 
 /// Why a cell operation failed.
@@ -439,6 +508,8 @@ struct Shared {
     link: Mutex<LinkState>,
     /// Set by close (or drop): no more sends.
     closing: AtomicBool,
+    /// What the relay reported as not delivered.
+    undelivered: Mutex<Tally>,
 }
 
 #[derive(Default)]
@@ -470,7 +541,7 @@ struct LinkState {
 struct ConnState {
     /// The relay's Close frame, if it sent one.
     close: Mutex<Option<(CloseCode, String)>>,
-    /// Signalled when the relay ended its control stream.
+    /// Signalled when the relay sent Close or ended its control stream.
     peer_done: Notify,
 }
 
@@ -609,6 +680,7 @@ impl Cell {
             max_payload: AtomicUsize::new(limits.max_payload),
             link: Mutex::new(LinkState::default()),
             closing: AtomicBool::new(false),
+            undelivered: Mutex::new(Tally::default()),
             opts: CellOptions { limits, ..opts },
         });
         let mut dialer = Dialer::new(shared.opts.endpoint.clone());
@@ -812,11 +884,20 @@ impl Cell {
         self.handle.stats()
     }
 
+    /// What the relay reported it did not deliver of this cell's messages
+    /// so far (with [`CellOptions::notices`] on). Read it from a
+    /// [`CellHandle`] after [`close`](Self::close) for the final tally.
+    pub fn undelivered(&self) -> Undelivered {
+        self.handle.undelivered()
+    }
+
     /// Closes the cell: stops reconnecting, sends every queued message and
     /// waits (bounded by `WriterConfig::drain_timeout` per lane) until the
-    /// relay has received them, then closes the link with
-    /// [`CloseCode::Normal`] and waits (about a second at most) for the
-    /// endpoint to finish.
+    /// relay has received them, sends Close and reads the control stream
+    /// until the relay's Close (bounded, about 6 s), so every notice about
+    /// what was sent has arrived ([`Undelivered::complete`]); then closes
+    /// the link with [`CloseCode::Normal`] and waits (about a second at
+    /// most) for the endpoint to finish.
     ///
     /// Errors with [`CellError::Unsent`] if messages were still queued and
     /// could not be sent (the link was down, or failed while flushing).
@@ -1044,6 +1125,18 @@ impl CellHandle {
             Err(_) => Err(CellError::Timeout(format!(
                 "the relay did not answer discover {service:?} within {timeout:?}"
             ))),
+        }
+    }
+
+    /// What the relay reported as not delivered; see
+    /// [`Cell::undelivered`].
+    pub fn undelivered(&self) -> Undelivered {
+        let t = lock(&self.shared.undelivered);
+        Undelivered {
+            total: t.total,
+            notices: t.notices,
+            by_destination: t.by.iter().map(|(&(c, k), &n)| (c, k, n)).collect(),
+            complete: t.complete,
         }
     }
 
@@ -1573,9 +1666,11 @@ async fn graceful_close(
     )
     .await;
     let _ = control.finish();
-    // The relay answers Close by reading our data streams to their end and
-    // then closing the connection itself; closing first could discard data
-    // it has acknowledged but not yet read. Bounded, in case it never does.
+    // The relay answers Close by reading our data streams to their end,
+    // then sends its last notices and its own Close on the control stream
+    // and waits for us to close the connection: closing first could discard
+    // data it has acknowledged but not yet read, and waiting for its Close
+    // means every notice has been read. Bounded, in case it never answers.
     let _ = tokio::time::timeout(DRAIN_GRACE, async {
         tokio::select! {
             _ = conn.closed() => {}
@@ -1583,6 +1678,10 @@ async fn graceful_close(
         }
     })
     .await;
+    let answered = matches!(*lock(&state.close), Some((CloseCode::Normal, _)));
+    if answered && shared.counters.reconnects.load(Ordering::Relaxed) == 0 {
+        lock(&shared.undelivered).complete = true;
+    }
     conn.close(code(CloseCode::Normal), b"cell closing");
     shared.set_down("the cell closed");
     result
@@ -1626,8 +1725,22 @@ async fn read_control(
         match reader.next().await {
             Ok(Some(frame)) => match frame {
                 Frame::Presence { up, info } => shared.emit(&events, Event::Presence { up, info }),
-                Frame::Notice { code, id, subject } => {
-                    shared.emit(&events, Event::Notice { code, id, subject })
+                Frame::Notice {
+                    code,
+                    count,
+                    id,
+                    subject,
+                } => {
+                    lock(&shared.undelivered).add(code, subject, count);
+                    shared.emit(
+                        &events,
+                        Event::Notice {
+                            code,
+                            count,
+                            id,
+                            subject,
+                        },
+                    )
                 }
                 Frame::DiscoverReply { request, cells } => {
                     match lock(&shared.pending).remove(&request) {
@@ -1640,6 +1753,8 @@ async fn read_control(
                 Frame::Close { code, reason } => {
                     tracing::debug!(?code, %reason, "relay sent Close");
                     *lock(&state.close) = Some((code, reason));
+                    // Everything the relay sent before its Close is read.
+                    state.peer_done.notify_one();
                 }
                 other => {
                     violation(

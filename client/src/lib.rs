@@ -18,5 +18,6 @@ pub mod transport;
 
 pub use cell::{
     AuthMode, Cell, CellError, CellHandle, CellOptions, CellStats, Event, Received, ReceivedAuth,
+    Undelivered,
 };
 pub use relay_codec::{Destination, Keypair, Lane, MessageId, NodeAddr, PublicKey, ServiceName};

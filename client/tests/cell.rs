@@ -6,7 +6,9 @@ mod common;
 
 use bytes::{Bytes, BytesMut};
 use common::{RelayBehaviour, StandIn, WAIT, now_ms};
-use relay_client::cell::{AuthMode, Cell, CellError, CellOptions, Event, Received, ReceivedAuth};
+use relay_client::cell::{
+    AuthMode, Cell, CellError, CellOptions, Event, Received, ReceivedAuth, Undelivered,
+};
 use relay_codec::frame::{CloseCode, NoticeCode};
 use relay_codec::{
     Authenticator, Destination, Envelope, Frame, Keypair, Lane, Limits, Message, MessageId,
@@ -216,24 +218,50 @@ async fn presence_and_notices_become_events() {
         e => panic!("expected presence down, got {e:?}"),
     }
 
+    // Notices become events, and their counts are summed on the handle.
     let id = MessageId([7; 16]);
-    relay.control(
-        w_key.public(),
-        Frame::Notice {
-            code: NoticeCode::UnknownDestination,
-            id,
-            subject: o_key.public(),
-        },
-    );
+    assert_eq!(watcher.undelivered(), Undelivered::default());
+    for (code, count, subject) in [
+        (NoticeCode::UnknownDestination, 3, o_key.public()),
+        (NoticeCode::Expired, 2, PublicKey([0; 32])),
+        (NoticeCode::UnknownDestination, 1, o_key.public()),
+    ] {
+        relay.control(
+            w_key.public(),
+            Frame::Notice {
+                code,
+                count,
+                id,
+                subject,
+            },
+        );
+        assert_eq!(
+            next_event(&mut watcher).await,
+            Event::Notice {
+                code,
+                count,
+                id,
+                subject
+            }
+        );
+    }
+    let u = watcher.undelivered();
+    assert_eq!((u.total, u.notices), (6, 3));
+    assert_eq!(u.count(NoticeCode::UnknownDestination), 4);
+    assert_eq!(u.count(NoticeCode::Expired), 2);
     assert_eq!(
-        next_event(&mut watcher).await,
-        Event::Notice {
-            code: NoticeCode::UnknownDestination,
-            id,
-            subject: o_key.public()
-        }
+        u.by_destination,
+        vec![
+            (NoticeCode::UnknownDestination, o_key.public(), 4),
+            (NoticeCode::Expired, PublicKey([0; 32]), 2),
+        ]
     );
+    assert!(!u.complete, "more may come until the relay's Close");
+    let handle = watcher.handle();
     watcher.close().await.unwrap();
+    let u = handle.undelivered();
+    assert!(u.complete, "the stand-in answered the close with its Close");
+    assert_eq!(u.total, 6);
 }
 
 fn raw(key: &Keypair, to: PublicKey, nonce: u64, payload: &'static [u8]) -> Message {
@@ -616,6 +644,7 @@ async fn recv_many_takes_batches_in_order_and_returns_0_once_stopped() {
         b_key.public(),
         Frame::Notice {
             code: NoticeCode::UnknownDestination,
+            count: 1,
             id: MessageId([1; 16]),
             subject: b_key.public(),
         },

@@ -249,6 +249,7 @@ async fn listen_send_and_discover_through_a_relay() {
     assert_eq!(found["app_version"], "");
     let o = run(&["discover", "--relay", &addr, "--key", sk, "nobody"], b"").await;
     assert!(o.status.success() && o.stdout.is_empty(), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "no cell offers nobody on this relay\n");
 
     let o = run(
         &[
@@ -267,7 +268,8 @@ async fn listen_send_and_discover_through_a_relay() {
     )
     .await;
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("sent 1 message"), "{}", stderr(&o));
+    // The stand-in reports nothing and answers the close with its Close.
+    assert_eq!(stderr(&o), "sent 1 message(s)\n");
     // Each stdin line is one message; CRLF is trimmed; bytes that are not
     // UTF-8 come out in base64.
     let o = run(

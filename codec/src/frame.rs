@@ -54,7 +54,7 @@ pub enum FrameType {
     WatchPresence = 0x08,
     /// A cell attached or detached.
     Presence = 0x09,
-    /// A message could not be delivered, or was dropped.
+    /// Messages the relay dropped, with why and how many.
     Notice = 0x0A,
 }
 
@@ -144,35 +144,81 @@ impl CloseCode {
     }
 }
 
-/// Why a relay reports on a message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Why a relay reports messages it dropped; each is a drop the sender can
+/// cause or be told about. Duplicates (replays, retransmits) are dropped
+/// silently: a copy of a message that already passed is not the sender's
+/// loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u16)]
 pub enum NoticeCode {
-    /// No cell with that key is attached or known.
+    /// No cell with that key is attached to the relay.
     UnknownDestination = 1,
-    /// The receiver reads too slowly; a best-effort message was dropped.
+    /// The receiver reads too slowly; best-effort messages found its queue
+    /// full and were dropped.
     DroppedSlowReceiver = 2,
-    /// The message was refused (expired, from the future, replayed, bad signature).
-    Refused = 3,
+    /// The timestamp is older than the relay's window.
+    Expired = 3,
     /// The message ran out of hops.
     TtlExpired = 4,
+    /// The timestamp is further in the future than the relay's window.
+    FromFuture = 5,
+    /// The signature did not verify (a relay that verifies every message).
+    BadSignature = 6,
+    /// The receiver's link was closing (it left, or the relay is stopping).
+    ReceiverClosing = 7,
 }
 
 impl NoticeCode {
+    /// Every code, in wire order.
+    pub const ALL: [NoticeCode; 7] = [
+        NoticeCode::UnknownDestination,
+        NoticeCode::DroppedSlowReceiver,
+        NoticeCode::Expired,
+        NoticeCode::TtlExpired,
+        NoticeCode::FromFuture,
+        NoticeCode::BadSignature,
+        NoticeCode::ReceiverClosing,
+    ];
+
     fn from_u16(v: u16) -> Result<Self, DecodeError> {
-        use NoticeCode::*;
-        Ok(match v {
-            1 => UnknownDestination,
-            2 => DroppedSlowReceiver,
-            3 => Refused,
-            4 => TtlExpired,
-            _ => {
-                return Err(DecodeError::Invalid {
-                    field: "notice code",
-                    value: v as u64,
-                });
+        Self::ALL
+            .into_iter()
+            .find(|c| *c as u16 == v)
+            .ok_or(DecodeError::Invalid {
+                field: "notice code",
+                value: v as u64,
+            })
+    }
+
+    /// A snake_case name, for metric labels and logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            NoticeCode::UnknownDestination => "unknown_destination",
+            NoticeCode::DroppedSlowReceiver => "slow_receiver",
+            NoticeCode::Expired => "expired",
+            NoticeCode::TtlExpired => "ttl_expired",
+            NoticeCode::FromFuture => "from_future",
+            NoticeCode::BadSignature => "bad_signature",
+            NoticeCode::ReceiverClosing => "receiver_closing",
+        }
+    }
+
+    /// Why the messages were not delivered, for people: it completes "N
+    /// messages to KEY were not delivered: ...".
+    pub const fn describe(self) -> &'static str {
+        match self {
+            NoticeCode::UnknownDestination => "not attached to this relay",
+            NoticeCode::DroppedSlowReceiver => "the receiver reads too slowly; its queue was full",
+            NoticeCode::Expired => {
+                "timestamp older than the relay accepts; check this machine's clock"
             }
-        })
+            NoticeCode::TtlExpired => "ran out of hops (TTL 0)",
+            NoticeCode::FromFuture => {
+                "timestamp further ahead than the relay accepts; check this machine's clock"
+            }
+            NoticeCode::BadSignature => "signature did not verify",
+            NoticeCode::ReceiverClosing => "the receiver's link was closing",
+        }
     }
 }
 
@@ -199,7 +245,7 @@ pub enum Frame {
         /// Cell or relay.
         role: Role,
         /// Whether the sender wants [`Frame::Notice`]s about its messages
-        /// (unknown destination, dropped for a slow receiver, refused).
+        /// that the relay drops (not attached, slow receiver, expired, ...).
         notices: bool,
         /// Software name and version, for logs (up to 64 bytes).
         agent: String,
@@ -255,13 +301,18 @@ pub enum Frame {
         /// Who, and what it offers.
         info: PresenceInfo,
     },
-    /// A report on one message.
+    /// A report on messages the relay dropped: `count` of them, for one
+    /// reason, to one destination (a relay sums its drops and sends at most
+    /// one Notice per reason and destination per interval).
     Notice {
-        /// What happened.
+        /// Why they were dropped.
         code: NoticeCode,
-        /// The message.
+        /// How many messages this notice covers (at least 1).
+        count: u32,
+        /// The id of the first of them.
         id: MessageId,
-        /// Its destination cell (or all zeros).
+        /// Their destination cell, or all zeros (a broadcast or service
+        /// destination, or destinations folded together by a relay).
         subject: PublicKey,
     },
 }
@@ -343,9 +394,15 @@ impl Frame {
                 put_str8(out, &info.app_version, MAX_AGENT);
                 put_services(out, &info.services);
             }
-            Frame::Notice { code, id, subject } => {
+            Frame::Notice {
+                code,
+                count,
+                id,
+                subject,
+            } => {
                 out.put_u8(FrameType::Notice as u8);
                 out.put_u16_le(*code as u16);
+                out.put_u32_le(*count);
                 out.put_slice(&id.0);
                 out.put_slice(&subject.0);
             }
@@ -479,6 +536,15 @@ impl Frame {
             },
             FrameType::Notice => Frame::Notice {
                 code: NoticeCode::from_u16(r.u16()?)?,
+                count: match r.u32()? {
+                    0 => {
+                        return Err(DecodeError::Invalid {
+                            field: "notice count",
+                            value: 0,
+                        });
+                    }
+                    n => n,
+                },
                 id: MessageId(r.array()?),
                 subject: PublicKey(r.array()?),
             },
@@ -614,6 +680,7 @@ mod tests {
             },
             Frame::Notice {
                 code: NoticeCode::UnknownDestination,
+                count: 70_000,
                 id: MessageId([1; 16]),
                 subject: k,
             },
@@ -653,6 +720,47 @@ mod tests {
             Frame::take(&mut b, &limits),
             Err(DecodeError::TooLarge { what: "frame", .. })
         ));
+    }
+
+    #[test]
+    fn a_notice_is_54_bytes_of_body_and_refuses_count_0_and_unknown_codes() {
+        let limits = Limits::default();
+        let f = Frame::Notice {
+            code: NoticeCode::ReceiverClosing,
+            count: 3,
+            id: MessageId([9; 16]),
+            subject: PublicKey([7; 32]),
+        };
+        let b = f.to_bytes();
+        assert_eq!(b.len(), LEN_PREFIX + 1 + 54);
+        assert_eq!(&b[5..11], &[7, 0, 3, 0, 0, 0], "code, then count (LE)");
+        let mut zero = BytesMut::from(&b[..]);
+        zero[7] = 0;
+        assert!(matches!(
+            Frame::decode(zero.freeze(), &limits),
+            Err(DecodeError::Invalid {
+                field: "notice count",
+                ..
+            })
+        ));
+        for code in [0u16, 8, 0xffff] {
+            let mut bad = BytesMut::from(&b[..]);
+            bad[5..7].copy_from_slice(&code.to_le_bytes());
+            assert!(
+                matches!(
+                    Frame::decode(bad.freeze(), &limits),
+                    Err(DecodeError::Invalid {
+                        field: "notice code",
+                        ..
+                    })
+                ),
+                "{code}"
+            );
+        }
+        for c in NoticeCode::ALL {
+            assert_eq!(NoticeCode::from_u16(c as u16).unwrap(), c);
+            assert!(!c.describe().is_empty() && !c.as_str().is_empty());
+        }
     }
 
     #[test]

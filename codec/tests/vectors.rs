@@ -614,6 +614,7 @@ fn control_frames() -> Vec<(&'static str, Frame)> {
             "frame_notice.hex",
             Frame::Notice {
                 code: NoticeCode::UnknownDestination,
+                count: 3,
                 id: cell_id,
                 subject: receiver().public(),
             },
@@ -667,6 +668,19 @@ fn control_frames_match_and_decode() {
         Compare::Exact,
     );
     assert_eq!(&close[4..7], &[0x04, 2, 0], "type, code unauthorized");
+    let notice = hex_vector(
+        "frame_notice.hex",
+        &control_frames()[8].1.to_bytes(),
+        Compare::Exact,
+    );
+    assert_eq!(notice.len(), 4 + 1 + 54);
+    assert_eq!(
+        &notice[4..11],
+        &[0x0a, 1, 0, 3, 0, 0, 0],
+        "type, code unknown destination, count 3"
+    );
+    assert_eq!(&notice[11..27], &signed(msg_cell(), &sender()).id().0);
+    assert_eq!(&notice[27..59], &receiver().public().0);
 }
 
 // ---------------------------------------------------------------------------

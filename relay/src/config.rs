@@ -225,6 +225,10 @@ pub struct LinkConfig {
     /// waited for until it does; broadcast and service receivers never
     /// are. 0 never pauses. Default 20.
     pub max_stall_ms: u64,
+    /// Shortest time between two notices for one reason and destination
+    /// on a sender's link, ms, `1..=60_000`: drops are summed meanwhile
+    /// (docs/PROTOCOL.md 4.11). Default 100.
+    pub notice_interval_ms: u64,
 }
 
 impl Default for LinkConfig {
@@ -240,6 +244,7 @@ impl Default for LinkConfig {
             lane_weights: [8, 4, 2, 1],
             shutdown_grace_ms: 3_000,
             max_stall_ms: 20,
+            notice_interval_ms: 100,
         }
     }
 }
@@ -452,6 +457,7 @@ impl RelayConfig {
         range("link.stream_window", k.stream_window, size(KIB), 1 << 30);
         range("link.shutdown_grace_ms", k.shutdown_grace_ms, 0, 600_000);
         range("link.max_stall_ms", k.max_stall_ms, 0, 1_000);
+        range("link.notice_interval_ms", k.notice_interval_ms, 1, 60_000);
     }
 
     /// Settings whose bounds are not a plain integer range, or depend on
@@ -580,6 +586,7 @@ const FIELDS: &[&str] = &[
     "link.lane_weights",
     "link.shutdown_grace_ms",
     "link.max_stall_ms",
+    "link.notice_interval_ms",
 ];
 
 /// Turns a toml error into [`ConfigError::Parse`], with the line and column

@@ -23,7 +23,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use relay_codec::frame::{CloseCode, Role};
+use relay_codec::frame::{CloseCode, NoticeCode, Role};
 
 /// The `Content-Type` of what [`Metrics::encode`] returns (Prometheus text
 /// format 0.0.4).
@@ -223,6 +223,7 @@ pub struct Metrics {
     messages_out: LaneCounters,
     bytes_out: LaneCounters,
     drops: [Counter; DropReason::ALL.len()],
+    notices_sent: [Counter; NoticeCode::ALL.len()],
     dedup_hits: Counter,
     not_quic: Counter,
     stalls: Counter,
@@ -299,6 +300,13 @@ impl Metrics {
             "Messages dropped, by reason",
             "reason",
             DropReason::ALL.map(DropReason::as_str),
+        );
+        let notices_sent = family_children::<Counter, { NoticeCode::ALL.len() }>(
+            &mut r,
+            "celluler_notices_sent",
+            "Notice frames sent to senders about their dropped messages (each sums many drops), by reason",
+            "reason",
+            NoticeCode::ALL.map(NoticeCode::as_str),
         );
 
         let dedup_hits = Counter::default();
@@ -404,6 +412,7 @@ impl Metrics {
             messages_out,
             bytes_out,
             drops,
+            notices_sent,
             dedup_hits,
             not_quic,
             stalls,
@@ -457,6 +466,14 @@ impl Metrics {
     #[inline]
     pub fn dropped(&self, reason: DropReason, n: u64) {
         self.drops[reason as usize].inc_by(n);
+    }
+
+    /// Counts one Notice frame sent, for `code`.
+    pub fn notice_sent(&self, code: NoticeCode) {
+        // NoticeCode is 1-based on the wire and ALL is in wire order.
+        if let Some(i) = NoticeCode::ALL.iter().position(|c| *c == code) {
+            self.notices_sent[i].inc();
+        }
     }
 
     /// Counts `n` datagrams that were not QUIC.
@@ -677,6 +694,7 @@ mod tests {
             "celluler_messages_out_total",
             "celluler_bytes_out_total",
             "celluler_drops_total",
+            "celluler_notices_sent_total",
             "celluler_dedup_hits_total",
             "celluler_not_quic_datagrams_total",
             "celluler_sender_stalls_total",
@@ -709,6 +727,10 @@ mod tests {
         }
         for r in CloseReason::ALL {
             let series = format!("celluler_links_closed_total{{reason=\"{}\"}}", r.as_str());
+            assert!(sample(&text, &series).is_some(), "missing {series}");
+        }
+        for c in NoticeCode::ALL {
+            let series = format!("celluler_notices_sent_total{{reason=\"{}\"}}", c.as_str());
             assert!(sample(&text, &series).is_some(), "missing {series}");
         }
     }

@@ -373,6 +373,33 @@ impl RawLink {
         }
     }
 
+    /// The orderly close of docs/PROTOCOL.md 6.2, as a cell does it:
+    /// finishes the data streams, sends Close, reads control frames until
+    /// the relay's Close (which it sends once it has read every data
+    /// stream and sent its last notices), then closes the connection.
+    /// Returns the control frames that came before the relay's Close, and
+    /// that Close's code; panics if it does not come within `timeout`.
+    pub async fn close_orderly(&mut self, timeout: Duration) -> (Vec<Frame>, CloseCode) {
+        self.finish_lanes();
+        self.send_control(&Frame::Close {
+            code: CloseCode::Normal,
+            reason: "done".into(),
+        })
+        .await
+        .expect("send Close");
+        let mut before = Vec::new();
+        loop {
+            match self.next_control(timeout).await {
+                Some(Frame::Close { code, .. }) => {
+                    self.abort();
+                    return (before, code);
+                }
+                Some(f) => before.push(f),
+                None => panic!("no Close from the relay within {timeout:?}; before it: {before:?}"),
+            }
+        }
+    }
+
     /// Closes the link at once (no Close frame, no flush): what a killed
     /// process looks like to the relay.
     pub fn abort(&self) {

@@ -93,11 +93,19 @@ async fn marker(from: &mut RawLink, to: PublicKey, lane: Lane, text: &str) -> En
     m
 }
 
-/// The next notice a raw link got.
+/// The next notice a raw link got, about one message.
 async fn notice(link: &mut RawLink) -> (NoticeCode, relay_codec::MessageId, PublicKey) {
     loop {
         match link.next_control(WAIT).await {
-            Some(Frame::Notice { code, id, subject }) => return (code, id, subject),
+            Some(Frame::Notice {
+                code,
+                count,
+                id,
+                subject,
+            }) => {
+                assert_eq!(count, 1, "a notice about one message");
+                return (code, id, subject);
+            }
             Some(_) => continue,
             None => panic!("no notice within {WAIT:?}"),
         }
@@ -710,9 +718,9 @@ async fn a_message_outside_the_timestamp_window_is_refused() {
     let mut receiver = raw_link(&relay).await;
     let mut sender = raw_link(&relay).await;
     let hour = 3_600_000;
-    for (i, (reason, ts)) in [
-        ("expired", now_ms() - hour),
-        ("from_future", now_ms() + hour),
+    for (i, (reason, ts, want)) in [
+        ("expired", now_ms() - hour, NoticeCode::Expired),
+        ("from_future", now_ms() + hour, NoticeCode::FromFuture),
     ]
     .into_iter()
     .enumerate()
@@ -740,7 +748,7 @@ async fn a_message_outside_the_timestamp_window_is_refused() {
         .await;
         expect_drops(&relay, reason, 1.0).await;
         let (code, id, subject) = notice(&mut sender).await;
-        assert_eq!(code, NoticeCode::Refused, "{reason}");
+        assert_eq!(code, want, "{reason}");
         assert_eq!(id, env.id(), "{reason}");
         assert_eq!(subject, receiver.public(), "{reason}");
         relay
@@ -796,7 +804,7 @@ async fn a_bad_signature_is_dropped_when_the_relay_verifies_all() {
     expect_drops(&relay, "bad_signature", 1.0).await;
     assert_eq!(relay.metric("celluler_signatures_failed_total", ""), 1.0);
     let (code, id, subject) = notice(&mut sender).await;
-    assert_eq!(code, NoticeCode::Refused);
+    assert_eq!(code, NoticeCode::BadSignature);
     assert_eq!(id, bad.id());
     assert_eq!(subject, receiver.public());
     relay
@@ -927,9 +935,30 @@ async fn a_cell_that_never_reads_loses_only_its_own_messages() {
     );
     pair.exchange("at the end").await;
     drop(sink);
+    let tally = flooder.handle();
     within("close flooder", WAIT, flooder.close())
         .await
         .unwrap();
+    // Every drop was reported to the flooder, exactly: slow receiver while
+    // the sink was attached, then (its link closing, then gone) the rest.
+    let u = tally.undelivered();
+    assert!(u.complete, "{u:?}");
+    for (code, reason) in [
+        (NoticeCode::DroppedSlowReceiver, "slow_receiver"),
+        (NoticeCode::ReceiverClosing, "shutdown"),
+        (NoticeCode::UnknownDestination, "unknown_destination"),
+    ] {
+        assert_eq!(
+            u.count(code) as f64,
+            drops(&relay, reason),
+            "{reason}: {u:?}"
+        );
+    }
+    assert!(
+        u.count(NoticeCode::DroppedSlowReceiver) as f64 >= n,
+        "{u:?}"
+    );
+    assert!(u.notices < u.total / 10, "summed: {u:?}");
     pair.close().await;
     relay.stop();
 }

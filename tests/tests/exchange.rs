@@ -374,12 +374,17 @@ async fn an_unknown_destination_is_reported_to_a_sender_that_asked() {
         .send(nobody, Lane::Normal, &b"anyone?"[..])
         .await
         .unwrap();
-    let (code, nid, subject) = wait_event(&mut asks, "a notice", |e| match e {
-        Event::Notice { code, id, subject } => Some((*code, *id, *subject)),
+    let (code, count, nid, subject) = wait_event(&mut asks, "a notice", |e| match e {
+        Event::Notice {
+            code,
+            count,
+            id,
+            subject,
+        } => Some((*code, *count, *id, *subject)),
         _ => None,
     })
     .await;
-    assert_eq!(code, NoticeCode::UnknownDestination);
+    assert_eq!((code, count), (NoticeCode::UnknownDestination, 1));
     assert_eq!(nid, id);
     assert_eq!(subject, nobody);
     relay
@@ -525,19 +530,11 @@ async fn messages_sent_before_a_clean_close_are_all_delivered() {
 
 /// A link that sends its messages, ends its data streams and then sends
 /// Close: the relay must read the data streams to their end before it
-/// closes the link, or it loses messages the cell considers sent.
-///
-/// Fails today: relay/src/node.rs `control_loop` answers a Close frame by
-/// closing the connection at once, so a data stream the acceptor has not
-/// accepted yet, or an ingress task has not read yet, is lost with the
-/// connection, uncounted (`messages_in_total` never sees it). This test
-/// sends Close right after ending its streams and fails nearly every
-/// round. `Cell::close` (client/src/cell.rs `graceful_close`) first waits
-/// until the relay's QUIC stack has acknowledged the streams, which only
-/// narrows the window: a link that closes while the relay is still setting
-/// it up (between Welcome and its control loop) loses them all the same.
-/// That is what quickstart.rs sees about once in 15 runs: `cell send`
-/// prints "sent 1 message(s)", exits 0, and the message never arrives.
+/// answers with its own Close (docs/PROTOCOL.md 6.2), or it loses messages
+/// the cell considers sent. A link that closes while the relay is still
+/// setting it up (between Welcome and its control loop) is the case that
+/// once lost them: quickstart.rs saw `cell send` print "sent 1 message(s)"
+/// for a message that never arrived.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_reads_every_data_stream_before_honouring_close() {
     let relay = RelayProcess::start();
@@ -557,26 +554,15 @@ async fn the_relay_reads_every_data_stream_before_honouring_close() {
             &s.key,
         );
         s.send_batch(Lane::High, &[m]).await.unwrap();
-        s.finish_lanes();
-        s.send_control(&relay_codec::Frame::Close {
-            code: relay_codec::frame::CloseCode::Normal,
-            reason: "done".into(),
-        })
-        .await
-        .unwrap();
-        s.closed(WAIT).await;
-        // Once the link is closed nothing more can be read from it: the
-        // message is ingested soon or never.
-        let end = tokio::time::Instant::now() + Duration::from_secs(5);
-        while relay.metric("celluler_messages_in_total", "") < (round + 1) as f64 {
-            assert!(
-                tokio::time::Instant::now() < end,
-                "round {round}: the relay closed the link without reading the message sent \
-                 before Close (messages in: {})",
-                relay.metric("celluler_messages_in_total", "")
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let (before, code) = s.close_orderly(WAIT).await;
+        assert_eq!(code, relay_codec::frame::CloseCode::Normal);
+        assert!(before.is_empty(), "nothing to report: {before:?}");
+        // The relay answers Close only once it has read every data stream.
+        assert_eq!(
+            relay.metric("celluler_messages_in_total", ""),
+            (round + 1) as f64,
+            "round {round}: the relay answered Close without reading the message sent before it"
+        );
         let got = recv(&mut b, "the message sent before Close").await;
         assert_eq!(got.payload, format!("round {round}").as_bytes());
     }

@@ -2,7 +2,8 @@
 //! `relay id`, two keys made with `cell keygen`, a `cell listen` in the
 //! background, and two `cell send`s (one message as an argument, then one
 //! per line of stdin on the high lane). Plus `cell listen --service` and
-//! `cell discover` against an in-process cell.
+//! `cell discover` against an in-process cell, and `cell send` to a cell
+//! that is not attached.
 
 use relay_client::cell::{Cell, CellOptions};
 use relay_codec::{Keypair, Lane, PublicKey};
@@ -356,6 +357,72 @@ fn quick_start_keygen_listen_send() {
     assert_eq!(
         relay.metric("celluler_messages_out_total", "lane=\"high\""),
         2.0
+    );
+    relay.stop();
+}
+
+/// The README's best-effort note: `cell send` to a cell that is not
+/// attached is told by the relay that its messages were dropped, lists
+/// them and exits 3; `cell discover` with no match says so on stderr.
+#[test]
+fn a_send_to_an_absent_cell_is_reported_and_exits_3() {
+    let relay = RelayProcess::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let relay_addr = relay_addr(&relay);
+    keygen(d, "b.key");
+    let absent = Keypair::generate().public().to_string();
+    let out = cell(
+        d,
+        &[
+            "send",
+            "--relay",
+            &relay_addr,
+            "--key",
+            "b.key",
+            "--to",
+            &absent,
+        ],
+        "one\ntwo\nthree\n",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        [
+            "sent 3 message(s)",
+            &format!("3 to {absent}: not attached to this relay"),
+            "3 of 3 messages were not delivered",
+        ],
+        "{err}"
+    );
+    assert_eq!(
+        relay.metric("celluler_drops_total", "reason=\"unknown_destination\""),
+        3.0
+    );
+    let notices = relay.metric(
+        "celluler_notices_sent_total",
+        "reason=\"unknown_destination\"",
+    );
+    assert!((1.0..=3.0).contains(&notices), "{notices} notices");
+
+    let out = cell(
+        d,
+        &[
+            "discover",
+            "--relay",
+            &relay_addr,
+            "--key",
+            "b.key",
+            "nobody",
+        ],
+        "",
+    );
+    assert_eq!(ok(&out, "discover with no match"), "");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "no cell offers nobody on this relay\n"
     );
     relay.stop();
 }

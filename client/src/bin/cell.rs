@@ -12,11 +12,16 @@
 //! Output meant for programs (public keys, received messages, discovery
 //! results) goes to stdout, one item per line; everything for people goes
 //! to stderr. Logs: `RUST_LOG` (default `warn`), on stderr.
+//!
+//! Exit status: 0 success, 1 an error, 2 a usage error (clap's), and for
+//! `cell send` 3 when the relay reported messages it did not deliver.
 
 use anyhow::{Context as _, anyhow, bail};
 use base64::Engine as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use relay_client::cell::{AuthMode, Cell, CellOptions, Event, Received, ReceivedAuth};
+use relay_client::cell::{
+    AuthMode, Cell, CellError, CellOptions, Event, Received, ReceivedAuth, Undelivered,
+};
 use relay_codec::keyfile::{read_keyfile, write_keyfile};
 use relay_codec::{Destination, Keypair, Lane, NodeAddr, PublicKey, ServiceName};
 use std::io::Write as _;
@@ -24,6 +29,26 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tokio::io::AsyncBufReadExt as _;
+
+/// `cell send`'s exit status when the relay reported messages it did not
+/// deliver.
+const EXIT_UNDELIVERED: u8 = 3;
+
+/// What `cell send --help` says after the options.
+const SEND_HELP: &str = "\
+Delivery is best effort, and nothing is stored for later: a message to a cell that is not \
+attached to the relay is dropped, as is one whose receiver reads too slowly or that the relay \
+refuses (expired, from the future, out of hops). The relay reports each drop to the sender; \
+cell send waits for its reports before it exits and lists them on stderr, e.g.
+  1 to KEY: not attached to this relay
+  1 of 1 messages were not delivered
+A broadcast or service message that no cell receives is not reported.
+
+Exit status:
+  0  every message was sent and the relay reported none dropped
+  1  an error: the link failed, or not every message was sent
+  2  a usage error
+  3  the relay reported messages it did not deliver";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -72,7 +97,11 @@ enum Cmd {
         services: Vec<String>,
     },
     /// Send MESSAGE, or each line of stdin when MESSAGE is absent, then
-    /// flush and close.
+    /// flush, close, and report what the relay did not deliver.
+    ///
+    /// Prints `sent N message(s)` on stderr. A message to a cell that is
+    /// not attached is dropped and reported (exit status 3): see below.
+    #[command(after_help = SEND_HELP)]
     Send {
         #[command(flatten)]
         link: LinkArgs,
@@ -88,7 +117,8 @@ enum Cmd {
         /// The message; without it, each line of stdin is one message.
         message: Option<String>,
     },
-    /// Ask the relay which cells offer SERVICE; prints one JSON line per cell.
+    /// Ask the relay which cells offer SERVICE; prints one JSON line per
+    /// cell, or a note on stderr (and nothing on stdout) if none does.
     Discover {
         #[command(flatten)]
         link: LinkArgs,
@@ -148,7 +178,7 @@ fn main() -> ExitCode {
         Err(e) => Err(anyhow!("cannot start the async runtime: {e}")),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // One line, whatever the error chain holds.
             let msg = format!("{e:#}").replace('\n', " ");
@@ -158,7 +188,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let done = ExitCode::SUCCESS;
     match cli.cmd {
         Cmd::Keygen { out } => {
             let kp = Keypair::generate();
@@ -168,18 +199,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "wrote a new secret key to {} (keep it private)",
                 out.display()
             );
-            Ok(())
+            Ok(done)
         }
         Cmd::Id { key } => {
             println!("{}", read_keyfile(&key)?.public());
-            Ok(())
+            Ok(done)
         }
         Cmd::Listen {
             link,
             count,
             timeout,
             services,
-        } => listen(link, count, timeout, services).await,
+        } => listen(link, count, timeout, services).await.map(|()| done),
         Cmd::Send {
             link,
             target,
@@ -187,7 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             auth,
             message,
         } => send(link, target, lane, auth, message).await,
-        Cmd::Discover { link, service } => discover(link, service).await,
+        Cmd::Discover { link, service } => discover(link, service).await.map(|()| done),
     }
 }
 
@@ -335,7 +366,7 @@ async fn send(
     lane: Lane,
     auth: AuthArg,
     message: Option<String>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ExitCode> {
     let destination = match (&target.to, target.broadcast, &target.service) {
         (Some(k), _, _) => Destination::Cell(
             k.parse::<PublicKey>()
@@ -350,11 +381,13 @@ async fn send(
             AuthArg::Signed => AuthMode::Signed,
             AuthArg::Link => AuthMode::Link,
         },
-        // Nobody reads notices here.
-        notices: false,
+        // The relay's reports of what it dropped: summed by the cell and
+        // complete once close has read the relay's Close.
+        notices: true,
         ..CellOptions::default()
     };
     let (cell, _) = connect(&link, opts).await?;
+    let tally = cell.handle();
     let mut sent = 0u64;
     let sending: anyhow::Result<()> = async {
         let handle = cell.handle();
@@ -402,14 +435,43 @@ async fn send(
     let closed = cell.close().await;
     match (&sending, &closed) {
         (Ok(()), Ok(())) => eprintln!("sent {sent} message(s)"),
-        (_, Err(relay_client::cell::CellError::Unsent { count, .. })) => {
+        (_, Err(CellError::Unsent { count, .. })) => {
             eprintln!("queued {sent} message(s); {count} of them were not sent",)
         }
         _ => eprintln!("queued {sent} message(s) before the error"),
     }
+    let undelivered = tally.undelivered();
+    report_undelivered(&undelivered, sent);
     sending?;
     closed?;
-    Ok(())
+    if !undelivered.complete {
+        eprintln!(
+            "note: the relay did not confirm the close, so it may have dropped messages it did \
+             not report"
+        );
+    }
+    Ok(if undelivered.total > 0 {
+        ExitCode::from(EXIT_UNDELIVERED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Lists on stderr what the relay reported it did not deliver, one line
+/// per reason and destination, then the sum: `N of M messages were not
+/// delivered`.
+fn report_undelivered(u: &Undelivered, sent: u64) {
+    if u.total == 0 {
+        return;
+    }
+    for (code, to, n) in &u.by_destination {
+        if to.0 == [0; 32] {
+            eprintln!("{n}: {}", code.describe());
+        } else {
+            eprintln!("{n} to {to}: {}", code.describe());
+        }
+    }
+    eprintln!("{} of {sent} messages were not delivered", u.total);
 }
 
 async fn discover(link: LinkArgs, service: String) -> anyhow::Result<()> {
@@ -422,8 +484,12 @@ async fn discover(link: LinkArgs, service: String) -> anyhow::Result<()> {
     let (cell, _) = connect(&link, opts).await?;
     let found = cell.discover(&service).await;
     let _ = cell.close().await;
+    let found = found?;
+    if found.is_empty() {
+        eprintln!("no cell offers {service} on this relay");
+    }
     let mut out = std::io::stdout().lock();
-    for (key, app_version) in found? {
+    for (key, app_version) in found {
         let line = serde_json::json!({ "key": key.to_string(), "app_version": app_version });
         writeln!(out, "{line}")?;
     }

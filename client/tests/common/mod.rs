@@ -197,6 +197,11 @@ pub async fn serve_link(
             if link::write_frame(&mut send, &f).await.is_err() {
                 break;
             }
+            // Its Close is the last frame of the control stream.
+            if matches!(f, Frame::Close { .. }) {
+                let _ = send.finish();
+                break;
+            }
         }
     });
     // Data from the cell. Like the relay, on the cell's Close it takes the
@@ -292,6 +297,21 @@ pub async fn serve_link(
                 hub.lock().unwrap().closes.push((peer, code));
                 drain.notify_one();
                 let _ = tokio::time::timeout(Duration::from_secs(5), &mut acceptor).await;
+                // Like the relay: its own Close, then the cell closes the
+                // connection once it has read it (bounded).
+                let control = hub
+                    .lock()
+                    .unwrap()
+                    .cells
+                    .get(&peer)
+                    .map(|a| a.control.clone());
+                if let Some(c) = control {
+                    let _ = c.send(Frame::Close {
+                        code: CloseCode::Normal,
+                        reason: "closed at the peer's request".into(),
+                    });
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
                 conn.close(
                     quinn::VarInt::from_u32(CloseCode::Normal as u32),
                     b"closed at the peer's request",

@@ -6,11 +6,13 @@
 
 pub mod dedup;
 pub mod freshness;
+pub mod notices;
 pub mod router;
 pub mod stall;
 
 pub use dedup::{DedupVerdict, DedupWindow};
 pub use freshness::{FreshnessWindow, Staleness};
+pub use notices::{Notice, NoticeAggregator};
 /// The lane scheduler lives in the client crate because cells and relays
 /// share the link writer that uses it.
 pub use relay_client::lanes;

@@ -3,8 +3,9 @@
 
 use super::ingest::RelayObserver;
 use super::{LinkEntry, Shared, unix_ms};
-use crate::core::{LinkId, StallGate};
+use crate::core::{LinkId, Notice, NoticeAggregator, StallGate};
 use crate::metrics::{CloseReason, DropReason};
+use quinn::SendStream;
 use relay_client::link::{self, FrameReader, LaneQueues, LinkError};
 use relay_client::transport;
 use relay_codec::frame::{CloseCode, MAX_DISCOVER_ENTRIES, NoticeCode, PROTOCOL_VERSION, Role};
@@ -21,6 +22,14 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const CONTROL_QUEUE: usize = 1024;
 /// After a peer's Close, how long its data streams may take to be read.
 const DRAIN_ON_CLOSE: Duration = Duration::from_secs(5);
+/// After the relay's own Close at an orderly close, how long the peer may
+/// take to read it and close the connection, and how long writing the last
+/// control frames may take, each.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Drops of one batch to report to its sender: (code, subject, first id,
+/// count), consecutive drops of one (code, subject) merged.
+pub(super) type Drops = Vec<(NoticeCode, PublicKey, MessageId, u64)>;
 
 /// One attached link as the routing core and other links see it.
 pub struct LinkHandle {
@@ -30,7 +39,11 @@ pub struct LinkHandle {
     pub(super) queues: Arc<LaneQueues>,
     pub(super) control: mpsc::Sender<Frame>,
     pub(super) conn: quinn::Connection,
-    pub(super) notices: bool,
+    /// The link's dropped messages not yet reported, if it asked for
+    /// notices in Hello.
+    pub(super) notices: Option<Mutex<NoticeAggregator>>,
+    /// Wakes the control writer when a notice may have fallen due.
+    pub(super) notice_due: tokio::sync::Notify,
     /// Why this relay closed the link, if it did; counted when it ends.
     pub(super) closed_by_us: Mutex<Option<CloseReason>>,
     /// Whether senders may pause for this link as a receiver.
@@ -44,10 +57,42 @@ impl LinkHandle {
         let _ = self.control.try_send(frame);
     }
 
-    pub(super) fn notice(&self, code: NoticeCode, id: MessageId, subject: PublicKey) {
-        if self.notices {
-            self.control(Frame::Notice { code, id, subject });
+    /// Records a batch's drops for the notices to this link (when it asked
+    /// for them), at `now_ms` on the relay's monotonic clock. The control
+    /// writer sends them, summed and bounded in rate.
+    pub(super) fn report_drops(&self, drops: &Drops, now_ms: u64) {
+        let Some(agg) = &self.notices else { return };
+        if drops.is_empty() {
+            return;
         }
+        let mut agg = agg.lock().unwrap_or_else(|e| e.into_inner());
+        let mut moved = false;
+        for &(code, subject, id, n) in drops {
+            moved |= agg.record(code, subject, id, n, now_ms);
+        }
+        drop(agg);
+        if moved {
+            self.notice_due.notify_one();
+        }
+    }
+
+    /// The notices due at `now_ms` (all pending ones if `all`).
+    fn take_notices(&self, now_ms: u64, all: bool) -> Vec<Notice> {
+        let mut out = Vec::new();
+        if let Some(agg) = &self.notices {
+            let mut agg = agg.lock().unwrap_or_else(|e| e.into_inner());
+            if all {
+                agg.take_all(&mut out);
+            } else {
+                agg.take_due(now_ms, &mut out);
+            }
+        }
+        out
+    }
+
+    fn next_notice_due(&self) -> Option<u64> {
+        let agg = self.notices.as_ref()?;
+        agg.lock().unwrap_or_else(|e| e.into_inner()).next_due()
     }
 
     pub(super) fn close(&self, code: CloseCode, reason: &str) {
@@ -149,7 +194,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
     // attached before the control writer starts: once a cell has read
     // Welcome, messages to it are routed.
     let id = shared.next_link.fetch_add(1, Ordering::Relaxed);
-    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Frame>(CONTROL_QUEUE);
+    let (ctl_tx, ctl_rx) = mpsc::channel::<Frame>(CONTROL_QUEUE);
     let welcome = Frame::Welcome {
         version: PROTOCOL_VERSION,
         node: shared.key,
@@ -167,7 +212,10 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
         queues: Arc::new(LaneQueues::new(shared.cfg.limits.lane_queue_depth)),
         control: ctl_tx,
         conn: conn.clone(),
-        notices: hello.notices,
+        notices: hello
+            .notices
+            .then(|| Mutex::new(NoticeAggregator::new(shared.cfg.link.notice_interval_ms))),
+        notice_due: tokio::sync::Notify::new(),
         closed_by_us: Mutex::new(None),
         stall_gate: StallGate::default(),
     });
@@ -216,14 +264,16 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
     m.link_opened(hello.role);
     info!(peer = %key, %remote, agent = %hello.agent, "link opened");
 
-    // Control writer: frames from any task to this link's control stream.
-    let ctl_writer = tokio::spawn(async move {
-        while let Some(f) = ctl_rx.recv().await {
-            if link::write_frame(&mut ctl_send, &f).await.is_err() {
-                break;
-            }
-        }
-    });
+    // Control writer: frames from any task, and the notices as they fall
+    // due, to this link's control stream.
+    let (finish_tx, finish_rx) = tokio::sync::oneshot::channel();
+    let mut ctl_writer = tokio::spawn(control_writer(
+        shared.clone(),
+        handle.clone(),
+        ctl_send,
+        ctl_rx,
+        finish_rx,
+    ));
     // Data streams: one ingress task per lane stream the peer opens.
     let drain = Arc::new(tokio::sync::Notify::new());
     let mut acceptor = tokio::spawn(accept_data_streams(
@@ -238,7 +288,21 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
             // them to the end before closing, or their last messages are lost.
             drain.notify_one();
             let _ = tokio::time::timeout(DRAIN_ON_CLOSE, &mut acceptor).await;
-            handle.close(CloseCode::Normal, "closed at the peer's request");
+            // Every message of the link has been handled: its last notices,
+            // then our Close, end the control stream. The peer reads up to
+            // that Close and closes the connection; closing first would
+            // discard what it has not read yet (docs/PROTOCOL.md 6.2).
+            let _ = finish_tx.send(Frame::Close {
+                code: CloseCode::Normal,
+                reason: "closed at the peer's request".into(),
+            });
+            let _ = tokio::time::timeout(CLOSE_LINGER, &mut ctl_writer).await;
+            if tokio::time::timeout(CLOSE_LINGER, conn.closed())
+                .await
+                .is_err()
+            {
+                handle.close(CloseCode::Normal, "closed at the peer's request");
+            }
         }
         ControlEnd::Broken(code, reason) => handle.close(code, &reason),
         ControlEnd::Ended => {}
@@ -268,6 +332,73 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
     let reason = closed_by_us.unwrap_or_else(|| close_reason(&why));
     m.link_closed(hello.role, reason);
     info!(peer = %key, %remote, reason = reason.as_str(), "link closed: {why}");
+}
+
+/// Writes a link's control stream: frames from any task (`frames`) and the
+/// link's notices as they fall due. On `finish` (the peer's orderly close,
+/// once its data streams were read), writes the frames already queued,
+/// every pending notice and the Close it was given, and ends the stream.
+async fn control_writer(
+    shared: Arc<Shared>,
+    handle: Arc<LinkHandle>,
+    mut send: SendStream,
+    mut frames: mpsc::Receiver<Frame>,
+    mut finish: tokio::sync::oneshot::Receiver<Frame>,
+) {
+    loop {
+        let due = handle
+            .next_notice_due()
+            .map(|ms| tokio::time::Instant::from_std(shared.started + Duration::from_millis(ms)));
+        let due = async move {
+            match due {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            f = frames.recv() => match f {
+                Some(f) => {
+                    if link::write_frame(&mut send, &f).await.is_err() {
+                        return;
+                    }
+                }
+                None => return,
+            },
+            _ = handle.notice_due.notified() => {}
+            _ = due => {}
+            close = &mut finish => {
+                let Ok(close) = close else { return };
+                while let Ok(f) = frames.try_recv() {
+                    if link::write_frame(&mut send, &f).await.is_err() {
+                        return;
+                    }
+                }
+                let last = handle.take_notices(0, true);
+                if write_notices(&shared, &mut send, last).await.is_ok()
+                    && link::write_frame(&mut send, &close).await.is_ok()
+                {
+                    let _ = send.finish();
+                }
+                return;
+            }
+        }
+        let notices = handle.take_notices(shared.mono_ms(), false);
+        if write_notices(&shared, &mut send, notices).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn write_notices(
+    shared: &Shared,
+    send: &mut SendStream,
+    notices: Vec<Notice>,
+) -> Result<(), LinkError> {
+    for n in notices {
+        link::write_frame(send, &n.into_frame()).await?;
+        shared.metrics.notice_sent(n.code);
+    }
+    Ok(())
 }
 
 fn close_reason(e: &quinn::ConnectionError) -> CloseReason {

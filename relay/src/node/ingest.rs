@@ -1,9 +1,10 @@
 //! What the relay does with an incoming batch: checks, dedup, routing,
 //! queueing; and what it counts as a link writer sends.
 
-use super::connection::LinkHandle;
+use super::connection::{Drops, LinkHandle};
 use super::{Core, Shared, unix_ms};
 use crate::config::VerifyMode;
+use crate::core::notices::NO_SUBJECT;
 use crate::core::{DedupVerdict, PresenceReport, Route, Staleness};
 use crate::metrics::{DropReason, Metrics};
 use relay_client::link::{ForwardedBatch, Outbound, WriteObserver};
@@ -72,6 +73,8 @@ impl Shared {
         // be paused for.
         let mut unicast: Vec<Arc<LinkHandle>> = Vec::new();
         let mut refused = 0u64;
+        // What the sender is told about, reported once for the batch.
+        let mut drops: Drops = Vec::new();
         // The one cell this batch goes to so far, and its messages, held
         // back in case the whole batch can be forwarded as it is.
         let mut single: Option<Arc<LinkHandle>> = None;
@@ -86,27 +89,41 @@ impl Shared {
             }
             for (i, e) in envs.iter().enumerate() {
                 if !good.as_ref().is_none_or(|g| g[i]) {
-                    from.notice(NoticeCode::Refused, ids[i], dest_subject(e));
+                    add_drop(
+                        &mut drops,
+                        NoticeCode::BadSignature,
+                        dest_subject(e),
+                        ids[i],
+                        1,
+                    );
                     continue;
                 }
                 if e.ttl() == 0 {
                     m.dropped(DropReason::TtlExpired, 1);
-                    from.notice(NoticeCode::TtlExpired, ids[i], dest_subject(e));
+                    add_drop(
+                        &mut drops,
+                        NoticeCode::TtlExpired,
+                        dest_subject(e),
+                        ids[i],
+                        1,
+                    );
                     continue;
                 }
                 if let Err(s) = core.freshness.check(e.timestamp_ms(), now_ms) {
-                    m.dropped(
-                        match s {
-                            Staleness::Expired { .. } => DropReason::Expired,
-                            Staleness::FromFuture { .. } => DropReason::FromFuture,
-                        },
-                        1,
-                    );
+                    let (reason, code) = match s {
+                        Staleness::Expired { .. } => (DropReason::Expired, NoticeCode::Expired),
+                        Staleness::FromFuture { .. } => {
+                            (DropReason::FromFuture, NoticeCode::FromFuture)
+                        }
+                    };
+                    m.dropped(reason, 1);
                     refused += 1;
                     debug!(link = %from.key.short(), "refused message: {s}");
-                    from.notice(NoticeCode::Refused, ids[i], dest_subject(e));
+                    add_drop(&mut drops, code, dest_subject(e), ids[i], 1);
                     continue;
                 }
+                // A duplicate is not reported: a retransmitted copy of a
+                // message that already passed is not the sender's loss.
                 if core.dedup.check_and_insert(ids[i].as_u128(), now_ms) == DedupVerdict::Duplicate
                 {
                     m.dedup_hit();
@@ -132,25 +149,25 @@ impl Shared {
                                     held.push(i);
                                 }
                                 Some(s) if Arc::ptr_eq(s, h) => held.push(i),
-                                Some(_) => self.enqueue(from, h, out(), ids[i], &mut woken),
+                                Some(_) => self.enqueue(&mut drops, h, out(), ids[i], &mut woken),
                             }
                         }
                         None => {
                             m.dropped(DropReason::UnknownDestination, 1);
-                            from.notice(NoticeCode::UnknownDestination, ids[i], dest);
+                            add_drop(&mut drops, NoticeCode::UnknownDestination, dest, ids[i], 1);
                         }
                     },
                     Destination::Broadcast => {
                         if let Route::Many(hs) = core.router.route_broadcast(&from.key) {
                             for h in hs {
-                                self.enqueue(from, h, out(), ids[i], &mut woken);
+                                self.enqueue(&mut drops, h, out(), ids[i], &mut woken);
                             }
                         }
                     }
                     Destination::Service(s) => {
                         if let Route::Many(hs) = core.router.route_service(&s, &from.key) {
                             for h in hs {
-                                self.enqueue(from, h, out(), ids[i], &mut woken);
+                                self.enqueue(&mut drops, h, out(), ids[i], &mut woken);
                             }
                         }
                     }
@@ -162,17 +179,18 @@ impl Shared {
                 && h.role == Role::Cell
                 && batch.frame_len() <= FORWARD_AS_IS_MAX;
             if whole {
-                self.enqueue_batch(from, &h, batch, queued_at, &ids, &mut woken);
+                self.enqueue_batch(&mut drops, &h, batch, queued_at, &ids, &mut woken);
             } else {
                 for i in held {
                     let out = Outbound {
                         env: envs[i].clone(),
                         queued_at,
                     };
-                    self.enqueue(from, &h, out, ids[i], &mut woken);
+                    self.enqueue(&mut drops, &h, out, ids[i], &mut woken);
                 }
             }
         }
+        from.report_drops(&drops, self.mono_ms());
         if refused > 0 {
             warn!(link = %from.key.short(), refused, "refused replayed, expired or future-dated messages");
         }
@@ -229,11 +247,11 @@ impl Shared {
         }
     }
 
-    /// Queues a whole batch for one cell, or drops all of it if the cell's
-    /// lane has no room for its messages.
+    /// Queues a whole batch for one cell, or drops all of it (into
+    /// `drops`) if the cell's lane has no room for its messages.
     fn enqueue_batch(
         &self,
-        from: &LinkHandle,
+        drops: &mut Drops,
         to: &Arc<LinkHandle>,
         batch: &BatchFrame,
         queued_at: Instant,
@@ -246,23 +264,22 @@ impl Shared {
         };
         match to.queues.push_batch(item) {
             Ok(()) => woken.push(to.clone()),
-            Err(_) if to.queues.is_closed() => {
-                self.metrics
-                    .dropped(DropReason::Shutdown, u64::from(batch.count));
-            }
             Err(_) => {
-                self.metrics
-                    .dropped(DropReason::SlowReceiver, u64::from(batch.count));
-                for id in ids {
-                    from.notice(NoticeCode::DroppedSlowReceiver, *id, to.key);
+                let n = u64::from(batch.count);
+                let (reason, code) = full_queue(to);
+                self.metrics.dropped(reason, n);
+                if let Some(&first) = ids.first() {
+                    add_drop(drops, code, to.key, first, n);
                 }
             }
         }
     }
 
+    /// Queues one message for `to`, or drops it (into `drops`) if `to`'s
+    /// lane has no room.
     fn enqueue(
         &self,
-        from: &LinkHandle,
+        drops: &mut Drops,
         to: &Arc<LinkHandle>,
         out: Outbound,
         id: MessageId,
@@ -274,19 +291,36 @@ impl Shared {
                     woken.push(to.clone());
                 }
             }
-            Err(_) if to.queues.is_closed() => {
-                self.metrics.dropped(DropReason::Shutdown, 1);
-            }
             Err(_) => {
-                self.metrics.dropped(DropReason::SlowReceiver, 1);
-                from.notice(NoticeCode::DroppedSlowReceiver, id, to.key);
+                let (reason, code) = full_queue(to);
+                self.metrics.dropped(reason, 1);
+                add_drop(drops, code, to.key, id, 1);
             }
         }
     }
 }
 
 fn dest_subject(e: &Envelope) -> PublicKey {
-    e.dest_cell().unwrap_or(PublicKey([0; 32]))
+    e.dest_cell().unwrap_or(NO_SUBJECT)
+}
+
+/// Why a queue refused a message: its link is closing, or it is full.
+fn full_queue(to: &LinkHandle) -> (DropReason, NoticeCode) {
+    if to.queues.is_closed() {
+        (DropReason::Shutdown, NoticeCode::ReceiverClosing)
+    } else {
+        (DropReason::SlowReceiver, NoticeCode::DroppedSlowReceiver)
+    }
+}
+
+/// Adds `n` drops to `drops`, merged with the last entry when it is for the
+/// same code and subject (a batch mostly goes to one cell); the notice
+/// aggregator sums the rest.
+fn add_drop(drops: &mut Drops, code: NoticeCode, subject: PublicKey, id: MessageId, n: u64) {
+    match drops.last_mut() {
+        Some((c, s, _, count)) if *c == code && *s == subject => *count += n,
+        _ => drops.push((code, subject, id, n)),
+    }
 }
 
 /// Counts and times what a link writer sends.

@@ -270,6 +270,12 @@ impl Node {
 }
 
 impl Shared {
+    /// Milliseconds since the relay started, on the monotonic clock: the
+    /// time the pure pieces that only measure intervals are given.
+    fn mono_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     fn health(&self, quic: SocketAddr) -> serde_json::Value {
         let cells = self.core.lock().map(|c| c.router.len()).unwrap_or(0);
         serde_json::json!({
