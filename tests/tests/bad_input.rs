@@ -475,6 +475,7 @@ fn zstd_batch(raw_len: u32, data: Vec<u8>) -> Bytes {
     Frame::Batch(BatchFrame {
         lane: Lane::Normal,
         compressed: true,
+        hops: 0,
         count: 1,
         raw_len,
         data: Bytes::from(data),

@@ -8,6 +8,7 @@ pub mod dedup;
 pub mod freshness;
 pub mod router;
 pub mod stall;
+pub mod ttl;
 
 pub use dedup::{DedupVerdict, DedupWindow};
 pub use freshness::{FreshnessWindow, Staleness};
