@@ -62,8 +62,8 @@ async fn expect_closed(
     reason
 }
 
-/// A raw receiver's next message must be `want` (same authenticated bytes;
-/// the relay lowers TTL).
+/// A raw receiver's next message must be `want`: the same authenticated
+/// bytes, with the TTL one hop lower.
 async fn expect_next(link: &mut RawLink, want: &Envelope, what: &str) {
     let got = link
         .next_message(WAIT)
@@ -74,6 +74,7 @@ async fn expect_next(link: &mut RawLink, want: &Envelope, what: &str) {
         want.authenticated_bytes(),
         "{what}: got {got:?}, want {want:?}"
     );
+    assert_eq!(got.ttl(), want.ttl() - 1, "{what}: TTL after one hop");
 }
 
 /// Sends one signed marker from `from` to `to` on `lane`, and returns it.
@@ -553,6 +554,17 @@ async fn a_decompression_bomb_closes_the_link() {
     relay.stop();
 }
 
+/// `frame`, a batch without a hop count, with the hop-count flag set and
+/// `hops` inserted after `raw_len` (docs/PROTOCOL.md 5), 0 included.
+fn with_hops(frame: Bytes, hops: u8) -> Vec<u8> {
+    let mut v = frame.to_vec();
+    let len = u32::from_le_bytes(v[..4].try_into().unwrap()) + 1;
+    v[..4].copy_from_slice(&len.to_le_bytes());
+    v[6] |= 0x02;
+    v.insert(13, hops);
+    v
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_close_the_link() {
     let relay = RelayProcess::start();
@@ -567,7 +579,7 @@ async fn malformed_frames_close_the_link() {
         )
     };
     type Bad = fn(&RawLink, &dyn Fn(&RawLink, Lane) -> Envelope) -> Vec<u8>;
-    let cases: [(&str, Bad, &str); 5] = [
+    let cases: [(&str, Bad, &str); 7] = [
         (
             "an unknown frame type",
             |_, _| vec![5, 0, 0, 0, 0x7F, 1, 2, 3, 4],
@@ -606,6 +618,16 @@ async fn malformed_frames_close_the_link() {
             "truncated",
         ),
         ("a zero-length frame", |_, _| vec![0, 0, 0, 0], "truncated"),
+        (
+            "a hop count over a message's TTL",
+            |l, good| with_hops(batch_frame(Lane::Normal, &[good(l, Lane::Normal)]), 17),
+            "TTL below the batch's hops",
+        ),
+        (
+            "a hop-count flag with a hop count of 0",
+            |l, good| with_hops(batch_frame(Lane::Normal, &[good(l, Lane::Normal)]), 0),
+            "batch hops",
+        ),
     ];
     for (i, (what, bytes, words)) in cases.into_iter().enumerate() {
         let mut bad = raw_link(&relay).await;
