@@ -426,18 +426,13 @@ async fn an_unknown_destination_is_reported_to_a_sender_that_asked() {
 /// A cell is reachable once `Cell::connect` has returned: a message sent
 /// to it right then must not be dropped as an unknown destination.
 ///
-/// Fails intermittently today: the relay writes Welcome
-/// (relay/src/node.rs, `handle_connection`) before it builds the link's
-/// queues, registers it and calls `router.attach`, so if that task is
-/// delayed between the two the cell has connected but the router does not
-/// know it, and messages to it are dropped with
-/// `celluler_drops_total{reason="unknown_destination"}`. Seen with 28 to
-/// 1345 messages of a burst lost; nearly every run while the lane queues
-/// were preallocated (before d0de425), about one run in four on a loaded
-/// machine since. The fix is to attach (and register) the link before
-/// writing Welcome. The other tests wait for a discover round trip after
-/// connecting (`relay_tests::cells::connect`), which the relay serves only
-/// after attaching.
+/// Guards the order in relay/src/node/connection.rs `handle_connection`:
+/// the link is attached to the router before Welcome is written. When the
+/// relay wrote Welcome first, a relay task delayed between the two dropped
+/// messages to a cell that had connected, as
+/// `celluler_drops_total{reason="unknown_destination"}` (28 to 1345 of a
+/// burst; about one run in four on a loaded machine). This test waits for
+/// nothing after `connect_only`, unlike `relay_tests::cells::connect`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cell_is_reachable_as_soon_as_connect_returns() {
     let relay = RelayProcess::start_with_config("[limits]\nlane_queue_depth = 65536\n");
@@ -480,11 +475,11 @@ async fn a_cell_is_reachable_as_soon_as_connect_returns() {
 /// destination: `close` flushes, and the relay reads it all before it
 /// closes the link.
 ///
-/// Fails on a loaded machine (every run with two CPU hogs beside it; it
-/// passes on an idle one): `close()` returns Ok, the relay logs "link
-/// closed: closed" (it closed the link itself, on the cell's Close frame)
-/// and never reads the round's messages. Same bug as
-/// `the_relay_reads_every_data_stream_before_honouring_close`.
+/// Guards the same drain as
+/// `the_relay_reads_every_data_stream_before_honouring_close`, through the
+/// real `Cell::close`: when the relay closed the link on the cell's Close
+/// frame at once, this lost the round's messages on every run with two
+/// CPU hogs beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_sent_before_a_clean_close_are_all_delivered() {
     let relay = RelayProcess::start();
@@ -505,16 +500,9 @@ async fn messages_sent_before_a_clean_close_are_all_delivered() {
         // The link is closed: what the relay has not read by now it will
         // read soon (an ingress task finishing) or never.
         let want = ((round + 1) * EACH) as f64;
-        let end = tokio::time::Instant::now() + Duration::from_secs(5);
-        while relay.metric("celluler_messages_in_total", "") < want {
-            assert!(
-                tokio::time::Instant::now() < end,
-                "round {round}: the relay did not read every message the closed cell sent \
-                 (read {} of {want})",
-                relay.metric("celluler_messages_in_total", "")
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        relay
+            .wait_metric_async("celluler_messages_in_total", "", want, WAIT)
+            .await;
         for _ in 0..EACH {
             recv(&mut b, "a message sent before close").await;
         }
@@ -527,17 +515,14 @@ async fn messages_sent_before_a_clean_close_are_all_delivered() {
 /// Close: the relay must read the data streams to their end before it
 /// closes the link, or it loses messages the cell considers sent.
 ///
-/// Fails today: relay/src/node.rs `control_loop` answers a Close frame by
-/// closing the connection at once, so a data stream the acceptor has not
-/// accepted yet, or an ingress task has not read yet, is lost with the
-/// connection, uncounted (`messages_in_total` never sees it). This test
-/// sends Close right after ending its streams and fails nearly every
-/// round. `Cell::close` (client/src/cell.rs `graceful_close`) first waits
-/// until the relay's QUIC stack has acknowledged the streams, which only
-/// narrows the window: a link that closes while the relay is still setting
-/// it up (between Welcome and its control loop) loses them all the same.
-/// That is what quickstart.rs sees about once in 15 runs: `cell send`
-/// prints "sent 1 message(s)", exits 0, and the message never arrives.
+/// Guards relay/src/node/connection.rs `handle_connection`: on the peer's
+/// Close (`ControlEnd::PeerClosed`) the relay accepts the streams already
+/// opened and reads every one to its end (`accept_data_streams`, bounded
+/// by `DRAIN_ON_CLOSE`) before it closes. When it closed the connection at
+/// once, a stream not yet accepted or read was lost uncounted
+/// (`messages_in_total` never saw it) in nearly every round of this test,
+/// which sends Close right after ending its streams; `cell send` then
+/// printed "sent 1 message(s)", exited 0, and the message never arrived.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_reads_every_data_stream_before_honouring_close() {
     let relay = RelayProcess::start();
@@ -567,16 +552,9 @@ async fn the_relay_reads_every_data_stream_before_honouring_close() {
         s.closed(WAIT).await;
         // Once the link is closed nothing more can be read from it: the
         // message is ingested soon or never.
-        let end = tokio::time::Instant::now() + Duration::from_secs(5);
-        while relay.metric("celluler_messages_in_total", "") < (round + 1) as f64 {
-            assert!(
-                tokio::time::Instant::now() < end,
-                "round {round}: the relay closed the link without reading the message sent \
-                 before Close (messages in: {})",
-                relay.metric("celluler_messages_in_total", "")
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        relay
+            .wait_metric_async("celluler_messages_in_total", "", (round + 1) as f64, WAIT)
+            .await;
         let got = recv(&mut b, "the message sent before Close").await;
         assert_eq!(got.payload, format!("round {round}").as_bytes());
     }
