@@ -404,8 +404,8 @@ async fn writer_gives_each_lane_its_weighted_share_under_saturation() {
     // Exact over every cycle of 23 picks, up to what QUIC and the four
     // readers reorder at the window's edges: a message moves at most the
     // ~30 in flight plus one read (~15), so a count by at most twice that.
-    // Measured: within 30. Equal weights give control 375, the default
-    // weights 800, reversed ones 65.
+    // Measured: within 60, with two CPU hogs beside it. Equal weights give
+    // control 350, the default weights 750, reversed ones 60.
     let tolerance = COUNTED / 10;
     for (i, lane) in Lane::ALL.iter().enumerate() {
         assert!(
