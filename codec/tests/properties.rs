@@ -3,7 +3,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
-use relay_codec::batch::{ADAPTIVE_MAX_LEVEL, PROBE_EVERY};
+use relay_codec::batch::{ADAPTIVE_MAX_LEVEL, BatchStats, PROBE_EVERY};
 use relay_codec::frame::{CloseCode, Role};
 use relay_codec::verify::{verify_batch, verify_each};
 use relay_codec::{
@@ -66,6 +66,20 @@ fn encode(m: &Message) -> Bytes {
     let mut b = BytesMut::new();
     m.encode(&mut b);
     b.freeze()
+}
+
+/// `msgs` moved to `lane`, and their batch frame with the stats of its
+/// encoding (compressed when `compress` and zstd gains enough).
+fn lane_batch(msgs: Vec<Message>, lane: Lane, compress: bool) -> (Vec<Message>, BatchStats, Bytes) {
+    let msgs: Vec<Message> = msgs.into_iter().map(|m| Message { lane, ..m }).collect();
+    let mut enc = BatchEncoder::new(1, if compress { 0 } else { usize::MAX }).unwrap();
+    for m in &msgs {
+        enc.push(m);
+    }
+    let mut out = BytesMut::new();
+    let stats = enc.finish(lane, &mut out);
+    assert!(enc.is_empty());
+    (msgs, stats, out.freeze())
 }
 
 fn signed_sample(secret: u8, payload: &[u8], nonce: u64) -> (Keypair, Bytes) {
@@ -174,16 +188,10 @@ proptest! {
         compress in any::<bool>(),
         lane in lane(),
     ) {
-        let msgs: Vec<Message> = msgs.into_iter().map(|m| Message { lane, ..m }).collect();
-        let mut enc = BatchEncoder::new(1, if compress { 0 } else { usize::MAX }).unwrap();
-        for m in &msgs { enc.push(m); }
-        let mut out = BytesMut::new();
-        let stats = enc.finish(lane, &mut out);
+        let (msgs, stats, encoded) = lane_batch(msgs, lane, compress);
         prop_assert_eq!(stats.count, msgs.len());
-        prop_assert_eq!(stats.wire_bytes, out.len());
-        prop_assert!(enc.is_empty());
+        prop_assert_eq!(stats.wire_bytes, encoded.len());
         let limits = Limits::default();
-        let encoded = out.freeze();
         let Frame::Batch(batch) = Frame::decode(encoded.clone(), &limits).unwrap() else {
             panic!("not a batch");
         };
@@ -210,13 +218,8 @@ proptest! {
         compress in any::<bool>(),
         lane in lane(),
     ) {
-        let msgs: Vec<Message> = msgs.into_iter().map(|m| Message { lane, ..m }).collect();
-        let mut enc = BatchEncoder::new(1, if compress { 0 } else { usize::MAX }).unwrap();
-        for m in &msgs { enc.push(m); }
-        let mut out = BytesMut::new();
-        enc.finish(lane, &mut out);
+        let (msgs, _, plain) = lane_batch(msgs, lane, compress);
         let limits = Limits::default();
-        let plain = out.freeze();
         let Frame::Batch(mut batch) = Frame::decode(plain.clone(), &limits).unwrap() else {
             panic!("not a batch");
         };

@@ -136,6 +136,23 @@ pub struct RawOptions {
     pub wait_attached: bool,
 }
 
+impl RawOptions {
+    /// A cell that does not read (until [`RawLink::start_reading`]), with
+    /// receive windows of 16 KiB a stream and 32 KiB in all: the relay can
+    /// send it only a few KiB ahead, and the rest waits in its queues.
+    pub fn not_reading() -> Self {
+        Self {
+            read_data: false,
+            tuning: TransportTuning {
+                stream_window: 16 * 1024,
+                conn_window: 32 * 1024,
+                ..TransportTuning::default()
+            },
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for RawOptions {
     fn default() -> Self {
         Self {
@@ -198,20 +215,7 @@ impl RawLink {
     /// and its small windows make the relay's stream to it stall after a
     /// few KiB, so its lane queue fills and stays full.
     pub async fn connect_never_reading(relay: &RelayProcess) -> Result<RawLink, LinkError> {
-        Self::connect_with(
-            relay,
-            Keypair::generate(),
-            RawOptions {
-                read_data: false,
-                tuning: TransportTuning {
-                    stream_window: 16 * 1024,
-                    conn_window: 32 * 1024,
-                    ..TransportTuning::default()
-                },
-                ..RawOptions::default()
-            },
-        )
-        .await
+        Self::connect_with(relay, Keypair::generate(), RawOptions::not_reading()).await
     }
 
     /// Like [`connect`](Self::connect) with options.

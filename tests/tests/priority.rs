@@ -9,7 +9,6 @@
 //!   and streams of their own, so none waits behind another's backlog.
 
 use relay_client::cell::{AuthMode, CellOptions};
-use relay_client::transport::TransportTuning;
 use relay_codec::{Destination, Keypair, Lane};
 use relay_tests::RelayProcess;
 use relay_tests::cells::{WAIT, connect, options, recv, within};
@@ -37,21 +36,10 @@ async fn the_relay_gives_each_lane_its_weighted_share_under_saturation() {
     // The receiver reads nothing until every lane is backlogged; its small
     // windows keep what the relay can send ahead (and QUIC reorder by
     // stream priority) to a few dozen messages.
-    let mut receiver = RawLink::connect_with(
-        &relay,
-        Keypair::generate(),
-        RawOptions {
-            read_data: false,
-            tuning: TransportTuning {
-                stream_window: 16 * 1024,
-                conn_window: 32 * 1024,
-                ..TransportTuning::default()
-            },
-            ..RawOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut receiver =
+        RawLink::connect_with(&relay, Keypair::generate(), RawOptions::not_reading())
+            .await
+            .unwrap();
     let mut sender = RawLink::connect(&relay, Keypair::generate()).await.unwrap();
     // One message per batch frame: the relay forwards each whole, so one
     // pick of its writer's scheduler is one message, and message shares
