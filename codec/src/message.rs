@@ -601,7 +601,7 @@ impl Envelope {
         self.raw.is_empty()
     }
 
-    /// Hops left: what a relay checks and lowers (docs/PROTOCOL.md 3.1).
+    /// Hops left: what a relay checks and lowers (docs/PROTOCOL.md 3.6).
     pub fn ttl(&self) -> u8 {
         self.ttl
     }

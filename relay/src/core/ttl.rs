@@ -1,4 +1,4 @@
-//! The TTL rule of one relay hop (docs/PROTOCOL.md 3.1), in one place.
+//! The TTL rule of one relay hop (docs/PROTOCOL.md 3.6), in one place.
 //!
 //! A message's TTL is the relay hops it has left. A relay drops a message
 //! that reaches it with TTL 0; every message it forwards leaves with its
