@@ -142,8 +142,7 @@ pub struct CellOptions {
     pub tuning: TransportTuning,
     /// Bounds on what this cell sends and accepts.
     pub limits: Limits,
-    /// How outbound messages are batched (`decrement_ttl` is always off for
-    /// a cell's own messages).
+    /// How outbound messages are batched.
     pub writer: WriterConfig,
 }
 
@@ -621,13 +620,6 @@ impl Shared {
             app_version: a.app_version.clone(),
             services: a.services.clone(),
         })
-    }
-
-    fn writer_config(&self) -> WriterConfig {
-        WriterConfig {
-            decrement_ttl: false,
-            ..self.opts.writer.clone()
-        }
     }
 
     fn fail_pending(&self) {
@@ -1572,7 +1564,7 @@ async fn serve(
     let state = Arc::new(ConnState::default());
     let writer_cfg = WriterConfig {
         batch_bytes,
-        ..shared.writer_config()
+        ..shared.opts.writer.clone()
     };
     let mut writer = tokio::spawn(link::run_writer(
         conn.clone(),

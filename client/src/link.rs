@@ -404,9 +404,6 @@ pub struct WriterConfig {
     pub zstd_level: i32,
     /// Only batches of at least this many bytes are offered to zstd.
     pub compress_min: usize,
-    /// Whether to decrement each message's TTL (a relay forwarding) or not
-    /// (a cell sending its own messages).
-    pub decrement_ttl: bool,
     /// After the queues close, how long to wait for the peer to read what
     /// was sent.
     pub drain_timeout: Duration,
@@ -420,7 +417,6 @@ impl Default for WriterConfig {
             max_batch_messages: 4096,
             zstd_level: 1,
             compress_min: 1024,
-            decrement_ttl: false,
             drain_timeout: Duration::from_secs(3),
         }
     }
@@ -496,11 +492,9 @@ pub async fn run_writer<O: WriteObserver>(
                 }
             };
             obs.on_message(lane, item.env.len(), item.queued_at);
-            if cfg.decrement_ttl {
-                enc.push_with_ttl(&item.env, item.env.ttl().saturating_sub(1));
-            } else {
-                enc.push_envelope(&item.env);
-            }
+            // Each envelope carries the TTL it leaves with (a relay lowered
+            // it when it queued the message).
+            enc.push_envelope(&item.env);
             if enc.len_bytes() >= cfg.batch_bytes || enc.count() >= max_msgs {
                 break;
             }
@@ -526,6 +520,8 @@ pub async fn run_writer<O: WriteObserver>(
                 compressed: f.batch.compressed,
             };
             obs.on_forwarded(lane, &stats, f.queued_at);
+            // The batch's own header, hop count included: whoever queued
+            // it set the hops it leaves with.
             let header = Bytes::copy_from_slice(&f.batch.frame_header());
             let stream = lane_stream(&conn, &mut streams, i).await?;
             stream.write_all_chunks(&mut [header, f.batch.data]).await?;

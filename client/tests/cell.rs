@@ -44,11 +44,15 @@ async fn next_event(cell: &mut Cell) -> Event {
         .expect("the cell is open")
 }
 
-/// Nothing arrives for a short while.
-async fn quiet(cell: &mut Cell) {
-    if let Ok(e) = tokio::time::timeout(Duration::from_millis(300), cell.next_event()).await {
-        panic!("expected nothing, got {e:?}");
-    }
+/// The next message `cell` receives is `marker`, sent after everything it
+/// must not receive and on the same lane: nothing else arrived before it.
+async fn next_is_marker(cell: &mut Cell, marker: &[u8]) {
+    let m = next_message(cell).await;
+    assert_eq!(
+        &m.payload[..],
+        marker,
+        "expected nothing before the marker, got {m:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +158,11 @@ async fn services_broadcast_and_discovery() {
     let m = next_message(&mut echo).await;
     assert_eq!(m.destination, Destination::Service(svc("echo")));
     assert_eq!(m.source, a_key.public());
-    quiet(&mut b).await;
+    // b offers no service: the ping did not reach it.
+    a.send(b.public_key(), Lane::Normal, &b"marker"[..])
+        .await
+        .unwrap();
+    next_is_marker(&mut b, b"marker").await;
 
     a.broadcast(Lane::Control, &b"all"[..]).await.unwrap();
     for c in [&mut echo, &mut b] {
@@ -325,9 +333,12 @@ async fn bad_signatures_sealed_messages_and_duplicates_are_dropped() {
         (&m.payload[..], m.auth),
         (&b"unsigned"[..], ReceivedAuth::Link)
     );
-    quiet(&mut cell).await;
+    let mut marker = BytesMut::new();
+    raw(&sender, me, 5, b"marker").encode(&mut marker);
+    relay.inject(me, envelope(marker));
+    next_is_marker(&mut cell, b"marker").await;
     let s = cell.stats();
-    assert_eq!(s.received, 2);
+    assert_eq!(s.received, 3);
     assert_eq!(s.dropped_bad_signature, 2);
     assert_eq!(s.dropped_unsupported, 1);
     assert_eq!(s.dropped_duplicate, 2);
@@ -343,7 +354,7 @@ async fn bad_signatures_sealed_messages_and_duplicates_are_dropped() {
         assert_eq!(m.source, sender.public());
         assert_eq!(&m.payload[..], b"bulk", "message {n}");
     }
-    assert_eq!(cell.stats().received, 102);
+    assert_eq!(cell.stats().received, 103);
     cell.close().await.unwrap();
 }
 
@@ -486,8 +497,13 @@ async fn a_lost_link_is_re_established_with_queued_messages_and_announcements() 
     .await;
     a.watch_presence(true).await.unwrap();
     let (mut b, b_key) = connect(&relay, CellOptions::default()).await;
+    // A round trip on b's control stream, then on a's: a presence the
+    // stand-in sent a about b would be among a's events by the time a's
+    // discover is answered.
+    b.discover(&svc("svc-a")).await.unwrap();
+    a.discover(&svc("svc-a")).await.unwrap();
     assert_eq!(
-        next_message_or_presence(&mut a).await,
+        queued_event(&mut a).await,
         None,
         "b attached without announcing: no presence"
     );
@@ -533,12 +549,13 @@ async fn a_lost_link_is_re_established_with_queued_messages_and_announcements() 
     b.close().await.unwrap();
 }
 
-/// The next event, if it is a message or presence within a short while.
-async fn next_message_or_presence(cell: &mut Cell) -> Option<Event> {
-    tokio::time::timeout(Duration::from_millis(200), cell.next_event())
-        .await
-        .ok()
-        .flatten()
+/// The next event if one is already queued; `None` without waiting.
+async fn queued_event(cell: &mut Cell) -> Option<Event> {
+    tokio::select! {
+        biased;
+        e = cell.next_event() => e,
+        _ = std::future::ready(()) => None,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -804,9 +821,10 @@ async fn duplicates_are_dropped_across_a_dedup_rotation() {
         let m = next_message(&mut cell).await;
         assert_eq!(&m.payload[..], &[want]);
     }
-    quiet(&mut cell).await;
+    relay.inject(me, msg(9));
+    next_is_marker(&mut cell, &[9]).await;
     let s = cell.stats();
-    assert_eq!((s.received, s.dropped_duplicate), (5, 2), "{s:?}");
+    assert_eq!((s.received, s.dropped_duplicate), (6, 2), "{s:?}");
     cell.close().await.unwrap();
 }
 

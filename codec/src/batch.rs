@@ -5,15 +5,22 @@
 //!
 //! ```text
 //! u8   lane
-//! u8   flags        bit0: data is one zstd frame
+//! u8   flags        bit0: data is one zstd frame; bit1: a hops byte follows raw_len
 //! u16  count        messages in the batch, 1..=Limits::max_batch_messages
 //! u32  raw_len      bytes of the concatenated messages, <= Limits::max_frame
+//! u8   hops         only with flag bit1: 1..=255, subtracted from every message's TTL
 //! ...  data         the messages back to back, or their zstd compression
 //! ```
 //!
 //! A compressed batch is refused before decompression if its zstd header
 //! claims another size than `raw_len`, and decompression writes into a
 //! buffer of exactly `raw_len` bytes, so no frame can expand past the bound.
+//!
+//! The hop count lets a relay forward a batch whole (its data as the sender
+//! encoded and compressed it) and still lower every message's TTL: it
+//! rewrites only the header. A decoder hands out each message with its
+//! effective TTL, the message's TTL byte minus `hops`
+//! ([`Envelope::ttl`]).
 
 use crate::error::DecodeError;
 use crate::frame::{FrameType, LEN_PREFIX};
@@ -23,11 +30,17 @@ use crate::message::{Envelope, Lane, Message};
 use crate::wire::Reader;
 use bytes::{BufMut, Bytes, BytesMut};
 
-const FLAG_ZSTD: u8 = 1;
-/// Bytes of a batch header after the frame's length prefix and type byte.
+const FLAG_ZSTD: u8 = 0x01;
+const FLAG_HOPS: u8 = 0x02;
+const FLAGS_KNOWN: u8 = FLAG_ZSTD | FLAG_HOPS;
+/// Bytes of a batch header without a hop count, after the frame's length
+/// prefix and type byte.
 pub const BATCH_HEADER_LEN: usize = 8;
-/// Bytes of a batch frame before its data: prefix, type, batch header.
+/// Bytes of a batch frame before its data when it has no hop count: prefix,
+/// type, batch header.
 pub const FRAME_HEADER_LEN: usize = LEN_PREFIX + 1 + BATCH_HEADER_LEN;
+/// Bytes of a batch frame before its data when it has a hop count.
+pub const MAX_FRAME_HEADER_LEN: usize = FRAME_HEADER_LEN + 1;
 
 /// A decoded batch frame whose messages are not yet parsed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +49,11 @@ pub struct BatchFrame {
     pub lane: Lane,
     /// Whether `data` is zstd-compressed.
     pub compressed: bool,
+    /// Relay hops the batch has been forwarded whole since its messages'
+    /// TTL bytes were written: every message's TTL is its TTL byte minus
+    /// this. 0 (no hops byte on the wire) for a batch as a sender encoded
+    /// it.
+    pub hops: u8,
     /// Number of messages.
     pub count: u16,
     /// Length of the messages uncompressed.
@@ -44,32 +62,64 @@ pub struct BatchFrame {
     pub data: Bytes,
 }
 
+/// The bytes of a batch frame before its data: 13, or 14 with a hop count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchFrameHeader {
+    bytes: [u8; MAX_FRAME_HEADER_LEN],
+    len: u8,
+}
+
+impl BatchFrameHeader {
+    /// The header bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::ops::Deref for BatchFrameHeader {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
 impl BatchFrame {
+    /// Bytes of the batch header: 8, or 9 with a hop count.
+    fn header_len(&self) -> usize {
+        BATCH_HEADER_LEN + usize::from(self.hops > 0)
+    }
+
+    fn flags(&self) -> u8 {
+        (if self.compressed { FLAG_ZSTD } else { 0 }) | (if self.hops > 0 { FLAG_HOPS } else { 0 })
+    }
+
     /// Bytes of the whole frame: length prefix, type, header and data.
     pub fn frame_len(&self) -> usize {
-        FRAME_HEADER_LEN + self.data.len()
+        LEN_PREFIX + 1 + self.header_len() + self.data.len()
     }
 
     /// The bytes of this batch's frame that come before `data` (length
-    /// prefix, type byte and batch header), so a relay can forward a batch
-    /// as it arrived without copying or recompressing its data.
-    pub fn frame_header(&self) -> [u8; FRAME_HEADER_LEN] {
-        let mut h = [0u8; FRAME_HEADER_LEN];
-        let len = (1 + BATCH_HEADER_LEN + self.data.len()) as u32;
-        h[..4].copy_from_slice(&len.to_le_bytes());
-        h[4] = FrameType::Batch as u8;
-        h[5] = self.lane as u8;
-        h[6] = if self.compressed { FLAG_ZSTD } else { 0 };
-        h[7..9].copy_from_slice(&self.count.to_le_bytes());
-        h[9..13].copy_from_slice(&self.raw_len.to_le_bytes());
-        h
+    /// prefix, type byte and batch header, with the hop count if there is
+    /// one), so a relay can forward a batch without copying or
+    /// recompressing its data.
+    pub fn frame_header(&self) -> BatchFrameHeader {
+        let mut bytes = [0u8; MAX_FRAME_HEADER_LEN];
+        let len = (1 + self.header_len() + self.data.len()) as u32;
+        bytes[..4].copy_from_slice(&len.to_le_bytes());
+        bytes[4] = FrameType::Batch as u8;
+        bytes[5] = self.lane as u8;
+        bytes[6] = self.flags();
+        bytes[7..9].copy_from_slice(&self.count.to_le_bytes());
+        bytes[9..13].copy_from_slice(&self.raw_len.to_le_bytes());
+        bytes[13] = self.hops;
+        BatchFrameHeader {
+            bytes,
+            len: (LEN_PREFIX + 1 + self.header_len()) as u8,
+        }
     }
 
     pub(crate) fn encode_body(&self, out: &mut BytesMut) {
-        out.put_u8(self.lane as u8);
-        out.put_u8(if self.compressed { FLAG_ZSTD } else { 0 });
-        out.put_u16_le(self.count);
-        out.put_u32_le(self.raw_len);
+        out.put_slice(&self.frame_header()[LEN_PREFIX + 1..]);
         out.put_slice(&self.data);
     }
 
@@ -77,7 +127,7 @@ impl BatchFrame {
         let mut r = Reader::new(&body);
         let lane = Lane::from_u8(r.u8()?)?;
         let flags = r.u8()?;
-        if flags & !FLAG_ZSTD != 0 {
+        if flags & !FLAGS_KNOWN != 0 {
             return Err(DecodeError::Invalid {
                 field: "batch flags",
                 value: flags as u64,
@@ -101,8 +151,16 @@ impl BatchFrame {
                 limit: max_raw,
             });
         }
+        let hops = if flags & FLAG_HOPS != 0 { r.u8()? } else { 0 };
+        if flags & FLAG_HOPS != 0 && hops == 0 {
+            // One encoding per batch: no hops is written as no hops byte.
+            return Err(DecodeError::Invalid {
+                field: "batch hops",
+                value: 0,
+            });
+        }
         let compressed = flags & FLAG_ZSTD != 0;
-        let data = body.slice(BATCH_HEADER_LEN..);
+        let data = body.slice(body.len() - r.remaining()..);
         if !compressed && data.len() != raw_len as usize {
             return Err(DecodeError::Invalid {
                 field: "batch raw length",
@@ -112,6 +170,7 @@ impl BatchFrame {
         Ok(Self {
             lane,
             compressed,
+            hops,
             count,
             raw_len,
             data,
@@ -262,9 +321,13 @@ impl BatchEncoder {
         self.count += 1;
     }
 
-    /// Adds an already-encoded message as it is.
+    /// Adds an already-encoded message as it is, with its TTL byte set to
+    /// the envelope's [`ttl`](Envelope::ttl) (which differs from the byte
+    /// it arrived with after a relay hop): how a relay forwards without
+    /// re-encoding.
     pub fn push_envelope(&mut self, env: &Envelope) {
-        self.body.extend_from_slice(env.raw());
+        self.body.put_u8(env.ttl());
+        self.body.extend_from_slice(&env.raw()[1..]);
         self.count += 1;
     }
 
@@ -273,14 +336,6 @@ impl BatchEncoder {
     pub fn push_encoded(&mut self, run: &[u8], count: usize) {
         self.body.extend_from_slice(run);
         self.count += count;
-    }
-
-    /// Adds an already-encoded message with its TTL set to `ttl`: how a relay
-    /// forwards without re-encoding.
-    pub fn push_with_ttl(&mut self, env: &Envelope, ttl: u8) {
-        self.body.put_u8(ttl);
-        self.body.extend_from_slice(&env.raw()[1..]);
-        self.count += 1;
     }
 
     /// Appends the batch frame of everything pushed to `out` and starts a new
@@ -407,17 +462,20 @@ impl BatchDecoder {
             buf,
             left: batch.count as usize,
             lane: batch.lane,
+            hops: batch.hops,
             limits: self.limits,
             failed: false,
         })
     }
 }
 
-/// The messages of one batch, parsed one at a time.
+/// The messages of one batch, parsed one at a time, each with its
+/// effective TTL (its TTL byte minus the batch's hops).
 pub struct BatchMessages {
     buf: Bytes,
     left: usize,
     lane: Lane,
+    hops: u8,
     limits: Limits,
     failed: bool,
 }
@@ -438,13 +496,20 @@ impl Iterator for BatchMessages {
         }
         self.left -= 1;
         let r = Envelope::parse(&mut self.buf, &self.limits).and_then(|e| {
-            if e.lane() == self.lane {
-                Ok(e)
-            } else {
-                Err(DecodeError::Invalid {
+            if e.lane() != self.lane {
+                return Err(DecodeError::Invalid {
                     field: "message lane in batch",
                     value: e.lane() as u64,
-                })
+                });
+            }
+            // A relay raises the hop count only over messages with a hop
+            // left, so a TTL byte below it was never forwarded honestly.
+            match e.ttl().checked_sub(self.hops) {
+                Some(ttl) => Ok(e.with_ttl(ttl)),
+                None => Err(DecodeError::Invalid {
+                    field: "message TTL below the batch's hops",
+                    value: e.ttl() as u64,
+                }),
             }
         });
         self.failed = r.is_err();

@@ -24,7 +24,8 @@
 //!
 //! The authenticated bytes are `[1, 60+D+P)`: contiguous, so a signature is
 //! checked without copying and many can be batch-verified, and TTL sits
-//! outside them so a relay decrements it in place.
+//! outside them so a relay can lower it without breaking a signature or
+//! changing the id.
 
 use crate::error::{DecodeError, VerifyError};
 use crate::key::{Keypair, PublicKey};
@@ -482,11 +483,22 @@ impl Message {
 /// A validated, encoded message: a view over shared bytes with accessors at
 /// fixed offsets. This is what a relay routes and forwards; it never copies
 /// the payload.
+///
+/// Its TTL is held apart from the bytes, because TTL is the one field that
+/// changes on the way: a message decoded from a batch that relays forwarded
+/// whole has its TTL byte minus the batch's hops
+/// ([`BatchFrame::hops`](crate::BatchFrame::hops)), and a relay lowers it
+/// again with [`with_ttl`](Self::with_ttl) without touching the bytes.
+/// Whoever re-encodes an envelope writes [`ttl`](Self::ttl), not the byte
+/// (as [`BatchEncoder::push_envelope`](crate::BatchEncoder::push_envelope)
+/// does).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Envelope {
     raw: Bytes,
     /// End of the authenticated bytes (start of the authenticator).
     auth_start: u32,
+    /// Hops left: the TTL byte, less what was taken since it was written.
+    ttl: u8,
 }
 
 impl Envelope {
@@ -561,14 +573,19 @@ impl Envelope {
                 _ => return Err(DecodeError::Utf8("service name")),
             }
         }
+        let ttl = h[0];
         let raw = split_front(buf, total)?;
         Ok(Envelope {
             raw,
             auth_start: auth_start as u32,
+            ttl,
         })
     }
 
-    /// The whole encoding.
+    /// The whole encoding, as it arrived. Its first byte is the TTL the
+    /// message was last encoded with, which can be more than
+    /// [`ttl`](Self::ttl): to re-encode the message, write `ttl()` and then
+    /// `raw()[1..]`.
     pub fn raw(&self) -> &Bytes {
         &self.raw
     }
@@ -584,9 +601,17 @@ impl Envelope {
         self.raw.is_empty()
     }
 
-    /// Hops left.
+    /// Hops left: what a relay checks and lowers (docs/PROTOCOL.md 3.6).
     pub fn ttl(&self) -> u8 {
-        self.raw[0]
+        self.ttl
+    }
+
+    /// The same message with `ttl` hops left; its bytes are shared, not
+    /// copied or changed.
+    #[must_use]
+    pub fn with_ttl(mut self, ttl: u8) -> Envelope {
+        self.ttl = ttl;
+        self
     }
 
     /// What it is.
@@ -744,6 +769,7 @@ impl fmt::Debug for Envelope {
             .field("source", &self.source())
             .field("destination", &self.destination())
             .field("lane", &self.lane())
+            .field("ttl", &self.ttl)
             .field("len", &self.raw.len())
             .finish()
     }
@@ -802,6 +828,12 @@ mod tests {
         assert_eq!(env.ttl(), 3);
         env.verify().unwrap();
         assert_eq!(env.id(), id);
+        // Lowered without touching the bytes, it is still the same message.
+        let lower = env.clone().with_ttl(1);
+        assert_eq!((lower.ttl(), lower.raw()), (1, env.raw()));
+        lower.verify().unwrap();
+        assert_eq!(lower.id(), id);
+        assert_eq!(lower.to_message().ttl, 1);
     }
 
     #[test]

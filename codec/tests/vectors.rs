@@ -717,6 +717,62 @@ fn plain_batch() {
 }
 
 #[test]
+fn batch_forwarded_whole_with_a_hop_count() {
+    // `batch_plain.hex` as it leaves a second relay that forwarded it
+    // whole: the same data, flag 0x02 and a hops byte of 2 after raw_len.
+    let msgs = batch_plain_messages();
+    let (plain, _) = batch_frame(&msgs, 1, usize::MAX);
+    let Frame::Batch(mut batch) =
+        Frame::decode(Bytes::from(plain.clone()), &Limits::default()).unwrap()
+    else {
+        panic!("not a batch");
+    };
+    batch.hops = 2;
+    let built = Frame::Batch(batch).to_bytes();
+    let bytes = hex_vector("batch_hops.hex", &built, Compare::Exact);
+
+    // By hand: one byte longer than the plain batch, flags 0x02, the hops
+    // byte at offset 13, then the plain batch's data unchanged.
+    let len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+    assert_eq!(len, bytes.len() - 4);
+    assert_eq!(bytes.len(), plain.len() + 1);
+    assert_eq!(
+        &bytes[4..7],
+        &[0x01, 2, 0x02],
+        "batch, normal lane, hops flag"
+    );
+    assert_eq!(&bytes[7..13], &plain[7..13], "count and raw_len unchanged");
+    assert_eq!(bytes[13], 2, "hops");
+    assert_eq!(&bytes[14..], &plain[13..], "data unchanged");
+    assert_eq!(bytes[14], 16, "the first message's TTL byte is still 16");
+
+    // Decoded, every message has TTL 16 - 2 and still verifies.
+    let want: Vec<Message> = msgs.into_iter().map(|m| m.with_ttl(14)).collect();
+    check_batch("batch_hops.hex", bytes.clone(), &want, false);
+
+    // A decoder refuses hops above a message's TTL byte, and a hops flag
+    // with a hops byte of 0.
+    let limits = Limits::default();
+    let mut over = bytes.to_vec();
+    over[13] = 17;
+    let Frame::Batch(b) = Frame::decode(Bytes::from(over), &limits).unwrap() else {
+        panic!("not a batch");
+    };
+    let first = BatchDecoder::new(limits)
+        .unwrap()
+        .messages(&b)
+        .unwrap()
+        .next();
+    assert!(
+        matches!(first, Some(Err(relay_codec::DecodeError::Invalid { .. }))),
+        "{first:?}"
+    );
+    let mut zero = bytes.to_vec();
+    zero[13] = 0;
+    assert!(Frame::decode(Bytes::from(zero), &limits).is_err());
+}
+
+#[test]
 fn zstd_batch() {
     let msgs = batch_zstd_messages();
     let (built, compressed) = batch_frame(&msgs, 1, 1024);

@@ -43,12 +43,12 @@ pub fn options() -> CellOptions {
 /// A cell linked to `relay` as `key` and attached there (routable), or a
 /// panic with the error.
 ///
-/// `Cell::connect` returns once the relay's Welcome arrived, but the relay
-/// sends Welcome before it attaches the link to its router (see
-/// `exchange.rs`, `a_cell_is_reachable_as_soon_as_connect_returns`), so a
-/// message sent to a cell that has just connected can be dropped as
-/// `unknown_destination`. The relay serves a link's control stream only
-/// after attaching it, so one discover round trip proves the cell routable.
+/// `Cell::connect` returns once the relay's Welcome arrived, and the relay
+/// attaches a link to its router before it writes Welcome (what
+/// `exchange.rs`, `a_cell_is_reachable_as_soon_as_connect_returns`
+/// guards). One discover round trip more proves it independently of that
+/// order: the relay serves a link's control stream only after attaching
+/// it, so the other tests do not depend on it.
 pub async fn connect(relay: &RelayProcess, key: Keypair, opts: CellOptions) -> Cell {
     let cell = connect_only(relay, key, opts).await;
     within(

@@ -124,8 +124,9 @@ pub async fn dial(
 pub struct RawOptions {
     /// Ask for notices in Hello.
     pub notices: bool,
-    /// Accept and read the relay's data streams. Off: a cell that never
-    /// reads (the relay's streams fill their windows and stall).
+    /// Accept and read the relay's data streams from the start. Off: a
+    /// cell that does not read (the relay's streams fill their windows and
+    /// stall) until [`RawLink::start_reading`], if ever.
     pub read_data: bool,
     /// QUIC windows (small windows make a non-reading cell stall sooner).
     pub tuning: TransportTuning,
@@ -133,6 +134,23 @@ pub struct RawOptions {
     /// [`RawLink::wait_attached`]); off: return as soon as Welcome came,
     /// as `Cell::connect` does.
     pub wait_attached: bool,
+}
+
+impl RawOptions {
+    /// A cell that does not read (until [`RawLink::start_reading`]), with
+    /// receive windows of 16 KiB a stream and 32 KiB in all: the relay can
+    /// send it only a few KiB ahead, and the rest waits in its queues.
+    pub fn not_reading() -> Self {
+        Self {
+            read_data: false,
+            tuning: TransportTuning {
+                stream_window: 16 * 1024,
+                conn_window: 32 * 1024,
+                ..TransportTuning::default()
+            },
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for RawOptions {
@@ -148,12 +166,22 @@ impl Default for RawOptions {
 
 /// What a raw link saw from the relay.
 #[derive(Debug)]
-pub enum RawEvent {
+enum RawEvent {
     /// A frame on the control stream.
     Control(Frame),
     /// A message from a data stream (every message of every batch, in the
     /// order this link read them).
-    Message(Envelope),
+    Message(Arrival),
+}
+
+/// A message a raw link read, and how it travelled.
+#[derive(Clone, Debug)]
+pub struct Arrival {
+    /// The message, with its TTL as decoded (its TTL byte minus `hops`).
+    pub env: Envelope,
+    /// The hop count of the batch it came in: 0 for a batch the relay
+    /// built, more for one it forwarded whole.
+    pub hops: u8,
 }
 
 /// A hand-made cell link: handshake done, every byte sent is the test's.
@@ -169,9 +197,11 @@ pub struct RawLink {
     endpoint: Endpoint,
     events: mpsc::UnboundedReceiver<RawEvent>,
     controls: VecDeque<Frame>,
-    messages: VecDeque<Envelope>,
+    messages: VecDeque<Arrival>,
     lanes: [Option<SendStream>; 4],
     tasks: Vec<JoinHandle<()>>,
+    /// Feeds the data readers' events; `None` once they run.
+    unread: Option<mpsc::UnboundedSender<RawEvent>>,
 }
 
 impl RawLink {
@@ -185,20 +215,7 @@ impl RawLink {
     /// and its small windows make the relay's stream to it stall after a
     /// few KiB, so its lane queue fills and stays full.
     pub async fn connect_never_reading(relay: &RelayProcess) -> Result<RawLink, LinkError> {
-        Self::connect_with(
-            relay,
-            Keypair::generate(),
-            RawOptions {
-                read_data: false,
-                tuning: TransportTuning {
-                    stream_window: 16 * 1024,
-                    conn_window: 32 * 1024,
-                    ..TransportTuning::default()
-                },
-                ..RawOptions::default()
-            },
-        )
-        .await
+        Self::connect_with(relay, Keypair::generate(), RawOptions::not_reading()).await
     }
 
     /// Like [`connect`](Self::connect) with options.
@@ -220,10 +237,7 @@ impl RawLink {
         )
         .await?;
         let (tx, events) = mpsc::unbounded_channel();
-        let mut tasks = vec![tokio::spawn(read_control(reader, tx.clone()))];
-        if opts.read_data {
-            tasks.push(tokio::spawn(read_data(conn.clone(), tx)));
-        }
+        let tasks = vec![tokio::spawn(read_control(reader, tx.clone()))];
         let mut link = RawLink {
             key,
             conn,
@@ -235,11 +249,25 @@ impl RawLink {
             messages: VecDeque::new(),
             lanes: Default::default(),
             tasks,
+            unread: Some(tx),
         };
+        if opts.read_data {
+            link.start_reading();
+        }
         if opts.wait_attached {
             link.wait_attached().await;
         }
         Ok(link)
+    }
+
+    /// Starts accepting and reading the relay's data streams, for a link
+    /// connected with [`RawOptions::read_data`] off: what the relay queued
+    /// meanwhile arrives from now on. Does nothing if reading already.
+    pub fn start_reading(&mut self) {
+        if let Some(tx) = self.unread.take() {
+            self.tasks
+                .push(tokio::spawn(read_data(self.conn.clone(), tx)));
+        }
     }
 
     /// Waits until the relay has attached this link to its router: it
@@ -334,6 +362,12 @@ impl RawLink {
     /// `timeout` (control frames meanwhile are kept for
     /// [`next_control`](Self::next_control)).
     pub async fn next_message(&mut self, timeout: Duration) -> Option<Envelope> {
+        self.next_arrival(timeout).await.map(|a| a.env)
+    }
+
+    /// Like [`next_message`](Self::next_message), with the hop count of
+    /// the batch the message came in.
+    pub async fn next_arrival(&mut self, timeout: Duration) -> Option<Arrival> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Some(m) = self.messages.pop_front() {
@@ -446,7 +480,8 @@ async fn read_data(conn: Connection, tx: mpsc::UnboundedSender<RawEvent>) {
                 let Ok(msgs) = dec.messages(&b) else { return };
                 for m in msgs {
                     let Ok(env) = m else { return };
-                    if tx.send(RawEvent::Message(env)).is_err() {
+                    let arrival = Arrival { env, hops: b.hops };
+                    if tx.send(RawEvent::Message(arrival)).is_err() {
                         return;
                     }
                 }

@@ -431,18 +431,13 @@ async fn an_unknown_destination_is_reported_to_a_sender_that_asked() {
 /// A cell is reachable once `Cell::connect` has returned: a message sent
 /// to it right then must not be dropped as an unknown destination.
 ///
-/// Fails intermittently today: the relay writes Welcome
-/// (relay/src/node.rs, `handle_connection`) before it builds the link's
-/// queues, registers it and calls `router.attach`, so if that task is
-/// delayed between the two the cell has connected but the router does not
-/// know it, and messages to it are dropped with
-/// `celluler_drops_total{reason="unknown_destination"}`. Seen with 28 to
-/// 1345 messages of a burst lost; nearly every run while the lane queues
-/// were preallocated (before d0de425), about one run in four on a loaded
-/// machine since. The fix is to attach (and register) the link before
-/// writing Welcome. The other tests wait for a discover round trip after
-/// connecting (`relay_tests::cells::connect`), which the relay serves only
-/// after attaching.
+/// Guards the order in relay/src/node/connection.rs `handle_connection`:
+/// the link is attached to the router before Welcome is written. When the
+/// relay wrote Welcome first, a relay task delayed between the two dropped
+/// messages to a cell that had connected, as
+/// `celluler_drops_total{reason="unknown_destination"}` (28 to 1345 of a
+/// burst; about one run in four on a loaded machine). This test waits for
+/// nothing after `connect_only`, unlike `relay_tests::cells::connect`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cell_is_reachable_as_soon_as_connect_returns() {
     let relay = RelayProcess::start_with_config("[limits]\nlane_queue_depth = 65536\n");
@@ -485,11 +480,11 @@ async fn a_cell_is_reachable_as_soon_as_connect_returns() {
 /// destination: `close` flushes, and the relay reads it all before it
 /// closes the link.
 ///
-/// Fails on a loaded machine (every run with two CPU hogs beside it; it
-/// passes on an idle one): `close()` returns Ok, the relay logs "link
-/// closed: closed" (it closed the link itself, on the cell's Close frame)
-/// and never reads the round's messages. Same bug as
-/// `the_relay_reads_every_data_stream_before_honouring_close`.
+/// Guards the same drain as
+/// `the_relay_reads_every_data_stream_before_honouring_close`, through the
+/// real `Cell::close`: when the relay closed the link on the cell's Close
+/// frame at once, this lost the round's messages on every run with two
+/// CPU hogs beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_sent_before_a_clean_close_are_all_delivered() {
     let relay = RelayProcess::start();
@@ -510,16 +505,9 @@ async fn messages_sent_before_a_clean_close_are_all_delivered() {
         // The link is closed: what the relay has not read by now it will
         // read soon (an ingress task finishing) or never.
         let want = ((round + 1) * EACH) as f64;
-        let end = tokio::time::Instant::now() + Duration::from_secs(5);
-        while relay.metric("celluler_messages_in_total", "") < want {
-            assert!(
-                tokio::time::Instant::now() < end,
-                "round {round}: the relay did not read every message the closed cell sent \
-                 (read {} of {want})",
-                relay.metric("celluler_messages_in_total", "")
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        relay
+            .wait_metric_async("celluler_messages_in_total", "", want, WAIT)
+            .await;
         for _ in 0..EACH {
             recv(&mut b, "a message sent before close").await;
         }
@@ -531,10 +519,15 @@ async fn messages_sent_before_a_clean_close_are_all_delivered() {
 /// A link that sends its messages, ends its data streams and then sends
 /// Close: the relay must read the data streams to their end before it
 /// answers with its own Close (docs/PROTOCOL.md 6.2), or it loses messages
-/// the cell considers sent. A link that closes while the relay is still
-/// setting it up (between Welcome and its control loop) is the case that
-/// once lost them: quickstart.rs saw `cell send` print "sent 1 message(s)"
-/// for a message that never arrived.
+/// the cell considers sent.
+///
+/// Guards relay/src/node/connection.rs `handle_connection`: on the peer's
+/// Close (`ControlEnd::PeerClosed`) the relay accepts the streams already
+/// opened and reads every one to its end (`accept_data_streams`, bounded
+/// by `DRAIN_ON_CLOSE`) before it answers. When it closed the connection at
+/// once, a stream not yet accepted or read was lost uncounted in nearly
+/// every round of this test; `cell send` then printed "sent 1 message(s)",
+/// exited 0, and the message never arrived.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_reads_every_data_stream_before_honouring_close() {
     let relay = RelayProcess::start();

@@ -182,14 +182,10 @@ pub async fn serve_link(
             },
         );
     }
-    let cfg = WriterConfig {
-        decrement_ttl: true,
-        ..WriterConfig::default()
-    };
     tokio::spawn(link::run_writer(
         conn.clone(),
         queues.clone(),
-        cfg,
+        WriterConfig::default(),
         NoObserver,
     ));
     tokio::spawn(async move {
@@ -359,10 +355,12 @@ pub fn route(hub: &Mutex<Hub>, from: PublicKey, env: Envelope) {
             .map(|(k, _)| *k)
             .collect(),
     };
+    // Forwarded with one hop less, as a relay does.
+    let out = env.clone().with_ttl(env.ttl().saturating_sub(1));
     for t in targets {
         if let Some(a) = h.cells.get(&t) {
             let _ = a.queues.push(Outbound {
-                env: env.clone(),
+                env: out.clone(),
                 queued_at: std::time::Instant::now(),
             });
             a.queues.wake();

@@ -9,6 +9,7 @@ pub mod freshness;
 pub mod notices;
 pub mod router;
 pub mod stall;
+pub mod ttl;
 
 pub use dedup::{DedupVerdict, DedupWindow};
 pub use freshness::{FreshnessWindow, Staleness};

@@ -5,7 +5,7 @@ use super::connection::{Drops, LinkHandle};
 use super::{Core, Shared, unix_ms};
 use crate::config::VerifyMode;
 use crate::core::notices::NO_SUBJECT;
-use crate::core::{DedupVerdict, PresenceReport, Route, Staleness};
+use crate::core::{DedupVerdict, PresenceReport, Route, Staleness, ttl};
 use crate::metrics::{DropReason, Metrics};
 use relay_client::link::{ForwardedBatch, Outbound, WriteObserver};
 use relay_codec::batch::{BatchFrame, BatchStats};
@@ -36,7 +36,9 @@ impl Shared {
     ///
     /// When every message of the batch passes and goes to the same cell,
     /// the batch is forwarded as it arrived (no re-encoding, no second
-    /// compression); otherwise message by message.
+    /// compression), with only its hop count raised; otherwise message by
+    /// message. Either way every message leaves with its TTL one lower
+    /// ([`ttl`]).
     pub(super) fn ingest(
         &self,
         from: &LinkHandle,
@@ -78,7 +80,8 @@ impl Shared {
         // The one cell this batch goes to so far, and its messages, held
         // back in case the whole batch can be forwarded as it is.
         let mut single: Option<Arc<LinkHandle>> = None;
-        let mut held: Vec<usize> = Vec::new();
+        // (index, TTL it leaves with)
+        let mut held: Vec<(usize, u8)> = Vec::new();
         // Batches mostly go to one cell: look its route up once, not per
         // message (a keyed hash of 32 bytes each).
         let mut last_route: Option<(PublicKey, Arc<LinkHandle>)> = None;
@@ -98,7 +101,7 @@ impl Shared {
                     );
                     continue;
                 }
-                if e.ttl() == 0 {
+                let Some(ttl) = ttl::next_ttl(e.ttl()) else {
                     m.dropped(DropReason::TtlExpired, 1);
                     add_drop(
                         &mut drops,
@@ -108,7 +111,7 @@ impl Shared {
                         1,
                     );
                     continue;
-                }
+                };
                 if let Err(s) = core.freshness.check(e.timestamp_ms(), now_ms) {
                     let (reason, code) = match s {
                         Staleness::Expired { .. } => (DropReason::Expired, NoticeCode::Expired),
@@ -134,7 +137,7 @@ impl Shared {
                 // Built only where a message is queued on its own: a clone
                 // per message costs an atomic on the batch's buffer.
                 let out = || Outbound {
-                    env: e.clone(),
+                    env: e.clone().with_ttl(ttl),
                     queued_at,
                 };
                 match e.destination() {
@@ -146,9 +149,9 @@ impl Shared {
                             match &single {
                                 None => {
                                     single = Some(h.clone());
-                                    held.push(i);
+                                    held.push((i, ttl));
                                 }
-                                Some(s) if Arc::ptr_eq(s, h) => held.push(i),
+                                Some(s) if Arc::ptr_eq(s, h) => held.push((i, ttl)),
                                 Some(_) => self.enqueue(&mut drops, h, out(), ids[i], &mut woken),
                             }
                         }
@@ -175,15 +178,16 @@ impl Shared {
             }
         }
         if let Some(h) = single {
-            let whole = held.len() == envs.len()
-                && h.role == Role::Cell
-                && batch.frame_len() <= FORWARD_AS_IS_MAX;
-            if whole {
-                self.enqueue_batch(&mut drops, &h, batch, queued_at, &ids, &mut woken);
+            let whole = (held.len() == envs.len() && h.role == Role::Cell)
+                .then(|| ttl::forwarded_batch(batch, envs))
+                .flatten()
+                .filter(|b| b.frame_len() <= FORWARD_AS_IS_MAX);
+            if let Some(whole) = whole {
+                self.enqueue_batch(&mut drops, &h, whole, queued_at, &ids, &mut woken);
             } else {
-                for i in held {
+                for (i, ttl) in held {
                     let out = Outbound {
-                        env: envs[i].clone(),
+                        env: envs[i].clone().with_ttl(ttl),
                         queued_at,
                     };
                     self.enqueue(&mut drops, &h, out, ids[i], &mut woken);
@@ -253,23 +257,20 @@ impl Shared {
         &self,
         drops: &mut Drops,
         to: &Arc<LinkHandle>,
-        batch: &BatchFrame,
+        batch: BatchFrame,
         queued_at: Instant,
         ids: &[MessageId],
         woken: &mut Vec<Arc<LinkHandle>>,
     ) {
-        let item = ForwardedBatch {
-            batch: batch.clone(),
-            queued_at,
-        };
+        let count = u64::from(batch.count);
+        let item = ForwardedBatch { batch, queued_at };
         match to.queues.push_batch(item) {
             Ok(()) => woken.push(to.clone()),
             Err(_) => {
-                let n = u64::from(batch.count);
                 let (reason, code) = full_queue(to);
-                self.metrics.dropped(reason, n);
+                self.metrics.dropped(reason, count);
                 if let Some(&first) = ids.first() {
-                    add_drop(drops, code, to.key, first, n);
+                    add_drop(drops, code, to.key, first, count);
                 }
             }
         }

@@ -296,7 +296,6 @@ impl Shared {
             max_batch_messages: self.cfg.limits.max_batch_messages,
             zstd_level: self.cfg.link.zstd_level,
             compress_min: self.cfg.link.compress_min_bytes,
-            decrement_ttl: true,
             drain_timeout: self.cfg.link.shutdown_grace(),
         }
     }
