@@ -258,7 +258,7 @@ pub struct CellStats {
 #[non_exhaustive]
 pub enum CellError {
     /// A local I/O failure.
-    #[error("I/O error: {0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     /// The relay's host name did not resolve.
     #[error("cannot resolve relay host {host:?}: {reason}; check HOST in KEY@HOST:PORT")]
@@ -269,7 +269,7 @@ pub enum CellError {
         reason: String,
     },
     /// The QUIC endpoint or TLS configuration could not be built.
-    #[error("{0}")]
+    #[error(transparent)]
     Transport(#[from] TransportError),
     /// The QUIC connection to the relay could not be set up.
     #[error("could not connect to the relay at {addr}: {reason}")]
@@ -324,7 +324,7 @@ pub enum CellError {
         reason: String,
     },
     /// A key or address is not valid.
-    #[error("{0}")]
+    #[error(transparent)]
     Key(#[from] KeyError),
 }
 
@@ -1110,6 +1110,9 @@ struct Dialer {
     shared: Option<quinn::Endpoint>,
     v4: Option<quinn::Endpoint>,
     v6: Option<quinn::Endpoint>,
+    /// The last connection that completed its QUIC handshake: whether it
+    /// was this cell that closed it decides what `close` waits for.
+    last: Option<Connection>,
 }
 
 impl Dialer {
@@ -1118,6 +1121,7 @@ impl Dialer {
             shared,
             v4: None,
             v6: None,
+            last: None,
         }
     }
 
@@ -1138,13 +1142,25 @@ impl Dialer {
         Ok(ep)
     }
 
-    /// Waits (bounded) until every connection of the endpoints this cell
-    /// owns is closed. A shared endpoint is left alone: it carries other
-    /// cells, and sends this cell's close on its own.
+    /// Closes the endpoints this cell owns. If this cell closed its last
+    /// connection itself, it waits (bounded) until they are idle, so the
+    /// close reaches the relay. If the relay closed it first (as it does
+    /// on a Close frame) or no connection was made, nothing of this cell's
+    /// is in flight: waiting would only sit out QUIC's draining period or
+    /// an abandoned dial, so it returns at once. A shared endpoint is left
+    /// alone: it carries other cells, and sends this cell's close on its own.
     async fn close(&mut self) {
         self.shared = None;
+        let ours = self.last.take().is_some_and(|c| {
+            matches!(
+                c.close_reason(),
+                None | Some(ConnectionError::LocallyClosed)
+            )
+        });
         for ep in [self.v4.take(), self.v6.take()].into_iter().flatten() {
-            let _ = tokio::time::timeout(CLOSE_GRACE, ep.wait_idle()).await;
+            if ours {
+                let _ = tokio::time::timeout(CLOSE_GRACE, ep.wait_idle()).await;
+            }
         }
     }
 }
@@ -1251,6 +1267,7 @@ async fn attempt(
         Ok(Err(e)) => return Err(handshake_error(addr, e)),
         Ok(Ok(c)) => c,
     };
+    dialer.last = Some(conn.clone());
     let hello = link::hello(
         &conn,
         Role::Cell,
