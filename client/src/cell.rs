@@ -1342,6 +1342,16 @@ fn code(c: CloseCode) -> quinn::VarInt {
     quinn::VarInt::from_u32(c as u32)
 }
 
+/// Closes `conn` as [`CloseCode::Normal`] unless it is closed already: a
+/// second close sends nothing but would record the close as this cell's
+/// (`LocallyClosed`), and `Dialer::close` reads that to decide whether a
+/// close of ours is still in flight.
+fn close_if_open(conn: &Connection, reason: &[u8]) {
+    if conn.close_reason().is_none() {
+        conn.close(code(CloseCode::Normal), reason);
+    }
+}
+
 fn handshake_error(addr: SocketAddr, e: ConnectionError) -> CellError {
     let hint = match &e {
         ConnectionError::TransportError(_) | ConnectionError::ConnectionClosed(_) => {
@@ -1528,7 +1538,7 @@ async fn serve(
                         .close_reason()
                         .map(|e| describe_close(&e, &state))
                         .unwrap_or_else(|| format!("writing to the control stream failed: {e}"));
-                    conn.close(code(CloseCode::Normal), b"control stream failed");
+                    close_if_open(&conn, b"control stream failed");
                     break End::Lost(reason);
                 }
             }
@@ -1541,7 +1551,7 @@ async fn serve(
                         .unwrap_or_else(|| format!("sending failed: {e}")),
                     Err(e) => format!("the writer failed: {e}"),
                 };
-                conn.close(code(CloseCode::Normal), b"data stream failed");
+                close_if_open(&conn, b"data stream failed");
                 break End::Lost(reason);
             }
         }
@@ -1600,7 +1610,7 @@ async fn graceful_close(
         }
     })
     .await;
-    conn.close(code(CloseCode::Normal), b"cell closing");
+    close_if_open(conn, b"cell closing");
     shared.set_down("the cell closed");
     result
 }
