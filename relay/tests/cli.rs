@@ -12,6 +12,9 @@ const RELAY: &str = env!("CARGO_BIN_EXE_relay");
 /// The safety net of every wait here; nothing is timed.
 const WAIT: Duration = Duration::from_secs(30);
 
+/// Flags that put both listeners on free loopback ports.
+const FREE_PORTS: [&str; 4] = ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+
 /// Runs `relay ARGS` to its exit (bounded: a relay that serves when it
 /// should not is killed, and the test fails): (code, stdout, stderr).
 fn run(args: &[&str], cwd: &Path) -> (i32, String, String) {
@@ -55,7 +58,7 @@ impl Running {
         let ports: &[&str] = if args.contains(&"--listen") {
             &[]
         } else {
-            &["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+            &FREE_PORTS
         };
         let mut child = Command::new(RELAY)
             .args(ports)
@@ -333,17 +336,8 @@ fn a_node_key_others_can_read_is_refused_with_the_chmod_to_run() {
     assert_eq!(code, 0, "{err}");
     let key = dir.path().join("d/node.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    for args in [
-        &[
-            "--data-dir",
-            "d",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ][..],
-        &["id", "--data-dir", "d"],
-    ] {
+    let start = [&["--data-dir", "d"][..], &FREE_PORTS].concat();
+    for args in [&start[..], &["id", "--data-dir", "d"]] {
         let err = refused(args, dir.path());
         assert!(err.contains("run `chmod 600 "), "{args:?}: {err}");
         assert!(err.contains("d/node.key`"), "{args:?}: {err}");
@@ -355,14 +349,7 @@ fn a_second_relay_on_the_same_data_directory_is_refused_naming_the_first() {
     let dir = tempfile::tempdir().unwrap();
     let first = Running::start(&["--data-dir", "d"], dir.path());
     let err = refused(
-        &[
-            "--data-dir",
-            "d",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ],
+        &[&["--data-dir", "d"][..], &FREE_PORTS].concat(),
         dir.path(),
     );
     assert!(
