@@ -326,7 +326,7 @@ impl Tally {
 #[non_exhaustive]
 pub enum CellError {
     /// A local I/O failure.
-    #[error("I/O error: {0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     /// The relay's host name did not resolve.
     #[error("cannot resolve relay host {host:?}: {reason}; check HOST in KEY@HOST:PORT")]
@@ -337,7 +337,7 @@ pub enum CellError {
         reason: String,
     },
     /// The QUIC endpoint or TLS configuration could not be built.
-    #[error("{0}")]
+    #[error(transparent)]
     Transport(#[from] TransportError),
     /// The QUIC connection to the relay could not be set up.
     #[error("could not connect to the relay at {addr}: {reason}")]
@@ -392,7 +392,7 @@ pub enum CellError {
         reason: String,
     },
     /// A key or address is not valid.
-    #[error("{0}")]
+    #[error(transparent)]
     Key(#[from] KeyError),
 }
 
@@ -1195,6 +1195,9 @@ struct Dialer {
     shared: Option<quinn::Endpoint>,
     v4: Option<quinn::Endpoint>,
     v6: Option<quinn::Endpoint>,
+    /// The last connection that completed its QUIC handshake: whether it
+    /// was this cell that closed it decides what `close` waits for.
+    last: Option<Connection>,
 }
 
 impl Dialer {
@@ -1203,6 +1206,7 @@ impl Dialer {
             shared,
             v4: None,
             v6: None,
+            last: None,
         }
     }
 
@@ -1223,13 +1227,25 @@ impl Dialer {
         Ok(ep)
     }
 
-    /// Waits (bounded) until every connection of the endpoints this cell
-    /// owns is closed. A shared endpoint is left alone: it carries other
-    /// cells, and sends this cell's close on its own.
+    /// Closes the endpoints this cell owns. If this cell closed its last
+    /// connection itself, it waits (bounded) until they are idle, so the
+    /// close reaches the relay. If the relay closed it first (as it does
+    /// on a Close frame) or no connection was made, nothing of this cell's
+    /// is in flight: waiting would only sit out QUIC's draining period or
+    /// an abandoned dial, so it returns at once. A shared endpoint is left
+    /// alone: it carries other cells, and sends this cell's close on its own.
     async fn close(&mut self) {
         self.shared = None;
+        let ours = self.last.take().is_some_and(|c| {
+            matches!(
+                c.close_reason(),
+                None | Some(ConnectionError::LocallyClosed)
+            )
+        });
         for ep in [self.v4.take(), self.v6.take()].into_iter().flatten() {
-            let _ = tokio::time::timeout(CLOSE_GRACE, ep.wait_idle()).await;
+            if ours {
+                let _ = tokio::time::timeout(CLOSE_GRACE, ep.wait_idle()).await;
+            }
         }
     }
 }
@@ -1336,6 +1352,7 @@ async fn attempt(
         Ok(Err(e)) => return Err(handshake_error(addr, e)),
         Ok(Ok(c)) => c,
     };
+    dialer.last = Some(conn.clone());
     let hello = link::hello(
         &conn,
         Role::Cell,
@@ -1408,6 +1425,16 @@ async fn attempt(
 
 fn code(c: CloseCode) -> quinn::VarInt {
     quinn::VarInt::from_u32(c as u32)
+}
+
+/// Closes `conn` as [`CloseCode::Normal`] unless it is closed already: a
+/// second close sends nothing but would record the close as this cell's
+/// (`LocallyClosed`), and `Dialer::close` reads that to decide whether a
+/// close of ours is still in flight.
+fn close_if_open(conn: &Connection, reason: &[u8]) {
+    if conn.close_reason().is_none() {
+        conn.close(code(CloseCode::Normal), reason);
+    }
 }
 
 fn handshake_error(addr: SocketAddr, e: ConnectionError) -> CellError {
@@ -1596,7 +1623,7 @@ async fn serve(
                         .close_reason()
                         .map(|e| describe_close(&e, &state))
                         .unwrap_or_else(|| format!("writing to the control stream failed: {e}"));
-                    conn.close(code(CloseCode::Normal), b"control stream failed");
+                    close_if_open(&conn, b"control stream failed");
                     break End::Lost(reason);
                 }
             }
@@ -1609,7 +1636,7 @@ async fn serve(
                         .unwrap_or_else(|| format!("sending failed: {e}")),
                     Err(e) => format!("the writer failed: {e}"),
                 };
-                conn.close(code(CloseCode::Normal), b"data stream failed");
+                close_if_open(&conn, b"data stream failed");
                 break End::Lost(reason);
             }
         }
@@ -1674,7 +1701,7 @@ async fn graceful_close(
     if answered && shared.counters.reconnects.load(Ordering::Relaxed) == 0 {
         lock(&shared.undelivered).complete = true;
     }
-    conn.close(code(CloseCode::Normal), b"cell closing");
+    close_if_open(conn, b"cell closing");
     shared.set_down("the cell closed");
     result
 }

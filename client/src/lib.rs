@@ -7,6 +7,7 @@
 //! - [`link`]: lane queues, the batching writer, the frame reader and the
 //!   Hello/Welcome handshake, shared with the relay.
 //! - [`lanes`]: the weighted lane scheduler.
+//! - [`logging`]: stderr logs for the workspace's binaries.
 //!
 //! The binary `cell` wraps [`cell`] for scripts: `cell keygen`, `cell id`,
 //! `cell listen`, `cell send`, `cell discover`.
@@ -14,6 +15,7 @@
 pub mod cell;
 pub mod lanes;
 pub mod link;
+pub mod logging;
 pub mod transport;
 
 pub use cell::{

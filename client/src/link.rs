@@ -26,20 +26,23 @@ use thiserror::Error;
 use tokio::sync::Notify;
 
 /// Why a link failed.
+///
+/// Each message names its cause itself and no variant has a `source()`,
+/// so a printed error chain says the cause once.
 #[derive(Debug, Error)]
 pub enum LinkError {
     /// The QUIC connection failed or was closed.
     #[error("connection: {0}")]
-    Connection(#[from] quinn::ConnectionError),
+    Connection(quinn::ConnectionError),
     /// Writing to a stream failed.
     #[error("write: {0}")]
-    Write(#[from] quinn::WriteError),
+    Write(quinn::WriteError),
     /// Reading from a stream failed.
     #[error("read: {0}")]
-    Read(#[from] quinn::ReadError),
+    Read(quinn::ReadError),
     /// The peer sent bytes that do not decode.
     #[error("bad frame from peer: {0}")]
-    Decode(#[from] DecodeError),
+    Decode(DecodeError),
     /// The peer refused or closed the link, saying why.
     #[error("refused by peer ({code:?}): {reason}")]
     Refused {
@@ -60,6 +63,30 @@ pub enum LinkError {
     /// Local resource failure (e.g. a compressor could not be made).
     #[error("local: {0}")]
     Local(String),
+}
+
+impl From<quinn::ConnectionError> for LinkError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        Self::Connection(e)
+    }
+}
+
+impl From<quinn::WriteError> for LinkError {
+    fn from(e: quinn::WriteError) -> Self {
+        Self::Write(e)
+    }
+}
+
+impl From<quinn::ReadError> for LinkError {
+    fn from(e: quinn::ReadError) -> Self {
+        Self::Read(e)
+    }
+}
+
+impl From<DecodeError> for LinkError {
+    fn from(e: DecodeError) -> Self {
+        Self::Decode(e)
+    }
 }
 
 /// A message waiting on an outbound lane, with when it was queued (for the

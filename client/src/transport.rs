@@ -98,6 +98,9 @@ impl Default for TransportTuning {
 }
 
 /// Why a transport config or endpoint could not be built.
+///
+/// Each message names its cause itself and no variant has a `source()`,
+/// so a printed error chain says the cause once.
 #[derive(thiserror::Error, Debug)]
 pub enum TransportError {
     /// The expected peer key is not a valid (or is a weak) ed25519 public key.
@@ -105,29 +108,41 @@ pub enum TransportError {
     InvalidPeerKey,
     /// rustls refused the TLS configuration.
     #[error("TLS configuration failed: {0}")]
-    Tls(#[from] rustls::Error),
+    Tls(rustls::Error),
     /// The TLS config lacks the cipher suite QUIC needs for its initial packets.
     #[error("TLS config is unusable for QUIC: {0}")]
-    NoInitialCipherSuite(#[from] NoInitialCipherSuite),
+    NoInitialCipherSuite(NoInitialCipherSuite),
     /// A [`TransportTuning`] value does not fit QUIC's limits.
     #[error("transport tuning out of range: {0}")]
     Tuning(&'static str),
     /// The UDP socket could not be bound.
-    #[error("could not bind UDP socket on {addr}: {source}")]
+    #[error("could not bind UDP socket on {addr}: {error}")]
     Bind {
         /// Address that was asked for.
         addr: SocketAddr,
         /// Underlying I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// quinn could not set up an endpoint on the bound socket.
-    #[error("could not create QUIC endpoint on {addr}: {source}")]
+    #[error("could not create QUIC endpoint on {addr}: {error}")]
     Endpoint {
         /// Address that was asked for.
         addr: SocketAddr,
         /// Underlying I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
+}
+
+impl From<rustls::Error> for TransportError {
+    fn from(e: rustls::Error) -> Self {
+        Self::Tls(e)
+    }
+}
+
+impl From<NoInitialCipherSuite> for TransportError {
+    fn from(e: NoInitialCipherSuite) -> Self {
+        Self::NoInitialCipherSuite(e)
+    }
 }
 
 /// quinn server config for a relay: mutual TLS 1.3 with raw ed25519 keys.
@@ -224,18 +239,18 @@ pub fn server_endpoint_counting(
 ) -> Result<quinn::Endpoint, TransportError> {
     use quinn::Runtime;
     let socket =
-        std::net::UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+        std::net::UdpSocket::bind(addr).map_err(|error| TransportError::Bind { addr, error })?;
     enlarge_buffers(&socket);
     let inner = quinn::TokioRuntime
         .wrap_udp_socket(socket)
-        .map_err(|source| TransportError::Endpoint { addr, source })?;
+        .map_err(|error| TransportError::Endpoint { addr, error })?;
     quinn::Endpoint::new_with_abstract_socket(
         endpoint_config(),
         Some(cfg),
         Arc::new(CountingSocket { inner, not_quic }),
         Arc::new(quinn::TokioRuntime),
     )
-    .map_err(|source| TransportError::Endpoint { addr, source })
+    .map_err(|error| TransportError::Endpoint { addr, error })
 }
 
 /// Endpoint settings shared by cells and relays: no fixed-bit greasing, so
@@ -328,7 +343,7 @@ fn make_endpoint(
     server: Option<quinn::ServerConfig>,
 ) -> Result<quinn::Endpoint, TransportError> {
     let socket =
-        std::net::UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+        std::net::UdpSocket::bind(addr).map_err(|error| TransportError::Bind { addr, error })?;
     enlarge_buffers(&socket);
     quinn::Endpoint::new(
         endpoint_config(),
@@ -336,7 +351,7 @@ fn make_endpoint(
         socket,
         Arc::new(quinn::TokioRuntime),
     )
-    .map_err(|source| TransportError::Endpoint { addr, source })
+    .map_err(|error| TransportError::Endpoint { addr, error })
 }
 
 /// Best effort: ask for large UDP buffers so bursts are not dropped by the

@@ -90,6 +90,56 @@ fn id_refuses_a_key_file_others_can_read() {
 }
 
 #[test]
+fn a_missing_key_file_is_named_once_with_the_keygen_to_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("absent.key");
+    let missing = missing.to_str().unwrap();
+    let relay = format!("{}@127.0.0.1:9", Keypair::generate().public());
+    for args in [
+        &["id", "--key", missing][..],
+        &[
+            "send",
+            "--relay",
+            &relay,
+            "--key",
+            missing,
+            "--broadcast",
+            "x",
+        ],
+    ] {
+        let err = assert_one_line_error(&cell(args));
+        assert_eq!(err.matches("No such file").count(), 1, "{err}");
+        assert!(
+            err.contains(&format!("create it with `cell keygen --out {missing}`")),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cell.key");
+    keygen(&key);
+    // Nothing answers there; at debug level the cell logs its socket set-up
+    // before it gives up.
+    let relay = format!("{}@127.0.0.1:9", Keypair::generate().public());
+    let o = Command::new(BIN)
+        .args(["send", "--relay", &relay, "--key", key.to_str().unwrap()])
+        .args(["--connect-timeout", "0.2", "--broadcast", "x"])
+        .env("RUST_LOG", "debug")
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(err.lines().any(|l| l.contains("DEBUG")), "{err}");
+    assert!(
+        !err.contains('\x1b'),
+        "colour codes in stderr to a pipe: {err:?}"
+    );
+}
+
+#[test]
 fn send_to_an_unreachable_relay_fails_in_bounded_time() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cell.key");

@@ -22,14 +22,15 @@ pub const KEYFILE_TAG: &str = "celluler-secret-key-v1";
 /// Why a key file could not be read or written.
 #[derive(Debug, Error)]
 pub enum KeyFileError {
-    /// The file could not be opened, read or written.
-    #[error("key file {path}: {source}")]
+    /// The file could not be opened, read or written. The OS error is
+    /// part of the message, not a `source()`, so a printed chain names it
+    /// once.
+    #[error("key file {path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// What the OS said.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file exists where a new key was to be written.
     #[error(
@@ -37,7 +38,10 @@ pub enum KeyFileError {
     )]
     Exists(PathBuf),
     /// Group or others may read the file.
-    #[error("key file {path} has mode {mode:o}: others can read it; run `chmod 600 {path}`")]
+    #[error(
+        "key file {path} has mode {mode:03o}: group or others can read this secret; run `chmod 600 {}`",
+        shell_word(path)
+    )]
     Permissions {
         /// The file.
         path: PathBuf,
@@ -54,12 +58,19 @@ pub enum KeyFileError {
     },
 }
 
+/// `path` as one shell word, quoted if it needs to be, for a command the
+/// operator can paste.
+fn shell_word(path: &Path) -> String {
+    let s = path.to_string_lossy();
+    shlex::try_quote(&s).map_or_else(|_| s.to_string(), |q| q.into_owned())
+}
+
 /// Writes `kp` to a new file at `path` with mode 0600, creating parent
 /// directories (mode 0700). Refuses to overwrite an existing file.
 pub fn write_keyfile(path: &Path, kp: &Keypair) -> Result<(), KeyFileError> {
-    let io = |source| KeyFileError::Io {
+    let io = |error| KeyFileError::Io {
         path: path.to_owned(),
-        source,
+        error,
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         create_private_dir(dir).map_err(io)?;
@@ -101,9 +112,9 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 /// Reads the keypair stored at `path`, refusing a file that group or others
 /// can read, or whose content is not exactly one key line (comments aside).
 pub fn read_keyfile(path: &Path) -> Result<Keypair, KeyFileError> {
-    let io = |source| KeyFileError::Io {
+    let io = |error| KeyFileError::Io {
         path: path.to_owned(),
-        source,
+        error,
     };
     let meta = std::fs::metadata(path).map_err(io)?;
     #[cfg(unix)]
@@ -134,7 +145,7 @@ pub fn read_keyfile(path: &Path) -> Result<Keypair, KeyFileError> {
 pub fn load_or_create_keyfile(path: &Path) -> Result<(Keypair, bool), KeyFileError> {
     match read_keyfile(path) {
         Ok(kp) => Ok((kp, false)),
-        Err(KeyFileError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        Err(KeyFileError::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
             let kp = Keypair::generate();
             write_keyfile(path, &kp)?;
             Ok((kp, true))
@@ -213,7 +224,31 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = read_keyfile(&path).unwrap_err();
         assert!(matches!(err, KeyFileError::Permissions { mode: 0o644, .. }));
-        assert!(err.to_string().contains("chmod 600"));
+        assert!(
+            err.to_string()
+                .ends_with(&format!("run `chmod 600 {}`", path.display())),
+            "{err}"
+        );
+        // Group-readable is refused too; a path with a space is quoted so
+        // the command runs as printed.
+        let spaced = dir.path().join("my key");
+        write_keyfile(&spaced, &Keypair::generate()).unwrap();
+        std::fs::set_permissions(&spaced, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = read_keyfile(&spaced).unwrap_err().to_string();
+        assert!(
+            err.contains("mode 640") && err.contains(&format!("chmod 600 '{}'", spaced.display())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_os_error_is_named_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = read_keyfile(&dir.path().join("absent")).unwrap_err();
+        let shown = err.to_string();
+        assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+        // The cause is in the message, so nothing repeats it as a source.
+        assert!(std::error::Error::source(&err).is_none());
     }
 
     #[test]

@@ -18,13 +18,13 @@
 //! assert!(matches!(err, ConfigError::Invalid { field: "link.lane_weights", line: Some(2), .. }));
 //! ```
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use relay_codec::Limits;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use toml::de::{DeTable, DeValue};
 
 /// The commented example configuration (`config/relay.toml`), which sets
@@ -56,9 +56,14 @@ pub struct RelayConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
-    /// UDP address of the QUIC listener. Default `127.0.0.1:4433`.
+    /// UDP address of the QUIC listener. Default `127.0.0.1:4433`. In a
+    /// file, a host name is resolved when the file is read (see
+    /// [`resolve_socket_addr`]).
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// TCP address of the HTTP admin endpoint. Default `127.0.0.1:9433`.
+    /// A host name is resolved as for `listen`.
+    #[serde(deserialize_with = "socket_addr")]
     pub admin: SocketAddr,
     /// Directory for the node key and the durable log; must not be empty.
     /// Default `relay-data`.
@@ -76,6 +81,58 @@ impl Default for NodeConfig {
             worker_threads: 2,
         }
     }
+}
+
+/// Parses `HOST:PORT` into the address to bind: HOST is an IPv4 address, an
+/// IPv6 address in brackets or a host name, resolved as a cell resolves a
+/// relay's host (the system resolver; the first address it gives). PORT is
+/// `0..=65535`, 0 meaning a free port.
+///
+/// # Errors
+/// What is wrong, in words for the operator: no port, a port out of range,
+/// a bare IPv6 address, or a name that does not resolve.
+///
+/// ```
+/// use relay::config::resolve_socket_addr;
+///
+/// assert_eq!(resolve_socket_addr("[::1]:0").unwrap(), "[::1]:0".parse().unwrap());
+/// assert!(resolve_socket_addr("localhost:4433").unwrap().ip().is_loopback());
+/// let err = resolve_socket_addr("127.0.0.1:99999").unwrap_err();
+/// assert_eq!(err, "port 99999 is out of range (0-65535)");
+/// ```
+pub fn resolve_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let (host, port) = match text.strip_prefix('[') {
+        Some(rest) => rest.split_once("]:"),
+        None => text.rsplit_once(':'),
+    }
+    .ok_or_else(|| format!("{text:?} is not HOST:PORT (e.g. 127.0.0.1:4433)"))?;
+    if host.is_empty() {
+        return Err(format!("{text:?} has no host (e.g. 127.0.0.1:{port})"));
+    }
+    if host.contains(':') && !text.starts_with('[') {
+        return Err(format!(
+            "{text:?}: put an IPv6 address in brackets, e.g. [::1]:4433"
+        ));
+    }
+    let port = match port.parse::<u64>() {
+        Ok(p) => u16::try_from(p).map_err(|_| format!("port {p} is out of range (0-65535)"))?,
+        Err(_) => return Err(format!("port {port:?} is not a number (0-65535)")),
+    };
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve host {host:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("host {host:?} resolves to no address"))
+}
+
+/// Deserializes a [`SocketAddr`] from `HOST:PORT` text with
+/// [`resolve_socket_addr`], so a config file takes what the flags take.
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    resolve_socket_addr(&text).map_err(serde::de::Error::custom)
 }
 
 /// `[limits]`: bounds on sizes and counts, in bytes or items.
@@ -275,16 +332,17 @@ impl LinkConfig {
     }
 }
 
-/// Why a configuration could not be loaded.
+/// Why a configuration could not be loaded. Each message names the file
+/// (when there is one) and its cause once; none has a `source()`.
 #[derive(thiserror::Error, Debug)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {}: {source}", path.display())]
+    #[error("cannot read config file {}: {error}{}", path.display(), read_hint(error))]
     Io {
         /// The file that was asked for.
         path: PathBuf,
         /// What the OS said.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The text is not valid TOML, or a key is unknown or of the wrong type.
     #[error("{}:{line}:{column}: {message}", show_path(path.as_deref()))]
@@ -299,10 +357,12 @@ pub enum ConfigError {
         message: String,
     },
     /// A value is out of its bounds or contradicts another setting.
-    #[error("invalid `{field}`{}: {reason}", show_line(*line))]
+    #[error("{}invalid `{field}`: {reason}", show_place(path.as_deref(), *line))]
     Invalid {
         /// Dotted name of the setting, e.g. `limits.max_frame`.
         field: &'static str,
+        /// The file, if the setting came from one.
+        path: Option<PathBuf>,
         /// 1-based line of the setting, when it was set in the source text.
         line: Option<usize>,
         /// What the bound is and what was given.
@@ -314,8 +374,24 @@ fn show_path(path: Option<&Path>) -> String {
     path.map_or_else(|| "<config>".to_owned(), |p| p.display().to_string())
 }
 
-fn show_line(line: Option<usize>) -> String {
-    line.map(|l| format!(" (line {l})")).unwrap_or_default()
+/// `FILE:LINE: ` in front of an invalid setting, as a parse error starts;
+/// nothing for a setting that came from no file (a flag).
+fn show_place(path: Option<&Path>, line: Option<usize>) -> String {
+    match (path, line) {
+        (path, Some(l)) => format!("{}:{l}: ", show_path(path)),
+        (Some(p), None) => format!("{}: ", p.display()),
+        (None, None) => String::new(),
+    }
+}
+
+/// What to do about a config file that cannot be read.
+fn read_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::NotFound => {
+            "; check the path (config/relay.toml in the source tree has every setting with its default)"
+        }
+        _ => "",
+    }
 }
 
 /// One broken rule: the field blamed, another field it depends on (used for
@@ -350,6 +426,7 @@ impl RelayConfig {
                 line_of_key(src, v.field).or_else(|| v.related.and_then(|r| line_of_key(src, r)));
             return Err(ConfigError::Invalid {
                 field: v.field,
+                path: path.map(Path::to_owned),
                 line,
                 reason: v.reason,
             });
@@ -363,9 +440,9 @@ impl RelayConfig {
     /// [`ConfigError::Io`] if the file cannot be read, otherwise as
     /// [`Self::from_toml_str`], labelled with `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        let src = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::from_toml_str(&src, Some(path))
     }
@@ -381,6 +458,7 @@ impl RelayConfig {
             .into_iter()
             .map(|v| ConfigError::Invalid {
                 field: v.field,
+                path: None,
                 line: None,
                 reason: v.reason,
             })
@@ -918,6 +996,64 @@ sample_rate = 0.5
     }
 
     #[test]
+    fn an_invalid_value_names_the_file_and_line_as_a_parse_error_does() {
+        let err = parse("\n[limits]\nmax_payload = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "test.toml:3: invalid `limits.max_payload`: must be in 1..=16777216, got 0"
+        );
+        // A rule between two settings: the line of the one blamed.
+        let err =
+            parse("[link]\nbatch_bytes = 1024\n[limits]\nmax_frame = 8192\nmax_payload = 8192\n")
+                .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("test.toml:4: invalid `limits.max_frame`"),
+            "{err}"
+        );
+        let err = RelayConfig::from_toml_str("[node]\nworker_threads = 0\n", None).unwrap_err();
+        assert!(err.to_string().starts_with("<config>:2: invalid"), "{err}");
+    }
+
+    #[test]
+    fn addresses_take_host_names_and_say_when_a_port_is_out_of_range() {
+        let cfg = parse("[node]\nlisten = \"localhost:4433\"\nadmin = \"[::1]:0\"\n").unwrap();
+        assert!(cfg.node.listen.ip().is_loopback());
+        assert_eq!(cfg.node.listen.port(), 4433);
+        assert_eq!(cfg.node.admin, "[::1]:0".parse().unwrap());
+        let shown = assert_parse_error(
+            "[node]\nlisten = \"localhost:99999\"\n",
+            2,
+            &["node.listen", "port 99999 is out of range (0-65535)"],
+        );
+        assert!(shown.starts_with("test.toml:2:"), "{shown}");
+        assert_parse_error(
+            "[node]\nadmin = \"127.0.0.1\"\n",
+            2,
+            &["node.admin", "HOST:PORT"],
+        );
+        for (text, want) in [
+            ("127.0.0.1:65536", "port 65536 is out of range (0-65535)"),
+            ("::1:4433", "[::1]:4433"),
+            (":4433", "no host"),
+            ("localhost:http", "port \"http\" is not a number"),
+            (
+                "no-such-host.invalid:1",
+                "cannot resolve host \"no-such-host.invalid\"",
+            ),
+        ] {
+            let err = resolve_socket_addr(text).unwrap_err();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        assert_eq!(
+            resolve_socket_addr("127.0.0.1:0").unwrap(),
+            "127.0.0.1:0".parse().unwrap()
+        );
+    }
+
+    #[test]
     fn first_error_in_file_order_and_validate_lists_all() {
         let src = "[node]\nworker_threads = 0\n[link]\nzstd_level = 20\n";
         assert_invalid(src, "node.worker_threads", Some(2));
@@ -955,9 +1091,21 @@ sample_rate = 0.5
             "{err}"
         );
 
+        std::fs::write(&file, "[node]\nworker_threads = 0\n").unwrap();
+        let err = RelayConfig::load(&file).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}:2: invalid", file.display())),
+            "{err}"
+        );
+
         let missing = dir.path().join("missing.toml");
-        match RelayConfig::load(&missing) {
-            Err(ConfigError::Io { path, .. }) => assert_eq!(path, missing),
+        let err = RelayConfig::load(&missing).unwrap_err();
+        let shown = err.to_string();
+        assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+        assert!(shown.contains("config/relay.toml"), "{shown}");
+        match err {
+            ConfigError::Io { path, .. } => assert_eq!(path, missing),
             other => panic!("got {other:?}"),
         }
     }

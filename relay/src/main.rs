@@ -5,8 +5,8 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use relay::config::{ConfigError, RelayConfig};
-use relay::node::{Node, node_key};
+use relay::config::{ConfigError, RelayConfig, resolve_socket_addr};
+use relay::node::{KEY_FILE, Node, node_key};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -22,11 +22,12 @@ struct Cli {
     /// TOML config file (see config/relay.toml); defaults are embedded.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// QUIC listen address (overrides node.listen).
-    #[arg(long)]
+    /// QUIC listen address, IP:PORT or HOST:PORT (overrides node.listen).
+    #[arg(long, value_name = "HOST:PORT", value_parser = resolve_socket_addr)]
     listen: Option<SocketAddr>,
-    /// Admin HTTP address for /metrics and /health (overrides node.admin).
-    #[arg(long)]
+    /// Admin HTTP address for /metrics and /health, as --listen (overrides
+    /// node.admin).
+    #[arg(long, value_name = "HOST:PORT", value_parser = resolve_socket_addr)]
     admin: Option<SocketAddr>,
     /// Data directory: node key and, later, the durable log (overrides node.data_dir).
     #[arg(long)]
@@ -35,11 +36,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print this node's key (creating it if absent) and nothing else.
+    /// Print this node's public key on stdout, and on stderr which key
+    /// file it read. A missing key is an error unless --create.
     Id {
         /// Data directory holding node.key.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Create the key if the directory has none (to know a relay's
+        /// address before its first start).
+        #[arg(long)]
+        create: bool,
     },
     /// Validate a config file; names the bad field and line.
     CheckConfig {
@@ -81,12 +87,22 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Some(Command::Id { data_dir }) => {
+        Some(Command::Id { data_dir, create }) => {
             let dir = match data_dir.clone().or_else(|| cli.data_dir.clone()) {
                 Some(d) => d,
                 None => load_config(&cli)?.node.data_dir,
             };
-            println!("{}", node_key(&dir)?.public());
+            // Absolute paths: `relay id` run from another directory than
+            // the relay's is the mistake these messages show.
+            let dir = std::path::absolute(&dir).unwrap_or(dir);
+            let (key, created) = node_key(&dir, *create)?;
+            let file = dir.join(KEY_FILE);
+            if created {
+                eprintln!("created a new key in {}", file.display());
+            } else {
+                eprintln!("read key from {}", file.display());
+            }
+            println!("{}", key.public());
             return Ok(());
         }
         Some(Command::CheckConfig { file }) => {
@@ -97,14 +113,7 @@ fn run(cli: Cli) -> Result<()> {
         None => {}
     }
     let cfg = load_config(&cli)?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    relay_client::logging::init("info");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.node.worker_threads)
         .enable_all()
@@ -118,8 +127,13 @@ fn run(cli: Cli) -> Result<()> {
         // Before the ready line: a supervisor may stop the relay as soon
         // as it reads it.
         let shutdown = shutdown_signal()?;
+        let (cell, where_cell) = cell_command();
+        // The cell's key goes outside any work tree, where it cannot be
+        // committed by accident.
+        let cell_key = "~/.config/celluler/me.key";
         println!(
-            "relay ready: key={key} quic={quic} admin=http://{admin} data={dir}{created} | next: cell keygen --out me.key && cell listen --relay {key}@{quic} --key me.key",
+            "relay ready: key={key} quic={quic} admin=http://{admin} data={dir}{created} | next: \
+             {cell} keygen --out {cell_key} && {cell} listen --relay {key}@{quic} --key {cell_key}{where_cell}",
             admin = node.admin_addr(),
             dir = data_dir.display(),
             created = if node.key_created() { " (new key)" } else { "" },
@@ -128,6 +142,26 @@ fn run(cli: Cli) -> Result<()> {
         Ok(())
     })
 }
+
+/// How the ready line's next step runs `cell`: the `cell` binary beside
+/// this `relay` (where `cargo build` puts both), quoted for a shell, so the
+/// command runs as printed; else `cell` from PATH, with a note saying so.
+fn cell_command() -> (String, &'static str) {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("cell")))
+        .filter(|p| p.is_file());
+    match beside.as_deref().map(|p| p.to_string_lossy()) {
+        Some(path) => match shlex::try_quote(&path) {
+            Ok(quoted) => (quoted.into_owned(), ""),
+            Err(_) => ("cell".to_owned(), NOT_BESIDE),
+        },
+        None => ("cell".to_owned(), NOT_BESIDE),
+    }
+}
+
+/// The note after a next step whose `cell` was not found beside `relay`.
+const NOT_BESIDE: &str = " (no cell binary beside this relay: put one on PATH, e.g. from `cargo build --release --bin cell`)";
 
 /// Listens for SIGINT and SIGTERM from now on, and returns what completes
 /// on the first of them. Listening starts here, not when the future is

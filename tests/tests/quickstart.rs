@@ -1,9 +1,9 @@
 //! The README quick start with real processes: a relay, its key from
-//! `relay id`, two keys made with `cell keygen`, a `cell listen` in the
-//! background, and two `cell send`s (one message as an argument, then one
-//! per line of stdin on the high lane). Plus `cell listen --service` and
-//! `cell discover` against an in-process cell, and `cell send` to a cell
-//! that is not attached.
+//! `relay id`, two keys made with `cell keygen` in `~/.config/celluler/`
+//! (outside the work tree), a `cell listen` in the background, and two
+//! `cell send`s (one message as an argument, then one per line of stdin on
+//! the high lane). Plus `cell listen --service` and `cell discover` against
+//! an in-process cell, and `cell send` to a cell that is not attached.
 
 use relay_client::cell::{Cell, CellOptions};
 use relay_codec::{Keypair, Lane, PublicKey};
@@ -91,6 +91,8 @@ fn relay_addr(relay: &RelayProcess) -> String {
         .output()
         .expect("relay id");
     assert!(id.status.success(), "{id:?}");
+    let said = String::from_utf8_lossy(&id.stderr);
+    assert!(said.starts_with("read key from /"), "{said}");
     let relay_key = String::from_utf8(id.stdout).unwrap().trim().to_owned();
     assert_eq!(relay_key, relay.key.to_string());
     format!("{relay_key}@{}", relay.quic)
@@ -270,18 +272,24 @@ async fn cell_listen_prints_messages_and_cell_discover_finds_it() {
 #[test]
 fn quick_start_keygen_listen_send() {
     let relay = RelayProcess::start();
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+    // The commands run in a work tree; the keys go to the README's
+    // ~/.config/celluler/, with a HOME of the test's own.
+    let work_tree = tempfile::tempdir().unwrap();
+    let d = work_tree.path();
+    let home = tempfile::tempdir().unwrap();
+    let keys = home.path().join(".config/celluler");
+    let (alice, bob) = (keys.join("alice.key"), keys.join("bob.key"));
+    let (alice, bob) = (alice.to_str().unwrap(), bob.to_str().unwrap());
     let relay_addr = relay_addr(&relay);
-    let a = keygen(d, "a.key");
-    let b = keygen(d, "b.key");
+    let a = keygen(d, alice);
+    let b = keygen(d, bob);
     let mut listener = listen(
         d,
         &[
             "--relay",
             &relay_addr,
             "--key",
-            "a.key",
+            alice,
             "--count",
             "3",
             "--timeout",
@@ -297,7 +305,7 @@ fn quick_start_keygen_listen_send() {
             "--relay",
             &relay_addr,
             "--key",
-            "b.key",
+            bob,
             "--to",
             &a,
             "hello, alice",
@@ -317,7 +325,7 @@ fn quick_start_keygen_listen_send() {
             "--relay",
             &relay_addr,
             "--key",
-            "b.key",
+            bob,
             "--to",
             &a,
             "--lane",
@@ -359,6 +367,25 @@ fn quick_start_keygen_listen_send() {
         2.0
     );
     relay.stop();
+    // Nothing secret was written where `git add` would find it, and the
+    // key directory and files are private.
+    let in_tree: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        in_tree.is_empty(),
+        "the quick start wrote {in_tree:?} into the work tree"
+    );
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&keys), 0o700);
+    assert_eq!(
+        (mode(Path::new(alice)), mode(Path::new(bob))),
+        (0o600, 0o600)
+    );
 }
 
 /// The README's best-effort note: `cell send` to a cell that is not

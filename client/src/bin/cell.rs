@@ -22,7 +22,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use relay_client::cell::{
     AuthMode, Cell, CellError, CellOptions, Event, Received, ReceivedAuth, Undelivered,
 };
-use relay_codec::keyfile::{read_keyfile, write_keyfile};
+use relay_codec::keyfile::{KeyFileError, read_keyfile, write_keyfile};
 use relay_codec::{Destination, Keypair, Lane, NodeAddr, PublicKey, ServiceName};
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -164,12 +164,7 @@ enum AuthArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    relay_client::logging::init("warn");
     let result = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -202,7 +197,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(done)
         }
         Cmd::Id { key } => {
-            println!("{}", read_keyfile(&key)?.public());
+            println!("{}", read_key(&key)?.public());
             Ok(done)
         }
         Cmd::Listen {
@@ -231,13 +226,24 @@ fn service_name(s: &str) -> anyhow::Result<ServiceName> {
     ServiceName::new(s).map_err(|e| anyhow!("service name {s:?}: {e} (1 to 64 bytes of text)"))
 }
 
+/// Reads the key file at `path`; a missing one is named with the command
+/// that makes it.
+fn read_key(path: &std::path::Path) -> anyhow::Result<Keypair> {
+    read_keyfile(path).map_err(|e| match &e {
+        KeyFileError::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound => {
+            anyhow!("{e}; create it with `cell keygen --out {}`", path.display())
+        }
+        _ => e.into(),
+    })
+}
+
 /// Reads the key, parses the relay address and connects.
 async fn connect(link: &LinkArgs, mut opts: CellOptions) -> anyhow::Result<(Cell, NodeAddr)> {
     let relay: NodeAddr = link
         .relay
         .parse()
         .map_err(|e| anyhow!("--relay {:?}: {e}", link.relay))?;
-    let key = read_keyfile(&link.key)?;
+    let key = read_key(&link.key)?;
     opts.connect_timeout = seconds("--connect-timeout", link.connect_timeout)?;
     if opts.connect_timeout.is_zero() {
         bail!("--connect-timeout must be above 0");

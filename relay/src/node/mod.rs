@@ -16,12 +16,12 @@ use crate::metrics::Metrics;
 use relay_client::link::WriterConfig;
 use relay_client::transport::{self, TransportTuning};
 use relay_codec::frame::CloseCode;
-use relay_codec::keyfile::{KeyFileError, load_or_create_keyfile};
+use relay_codec::keyfile::{KeyFileError, load_or_create_keyfile, read_keyfile};
 use relay_codec::{Keypair, Limits, PublicKey};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -35,32 +35,101 @@ mod ingest;
 pub use connection::LinkHandle;
 use connection::handle_connection;
 
+/// The file in a data directory that the relay using it holds locked
+/// (`flock`, released by the kernel when the holder exits however it
+/// exits), with the holder's pid in it.
+pub const LOCK_FILE: &str = "relay.lock";
+
+/// The node's secret key file in a data directory.
+pub const KEY_FILE: &str = "node.key";
+
 /// Why a relay could not start.
+///
+/// Each message names its cause once (none has a `source()`) and, where
+/// the operator can do something, what.
 #[derive(Debug, Error)]
 pub enum NodeError {
-    /// The data directory could not be created.
-    #[error("data directory {path}: {source}")]
+    /// The data directory or its lock file could not be created or opened.
+    #[error("data directory {path}: {error}")]
     DataDir {
-        /// The directory.
+        /// The directory or file.
         path: PathBuf,
         /// What the OS said.
-        source: std::io::Error,
+        error: std::io::Error,
+    },
+    /// Another relay uses the data directory: two relays must not share
+    /// one identity.
+    #[error(
+        "data directory {dir} is in use by another relay ({}, holding {dir}/{LOCK_FILE}); \
+         stop that relay first, or give this one a directory of its own with --data-dir DIR",
+        pid.map_or_else(|| "pid not written yet".to_owned(), |p| format!("pid {p}")),
+        dir = dir.display()
+    )]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+        /// The pid the lock holder wrote, if it has.
+        pid: Option<u32>,
     },
     /// The node key could not be read or created.
     #[error(transparent)]
     Key(#[from] KeyFileError),
+    /// `relay id` found no key and was not asked to create one.
+    #[error(
+        "no node key at {}: this is not the data directory of a relay that has started; \
+         run `relay id` where the relay runs, or pass its --data-dir DIR (or --config FILE); \
+         `relay id --create` makes the key of a relay not started yet",
+        path.display()
+    )]
+    NoKey {
+        /// Where the key was looked for.
+        path: PathBuf,
+    },
+    /// The QUIC listen address could not be bound.
+    #[error(
+        "QUIC listen address {addr}: {error}{}",
+        bind_hint(error, "--listen", "node.listen")
+    )]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        error: std::io::Error,
+    },
     /// The QUIC endpoint could not be set up.
     #[error("QUIC endpoint: {0}")]
-    Transport(#[from] transport::TransportError),
+    Transport(transport::TransportError),
     /// The admin address could not be bound.
-    #[error("admin address {addr}: {source} (is another relay running? pass --admin ADDR)")]
+    #[error(
+        "admin address {addr}: {error}{}",
+        bind_hint(error, "--admin", "node.admin")
+    )]
     Admin {
         /// The address.
         addr: SocketAddr,
         /// What the OS said.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
+
+/// What to do about an address that cannot be bound, after `; `.
+fn bind_hint(error: &std::io::Error, flag: &str, key: &str) -> String {
+    use std::io::ErrorKind;
+    let what = match error.kind() {
+        ErrorKind::AddrInUse => {
+            "another program uses it (is another relay running?): stop it, or use another address"
+        }
+        ErrorKind::AddrNotAvailable => "no interface of this host has that address: use one it has",
+        ErrorKind::PermissionDenied => "a port below 1024 needs privileges: use a higher one",
+        _ => return String::new(),
+    };
+    format!("; {what} with {flag} HOST:PORT (or {key})")
+}
+
+/// The longest each step of a shutdown after the flush may take: link tasks
+/// recording their close, the closes reaching the cells (QUIC's closing
+/// period), in-flight admin requests.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Milliseconds since the Unix epoch, read once per batch.
 fn unix_ms() -> u64 {
@@ -108,18 +177,23 @@ pub struct Node {
     quic_addr: SocketAddr,
     admin_addr: SocketAddr,
     key_created: bool,
+    /// The data directory's lock, held until the node is dropped (after
+    /// [`run`](Node::run) returns).
+    _lock: std::fs::File,
 }
 
 impl Node {
-    /// Creates the data directory and node key if absent, binds the QUIC and
-    /// admin addresses. Must be called inside a tokio runtime.
+    /// Creates the data directory and node key if absent, locks the
+    /// directory against a second relay, binds the QUIC and admin
+    /// addresses. Must be called inside a tokio runtime.
     pub async fn bind(cfg: RelayConfig) -> Result<Node, NodeError> {
         let dir = &cfg.node.data_dir;
-        create_private_dir(dir).map_err(|source| NodeError::DataDir {
+        create_private_dir(dir).map_err(|error| NodeError::DataDir {
             path: dir.clone(),
-            source,
+            error,
         })?;
-        let (keypair, key_created) = load_or_create_keyfile(&dir.join("node.key"))?;
+        let lock = lock_data_dir(dir)?;
+        let (keypair, key_created) = load_or_create_keyfile(&dir.join(KEY_FILE))?;
         let tuning = TransportTuning {
             stream_window: cfg.link.stream_window,
             conn_window: cfg.link.conn_window,
@@ -127,25 +201,30 @@ impl Node {
             idle_timeout: cfg.link.idle_timeout(),
             ..TransportTuning::default()
         };
-        let server = transport::server_config(keypair.signing_key(), &tuning)?;
+        let server = transport::server_config(keypair.signing_key(), &tuning)
+            .map_err(NodeError::Transport)?;
         let not_quic = Arc::new(AtomicU64::new(0));
         let endpoint =
-            transport::server_endpoint_counting(cfg.node.listen, server, not_quic.clone())?;
-        let quic_addr = endpoint
-            .local_addr()
-            .map_err(|e| transport::TransportError::Bind {
-                addr: cfg.node.listen,
-                source: e,
-            })?;
+            transport::server_endpoint_counting(cfg.node.listen, server, not_quic.clone())
+                .map_err(|e| match e {
+                    transport::TransportError::Bind { addr, error } => {
+                        NodeError::Listen { addr, error }
+                    }
+                    e => NodeError::Transport(e),
+                })?;
+        let quic_addr = endpoint.local_addr().map_err(|error| NodeError::Listen {
+            addr: cfg.node.listen,
+            error,
+        })?;
         let admin = admin::bind(cfg.node.admin)
             .await
-            .map_err(|source| NodeError::Admin {
+            .map_err(|error| NodeError::Admin {
                 addr: cfg.node.admin,
-                source,
+                error,
             })?;
-        let admin_addr = admin.local_addr().map_err(|source| NodeError::Admin {
+        let admin_addr = admin.local_addr().map_err(|error| NodeError::Admin {
             addr: cfg.node.admin,
-            source,
+            error,
         })?;
         let limits = cfg.limits.codec_limits();
         let core = Core {
@@ -177,6 +256,7 @@ impl Node {
             quic_addr,
             admin_addr,
             key_created,
+            _lock: lock,
         })
     }
 
@@ -220,31 +300,48 @@ impl Node {
             let _ = admin_stopped.await;
         }));
         let garbage_task = tokio::spawn(report_not_quic(shared.clone()));
+        // One task per connection, kept so shutdown can wait for each to
+        // record its close; finished ones are reaped as they end, so the
+        // set holds at most the connections open (bounded by max_links,
+        // plus handshakes in flight).
+        let mut connections = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    tokio::spawn(handle_connection(shared.clone(), incoming));
+                    connections.spawn(handle_connection(shared.clone(), incoming));
                 }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 _ = &mut shutdown => break,
             }
         }
-        info!("shutting down: no new links; flushing queued messages");
         shared.shutting_down.store(true, Ordering::Release);
         self.endpoint.set_server_config(None);
         let grace = shared.cfg.link.shutdown_grace();
         let deadline = tokio::time::Instant::now() + grace;
-        let writers: Vec<JoinHandle<()>> = {
+        let (handles, writers): (Vec<Arc<LinkHandle>>, Vec<JoinHandle<()>>) = {
             let mut links = shared.links.lock().unwrap_or_else(|e| e.into_inner());
-            links
+            let handles = links.values().map(|e| e.handle.clone()).collect();
+            let writers = links
                 .values_mut()
                 .filter_map(|e| {
                     e.handle.queues.close();
                     e.writer.take()
                 })
-                .collect()
+                .collect();
+            (handles, writers)
         };
+        if handles.is_empty() {
+            info!("shutting down: no new links, and none open");
+        } else {
+            info!(
+                links = handles.len(),
+                grace_ms = grace.as_millis() as u64,
+                "shutting down: no new links; waiting until each link's cell has read what is \
+                 queued for it, for at most link.shutdown_grace_ms"
+            );
+        }
         let mut flushed = true;
         for w in writers {
             if tokio::time::timeout_at(deadline, w).await.is_err() {
@@ -257,14 +354,30 @@ impl Node {
                 "shutdown grace ran out before every link was flushed"
             );
         }
+        // Each link closed as `shutdown` (not as a peer's close), then the
+        // endpoint, for connections still in their handshake.
+        for h in handles.iter().filter(|h| h.conn.close_reason().is_none()) {
+            h.close(CloseCode::Shutdown, "relay shutting down");
+        }
         self.endpoint.close(
             quinn::VarInt::from_u32(CloseCode::Shutdown as u32),
             b"relay shutting down",
         );
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        // The link tasks see their connection closed at once; let each
+        // record it (a metric and a log line) before the runtime stops.
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if !handles.is_empty() {
+            info!(
+                "links closed; waiting (at most {CLOSE_WAIT:?}) for the closes to reach the cells"
+            );
+        }
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
         garbage_task.abort();
         let _ = admin_stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, admin_task).await;
         info!("stopped");
     }
 }
@@ -331,11 +444,62 @@ fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     b.create(dir)
 }
 
-/// The node's key, creating it in `data_dir` if absent (for `relay id`).
-pub fn node_key(data_dir: &std::path::Path) -> Result<Keypair, NodeError> {
-    create_private_dir(data_dir).map_err(|source| NodeError::DataDir {
+/// Takes the lock of `dir` ([`LOCK_FILE`]) for this process and writes its
+/// pid there, or says which relay holds it. The lock is the kernel's
+/// (`flock`): it goes with the returned file, so a relay that dies in any
+/// way, SIGKILL included, leaves the directory free at once.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, NodeError> {
+    use std::io::{Read as _, Write as _};
+    let path = dir.join(LOCK_FILE);
+    let io = |error| NodeError::DataDir {
+        path: path.clone(),
+        error,
+    };
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut file = opts.open(&path).map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let pid = file
+                .read_to_string(&mut text)
+                .ok()
+                .and_then(|_| text.trim().parse().ok());
+            return Err(NodeError::Locked {
+                dir: dir.to_owned(),
+                pid,
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(file)
+}
+
+/// The node key in `data_dir` for `relay id`, and whether it was created
+/// now. Without `create`, a missing key is [`NodeError::NoKey`]: reading
+/// an identity must not make one in whatever directory it runs from.
+pub fn node_key(data_dir: &Path, create: bool) -> Result<(Keypair, bool), NodeError> {
+    let path = data_dir.join(KEY_FILE);
+    if !create {
+        return match read_keyfile(&path) {
+            Ok(kp) => Ok((kp, false)),
+            Err(KeyFileError::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
+                Err(NodeError::NoKey { path })
+            }
+            Err(e) => Err(e.into()),
+        };
+    }
+    create_private_dir(data_dir).map_err(|error| NodeError::DataDir {
         path: data_dir.to_owned(),
-        source,
+        error,
     })?;
-    Ok(load_or_create_keyfile(&data_dir.join("node.key"))?.0)
+    Ok(load_or_create_keyfile(&path)?)
 }
