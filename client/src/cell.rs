@@ -1,8 +1,8 @@
 //! The cell side of a link: what an application links to use a relay as its
 //! hop.
 //!
-//! A [`Cell`] holds one QUIC link to one relay (see `DESIGN.md`, "Links and
-//! lanes"): the first bidirectional stream carries control frames both ways
+//! A [`Cell`] holds one QUIC link to one relay (see docs/ARCHITECTURE.md, "Identity and
+//! links"): the first bidirectional stream carries control frames both ways
 //! (Hello/Welcome, Announce, Discover, presence, notices, Close), and each
 //! side sends its messages in batch frames on unidirectional streams it
 //! opens, one per lane.

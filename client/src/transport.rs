@@ -2,8 +2,8 @@
 //!
 //! Both ends of every QUIC connection prove, during the TLS 1.3 handshake,
 //! that they hold the ed25519 key they present, so a relay knows a link's
-//! authenticated key before it routes a byte from it (DESIGN.md, "What is
-//! checked where").
+//! authenticated key before it routes a byte from it (docs/PROTOCOL.md,
+//! section 6.1).
 //!
 //! Approach: TLS raw public keys (RFC 7250), as iroh does over quinn. The
 //! "certificate" each side sends is just the SubjectPublicKeyInfo DER of its
