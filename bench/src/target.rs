@@ -170,6 +170,8 @@ impl Spawned {
         bin: PathBuf,
         dir: Option<tempfile::TempDir>,
     ) -> Result<(Self, mpsc::Receiver<String>)> {
+        // Bounded: the lines are read as they come until the server is
+        // ready; after that the receiver is gone and sends fail at once.
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -188,7 +190,7 @@ impl Spawned {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let log_tail = Arc::new(Mutex::new(VecDeque::new()));
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(LOG_LINES);
         let out: [Option<Box<dyn std::io::Read + Send>>; 2] = [
             child.stdout.take().map(|s| Box::new(s) as _),
             child.stderr.take().map(|s| Box::new(s) as _),
@@ -196,8 +198,7 @@ impl Spawned {
         for stream in out.into_iter().flatten() {
             let (tail, tx) = (log_tail.clone(), tx.clone());
             // Keep reading after the ready line so the server never blocks
-            // on a full pipe; the channel is read only until then, so its
-            // later lines go unread and are dropped with it.
+            // on a full pipe; from then on lines go to the tail only.
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     {
