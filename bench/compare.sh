@@ -126,8 +126,18 @@ list() {
   echo "[${out% }]"
 }
 
+# each_run LABEL KEY...: a line per key with its values over the calling
+# shape's NATS runs and relay runs (its arrays njs and rjs).
+each_run() {
+  local label=$1 k
+  shift
+  for k in "$@"; do
+    echo "$label $(name_of "$k"): nats $(list "$k" "${njs[@]}") relay $(list "$k" "${rjs[@]}")"
+  done
+}
+
 tp() { # label senders receivers size
-  local label=$1 p=$2 s=$3 m=$4 r nj rj pairs="" cpairs="" njs=() rjs=() k
+  local label=$1 p=$2 s=$3 m=$4 r nj rj pairs="" cpairs="" njs=() rjs=()
   for r in $(seq "$REPS"); do
     nj=$(run NATS "$label#$r" throughput --spawn --broker nats --senders "$p" --receivers "$s" --size "$m" \
          --count "$COUNT" --duration "$DUR" --payload random "${nats_flags[@]}")
@@ -144,14 +154,12 @@ tp() { # label senders receivers size
   {
     printf '%s' "$pairs" | summarise "$label" "msg/s" higher
     printf '%s' "$cpairs" | summarise "$label server cpu/msg" "ns" lower
-    for k in lost duplicates relay_cpu_pct bench_cpu_pct; do
-      echo "$label $(name_of $k): nats $(list $k "${njs[@]}") relay $(list $k "${rjs[@]}")"
-    done
+    each_run "$label" lost duplicates relay_cpu_pct bench_cpu_pct
   } | tee -a "$OUT"
 }
 
 lat() {
-  local label="latency@${LAT_RATE}/s" r nj rj p50="" p99="" njs=() rjs=() k
+  local label="latency@${LAT_RATE}/s" r nj rj p50="" p99="" njs=() rjs=()
   for r in $(seq "$REPS"); do
     nj=$(run NATS "lat#$r" latency --spawn --broker nats --rate "$LAT_RATE" --size 128 --duration "$LAT_DUR" \
          --payload random "${nats_flags[@]}")
@@ -165,9 +173,7 @@ lat() {
   {
     printf '%s' "$p50" | summarise "$label p50" "us" lower
     printf '%s' "$p99" | summarise "$label p99" "us" lower
-    for k in lost max_burst relay_cpu_pct bench_cpu_pct; do
-      echo "$label $(name_of $k): nats $(list $k "${njs[@]}") relay $(list $k "${rjs[@]}")"
-    done
+    each_run "$label" lost max_burst relay_cpu_pct bench_cpu_pct
   } | tee -a "$OUT"
 }
 

@@ -33,7 +33,6 @@ pub mod target;
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use cli::{Broker, Cli, Cmd, TargetArgs};
-use mode::BadArgs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -41,16 +40,15 @@ use std::time::Duration;
 use target::{NatsTarget, Server, Target};
 
 /// A feature the relay or client does not have yet: exit status 2.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct Unavailable(pub String);
 
-impl std::fmt::Display for Unavailable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Unavailable {}
+/// A combination of arguments that cannot be run: exit status 2, as for
+/// the arguments clap itself refuses.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadArgs(pub String);
 
 /// The run was interrupted (Ctrl-C or SIGTERM): exit status 130.
 #[derive(Debug)]

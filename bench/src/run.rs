@@ -958,6 +958,12 @@ pub async fn run(server: &Server, common: &Common, plan: &Plan) -> Result<Outcom
         (Some(a), Some(b)) => a.pct_until(&b),
         _ => (None, None),
     };
+    // The kernel counts CPU in clock ticks: over a short span, one tick
+    // is many percent.
+    let cpu_tick = match (cpu_start, cpu_end) {
+        (Some(a), Some(b)) => Some(a.tick_pct_until(&b)).filter(|t| *t >= 1.0),
+        _ => None,
+    };
     let nats = matches!(server, Server::Nats(_));
     let (slow, unknown, refused) = notices.get();
     let slow_consumers = nats_events
@@ -1091,6 +1097,12 @@ pub async fn run(server: &Server, common: &Common, plan: &Plan) -> Result<Outcom
             "{} messages without the bench's timestamps arrived (another sender on this \
              server?) and were ignored",
             all.foreign
+        ));
+    }
+    if let Some(t) = cpu_tick {
+        notes.push(format!(
+            "the CPU figures count the kernel's clock ticks, each {t:.1} % of a core over \
+             this short a span: they are that coarse (a longer run measures them finer)"
         ));
     }
     if pid.is_none() {

@@ -36,15 +36,7 @@ pub struct Target {
 impl Target {
     /// An already running relay.
     pub fn attach(addr: NodeAddr, pid: Option<u32>) -> Result<Self> {
-        if let Some(p) = pid
-            && !Path::new(&format!("/proc/{p}/stat")).exists()
-        {
-            bail!(
-                "--relay-pid {p}: no such process on this machine; give the relay's pid \
-                 (e.g. `pgrep -x relay`) or leave --relay-pid out (CPU and memory are then \
-                 not reported)"
-            );
-        }
+        check_pid("--relay-pid", pid, "relay")?;
         Ok(Self {
             addr,
             pid,
@@ -372,15 +364,7 @@ pub struct NatsTarget {
 impl NatsTarget {
     /// An already running nats-server.
     pub fn attach(addr: String, pid: Option<u32>) -> Result<Self> {
-        if let Some(p) = pid
-            && !Path::new(&format!("/proc/{p}/stat")).exists()
-        {
-            bail!(
-                "--nats-pid {p}: no such process on this machine; give nats-server's pid \
-                 (e.g. `pgrep -x nats-server`) or leave --nats-pid out (CPU and memory are then \
-                 not reported)"
-            );
-        }
+        check_pid("--nats-pid", pid, "nats-server")?;
         Ok(Self {
             addr,
             pid,
@@ -563,6 +547,20 @@ fn find_relay() -> Result<PathBuf> {
          or attach to a running relay with --relay KEY@HOST:PORT",
         looked.join(" and ")
     )
+}
+
+/// Refuses a `flag` pid that is no process on this machine (`program`: what
+/// it should be the pid of).
+fn check_pid(flag: &str, pid: Option<u32>, program: &str) -> Result<()> {
+    if let Some(p) = pid
+        && !Path::new(&format!("/proc/{p}/stat")).exists()
+    {
+        bail!(
+            "{flag} {p}: no such process on this machine; give {program}'s pid (e.g. \
+             `pgrep -x {program}`) or leave {flag} out (CPU and memory are then not reported)"
+        );
+    }
+    Ok(())
 }
 
 /// The first file called `name` in a directory on PATH.

@@ -6,25 +6,12 @@ pub mod fanout;
 pub mod latency;
 pub mod throughput;
 
-use crate::Unavailable;
 use crate::cli::{Auth, Broker, ClientArg, MsgArgs, PayloadArg, TargetArgs};
 use crate::payload::Fill;
 use crate::run::{Client, Common};
+use crate::{BadArgs, Unavailable};
 use relay_client::cell::AuthMode;
 use relay_codec::Lane;
-
-/// A combination of arguments that cannot be run (exit status 2, as for
-/// the arguments clap refuses).
-#[derive(Debug)]
-pub struct BadArgs(pub String);
-
-impl std::fmt::Display for BadArgs {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for BadArgs {}
 
 /// Checks the server arguments against `--broker`, and, for a message
 /// mode, the message arguments that only a relay has (`m`).
