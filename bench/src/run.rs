@@ -1188,16 +1188,21 @@ async fn blast(
     let end = end_ns.unwrap_or(u64::MAX);
     let mut measuring = false;
     loop {
+        if measuring && s.sent >= quota {
+            break;
+        }
+        if let Some(w) = &window {
+            w.gate(k, &mut tx).await?;
+            now = now_ns();
+        }
+        // Whether this message is warm-up is decided by the time it is
+        // stamped with, as the receivers decide it.
         if !measuring && now >= measure_ns {
             measuring = true;
             s.first_ns = now;
         }
         if measuring && (s.sent >= quota || now >= end) {
             break;
-        }
-        if let Some(w) = &window {
-            w.gate(k, &mut tx).await?;
-            now = now_ns();
         }
         tx.send(&dest, lane, pool.make(now, now)).await?;
         if measuring {
