@@ -6,11 +6,8 @@
 //! Receivers take their messages a batch at a time (`Cell::recv_many`), as
 //! a high-rate application would.
 
-use crate::clock::now_ns;
-use crate::payload::read_stamps;
-use crate::stats::{new_hist, record};
+use crate::tally::Tally;
 use anyhow::{Result, anyhow};
-use hdrhistogram::Histogram;
 use relay_client::cell::{AuthMode, Cell, CellOptions, Event};
 use relay_codec::frame::NoticeCode;
 use relay_codec::{Keypair, NodeAddr, ServiceName};
@@ -89,18 +86,8 @@ pub struct Progress {
 
 /// What one receiver saw.
 pub struct Received {
-    /// One-way latency, ns: receive time − actual send time.
-    pub hist: Histogram<u64>,
-    /// Corrected latency, ns: receive time − intended send time.
-    pub co_hist: Histogram<u64>,
-    /// Measured messages.
-    pub received: u64,
-    /// Messages sent during the warm-up.
-    pub warmup: u64,
-    /// Last measured receive, ns since the epoch (0: none).
-    pub last_ns: u64,
-    /// Messages without the bench's stamps (not from this run).
-    pub foreign: u64,
+    /// Its counts and latencies.
+    pub tally: Tally,
     /// Why the link was lost, if it was.
     pub lost_link: Option<String>,
     /// The cell, to close.
@@ -110,23 +97,20 @@ pub struct Received {
 /// Messages taken from a cell at once.
 const RECV_BATCH: usize = 4096;
 
-/// Receives until `stop` turns true: records the latency of each message
-/// whose intended send time is at or after `measure_from` (ns since the
-/// epoch; shared so the coordinator can set it when sending starts) and
-/// counts the earlier ones as warm-up.
+/// Receives until `stop` turns true, counting each message by the rule of
+/// [`Tally::take`]; `measure_from` (ns since the epoch) is the end of the
+/// warm-up, shared so the coordinator can set it when sending starts.
 ///
-/// Messages are taken a batch at a time ([`Cell::recv_many`]), and the
-/// receive time is read once per batch: the messages of one batch reach
-/// the application together.
+/// Messages are taken a batch at a time ([`Cell::recv_many`]), as a
+/// high-rate application would, and the clock is read for each message as
+/// it is looked at.
 pub async fn receive(
     mut cell: Cell,
     measure_from: Arc<AtomicU64>,
     progress: Arc<Progress>,
     mut stop: watch::Receiver<bool>,
 ) -> Received {
-    let mut hist = new_hist();
-    let mut co_hist = new_hist();
-    let (mut received, mut warmup, mut last_ns, mut foreign) = (0u64, 0u64, 0u64, 0u64);
+    let mut tally = Tally::default();
     let mut lost_link = None;
     let mut batch = Vec::with_capacity(RECV_BATCH);
     loop {
@@ -149,35 +133,14 @@ pub async fn receive(
             );
             break;
         }
-        let now = now_ns();
         let from = measure_from.load(Ordering::Relaxed);
-        let measured_before = received;
         for m in &batch {
-            let Some((sent, intended)) = read_stamps(&m.payload) else {
-                foreign += 1;
-                continue;
-            };
-            if intended < from {
-                warmup += 1;
-                continue;
-            }
-            record(&mut hist, now.saturating_sub(sent));
-            record(&mut co_hist, now.saturating_sub(intended));
-            received += 1;
+            tally.take(&m.payload, from);
         }
-        if received > measured_before {
-            last_ns = now;
-            progress.received.store(received, Ordering::Relaxed);
-        }
-        progress.seen.store(warmup + received, Ordering::Relaxed);
+        tally.publish(&progress);
     }
     Received {
-        hist,
-        co_hist,
-        received,
-        warmup,
-        last_ns,
-        foreign,
+        tally,
         lost_link,
         cell,
     }

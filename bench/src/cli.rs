@@ -22,7 +22,9 @@ pub const MIN_SIZE: usize = crate::payload::STAMP_LEN;
         relay-bench latency --spawn --rate 50000 --duration 10 --hgrm lat.hgrm --plot lat.svg\n  \
         relay-bench fanout --spawn --receivers 8 --target service --count 100000\n  \
         relay-bench connections --spawn --cells 10000 --json conns.json\n  \
-        relay-bench throughput --relay KEY@10.0.0.5:4433 --relay-pid 4242 --duration 30\n\n\
+        relay-bench throughput --relay KEY@10.0.0.5:4433 --relay-pid 4242 --duration 30\n  \
+        relay-bench throughput --spawn --broker nats --senders 4 --receivers 4 --count 2000000\n  \
+        relay-bench latency --broker nats --nats-addr 127.0.0.1:4222 --nats-pid 4343 --rate 50000\n\n\
         Exit status: 0 done, 1 the run failed, 2 bad arguments or a feature not available yet, \
         130 interrupted."
 )]
@@ -59,21 +61,28 @@ pub enum Cmd {
     },
 }
 
-/// Which relay to measure.
+/// Which server to measure.
 #[derive(Args, Debug, Clone)]
-#[command(group(ArgGroup::new("relay_target").required(true).args(["relay", "spawn"])))]
+#[command(group(ArgGroup::new("relay_target").required(true).args(["relay", "spawn", "nats_addr"])))]
 pub struct TargetArgs {
+    /// What to measure: the Celluler relay, or nats-server through the
+    /// official async-nats client with the same load shapes and report
+    /// (throughput and latency modes), to compare the two.
+    #[arg(long, value_enum, default_value_t = Broker::Relay)]
+    pub broker: Broker,
     /// An already running relay, as KEY@HOST:PORT (the relay prints it on
     /// its `relay ready:` line).
     #[arg(long, value_name = "KEY@HOST:PORT", value_parser = parse_node_addr)]
     pub relay: Option<NodeAddr>,
     /// The running relay's process id, to report its CPU and memory (from
     /// /proc; same machine only).
-    #[arg(long, value_name = "PID", requires = "relay")]
+    #[arg(long, value_name = "PID", requires = "relay", conflicts_with = "spawn")]
     pub relay_pid: Option<u32>,
-    /// Start a relay for this run: the `relay` binary beside relay-bench,
-    /// else on PATH, on free 127.0.0.1 ports with a temporary data
-    /// directory; stopped (SIGTERM) when the run ends.
+    /// Start the server for this run, stopped (SIGTERM) when it ends: the
+    /// `relay` binary beside relay-bench, else on PATH, on free 127.0.0.1
+    /// ports with a temporary data directory; with --broker nats,
+    /// `nats-server -a 127.0.0.1 -p -1 -m -1` (free client and monitoring
+    /// ports, default config: no JetStream).
     #[arg(long)]
     pub spawn: bool,
     /// With --spawn: how many relays to start (more than 1 needs relay
@@ -100,6 +109,30 @@ pub struct TargetArgs {
         requires = "spawn"
     )]
     pub relay_log: String,
+    /// With --broker nats: an already running nats-server, as HOST:PORT
+    /// (its client port).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub nats_addr: Option<String>,
+    /// The running nats-server's process id, to report its CPU and memory.
+    #[arg(
+        long,
+        value_name = "PID",
+        requires = "nats_addr",
+        conflicts_with = "spawn"
+    )]
+    pub nats_pid: Option<u32>,
+    /// With --spawn --broker nats: the nats-server binary to start
+    /// (default: `nats-server` on PATH; Debian: apt-get install nats-server).
+    #[arg(long, value_name = "PATH", requires = "spawn")]
+    pub nats_bin: Option<PathBuf>,
+    /// With --broker nats: messages each subscription may queue in the
+    /// client before async-nats drops them as a slow consumer (the
+    /// library's default is 65536; a larger queue lets the run measure the
+    /// server rather than the receiving task; what is dropped counts as
+    /// lost).
+    #[arg(long, value_name = "N", default_value_t = crate::nats::DEFAULT_SUB_CAPACITY,
+          value_parser = parse_count_usize)]
+    pub nats_sub_capacity: usize,
     /// Seconds a cell may take to reach the relay (QUIC handshake, then
     /// Hello/Welcome) before the run fails.
     #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_pos_secs)]
@@ -108,6 +141,15 @@ pub struct TargetArgs {
     /// CPU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
+}
+
+/// The server a run measures.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Broker {
+    /// The Celluler relay (`--relay` or `--spawn`).
+    Relay,
+    /// nats-server (`--nats-addr` or `--spawn`), through async-nats.
+    Nats,
 }
 
 /// How spawned relays would be linked.
@@ -145,8 +187,8 @@ pub enum ClientArg {
 /// What fills payloads.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PayloadArg {
-    /// Incompressible bytes (distinct per message), as --payload random in
-    /// compare.sh.
+    /// Incompressible bytes (distinct per message), what bench/compare.sh
+    /// uses.
     Random,
     /// JSON-like telemetry records: compressible.
     Text,
@@ -169,8 +211,9 @@ pub struct MsgArgs {
     #[arg(long, value_enum, default_value_t = Auth::Link)]
     pub auth: Auth,
     /// Seconds of sending before measuring; messages sent during it are
-    /// left out of every figure (default: 1 for runs bounded by
-    /// --duration, 0 for runs bounded by --count).
+    /// left out of the bench's figures (counts, rate, latency, CPU, peak
+    /// memory; the server's own counters cover the whole run) (default: 1
+    /// for runs bounded by --duration, 0 for runs bounded by --count).
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub warmup: Option<f64>,
     /// Seconds without any delivery, once sending is over, before the
@@ -179,8 +222,9 @@ pub struct MsgArgs {
     pub grace: f64,
     /// What the senders and receivers are: `cell` (the client's Cell:
     /// end-to-end checks, dedup, a queue between the application and the
-    /// link, what applications get) or `raw` (bare links, as natsbench
-    /// speaks the NATS protocol without a client library: senders encode
+    /// link, what applications get) or `raw` (bare links, as a load
+    /// generator speaking a broker's protocol without its client library
+    /// would be: senders encode
     /// each message straight into the open batch frame, receivers decode
     /// batches in place), to measure the relay with lighter clients.
     #[arg(long, value_enum, default_value_t = ClientArg::Cell)]
@@ -219,10 +263,11 @@ pub struct ThroughputArgs {
     /// --count is not reached.
     #[arg(long, short = 'd', value_name = "SECS", value_parser = parse_pos_secs)]
     pub duration: Option<f64>,
-    /// Closed loop: each sender waits while more than N of its messages
-    /// are in flight (sent, not yet received; checked every 64). Without
-    /// it senders run open loop, as natsbench does, and a relay that
-    /// cannot keep up drops (counted as lost).
+    /// Closed loop: each sender keeps at most N of its messages in flight
+    /// (sent, not yet received), looking every min(N, 64) messages;
+    /// senders that share a receiver (more senders than receivers) share
+    /// their windows, N per sender. Without it senders run open loop and a
+    /// server that cannot keep up drops (counted as lost).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub window: Option<u64>,
 }
@@ -277,8 +322,9 @@ pub struct FanoutArgs {
     /// Stop sending after this many seconds (after the warm-up).
     #[arg(long, short = 'd', value_name = "SECS", value_parser = parse_pos_secs)]
     pub duration: Option<f64>,
-    /// Closed loop: the sender waits while more than N messages are in
-    /// flight (each counted once per receiver; checked every 64).
+    /// Closed loop: the sender keeps at most N messages in flight, a
+    /// message being in flight until every receiver has it (looking every
+    /// min(N, 64) messages).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub window: Option<u64>,
 }
@@ -389,7 +435,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_the_compare_sh_shapes() {
+    fn parses_the_compare_shapes() {
         let c = Cli::try_parse_from([
             "relay-bench",
             "throughput",
@@ -432,6 +478,24 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(c.cmd, Cmd::Latency(_)));
+        let c = Cli::try_parse_from([
+            "relay-bench",
+            "throughput",
+            "--broker",
+            "nats",
+            "--nats-addr",
+            "127.0.0.1:4222",
+            "--senders",
+            "4",
+        ])
+        .unwrap();
+        let Cmd::Throughput(t) = c.cmd else { panic!() };
+        assert_eq!(t.target.broker, Broker::Nats);
+        assert_eq!(t.target.nats_addr.as_deref(), Some("127.0.0.1:4222"));
+        assert_eq!(
+            t.target.nats_sub_capacity,
+            crate::nats::DEFAULT_SUB_CAPACITY
+        );
     }
 
     #[test]
@@ -442,6 +506,9 @@ mod tests {
             &["relay-bench", "throughput"],
             &["relay-bench", "throughput", "--spawn", "--lane", "fast"],
             &["relay-bench", "latency", "--spawn", "--rate", "0"],
+            &["relay-bench", "latency", "--nats-pid", "1", "--spawn"],
+            &["relay-bench", "latency", "--relay-pid", "1", "--spawn"],
+            &["relay-bench", "latency", "--spawn", "--broker", "kafka"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }

@@ -5,46 +5,50 @@
 //! (`--spawn`, see [`target`]) or one already running (`--relay
 //! KEY@HOST:PORT`), with cells built on the real client API
 //! ([`relay_client::Cell`]), and reports a table on stdout plus optional
-//! JSON, `.hgrm` and SVG files ([`report`]).
+//! JSON, `.hgrm` and SVG files ([`report`]). With `--broker nats`, the
+//! throughput and latency modes run the same shapes against nats-server
+//! through async-nats ([`nats`]), for the comparison in bench/compare.sh.
 //!
 //! How it measures honestly: every payload starts with the actual and the
 //! intended send time ([`payload`]), in ns since one process-local epoch
 //! ([`clock`]); receivers in the same process record latency in HDR
-//! histograms; loss is counted after a no-progress grace period; CPU of the
-//! relay and of the bench come from `/proc` ([`stats`]).
+//! histograms, reading the clock per message ([`tally`]); loss is counted
+//! after a no-progress grace period; CPU of the server and of the bench
+//! come from `/proc` ([`stats`]).
 
 pub mod cells;
 pub mod cli;
 pub mod clock;
 pub mod mode;
+pub mod nats;
 pub mod payload;
 pub mod progress;
 pub mod raw;
 pub mod report;
 pub mod run;
 pub mod stats;
+pub mod tally;
 pub mod target;
 
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
-use cli::{Cli, Cmd, TargetArgs};
+use cli::{Broker, Cli, Cmd, TargetArgs};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use target::Target;
+use target::{NatsTarget, Server, Target};
 
 /// A feature the relay or client does not have yet: exit status 2.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct Unavailable(pub String);
 
-impl std::fmt::Display for Unavailable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Unavailable {}
+/// A combination of arguments that cannot be run: exit status 2, as for
+/// the arguments clap itself refuses.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadArgs(pub String);
 
 /// The run was interrupted (Ctrl-C or SIGTERM): exit status 130.
 #[derive(Debug)]
@@ -52,7 +56,7 @@ struct Interrupted;
 
 impl std::fmt::Display for Interrupted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("interrupted; the spawned relay (if any) was stopped")
+        f.write_str("interrupted; the spawned server (if any) was stopped")
     }
 }
 
@@ -65,7 +69,10 @@ pub fn main_entry() -> ExitCode {
     relay_client::logging::init("warn");
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<Unavailable>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<Unavailable>().is_some()
+                || e.downcast_ref::<BadArgs>().is_some() =>
+        {
             eprintln!("relay-bench: {e}");
             ExitCode::from(2)
         }
@@ -102,6 +109,15 @@ fn dispatch(cli: Cli) -> Result<()> {
             message_mode(&a.target, common, plan)
         }
         Cmd::Connections(a) => {
+            mode::check_broker(&a.target, None)?;
+            if a.target.broker == Broker::Nats {
+                return Err(Unavailable(
+                    "connections --broker nats: the NATS comparison covers throughput and \
+                     latency; idle connections to nats-server are not measured"
+                        .into(),
+                )
+                .into());
+            }
             let plan = mode::connections::Plan {
                 cells: a.cells,
                 concurrency: a.concurrency,
@@ -114,7 +130,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             let rt = runtime(&a.target)?;
             let r = rt.block_on(interruptible(mode::connections::run(&target, &plan)));
             rt.shutdown_timeout(Duration::from_secs(2));
-            let (report, notes) = r.map_err(|e| with_health(e, &mut target))?;
+            let (report, notes) = r.map_err(|e| with_health(e, target.health()))?;
             target.stop();
             print!("{}", report::connections_table(&report, &notes));
             if let Some(p) = &a.json {
@@ -124,6 +140,21 @@ fn dispatch(cli: Cli) -> Result<()> {
                 anyhow::bail!("stopped before attaching every cell (see above)");
             }
             Ok(())
+        }
+    }
+}
+
+/// The server to measure: started, or attached to.
+fn open_server(t: &TargetArgs) -> Result<Server> {
+    match t.broker {
+        Broker::Relay => open_target(t).map(Server::Relay),
+        Broker::Nats if t.spawn => NatsTarget::spawn(t.nats_bin.as_deref()).map(Server::Nats),
+        Broker::Nats => {
+            let addr = t
+                .nats_addr
+                .clone()
+                .context("--nats-addr HOST:PORT or --spawn is required with --broker nats")?;
+            NatsTarget::attach(addr, t.nats_pid).map(Server::Nats)
         }
     }
 }
@@ -193,21 +224,22 @@ async fn interruptible<T>(f: impl std::future::Future<Output = Result<T>>) -> Re
     }
 }
 
-/// Adds what is known about a spawned relay's death to an error.
-fn with_health(e: anyhow::Error, target: &mut Target) -> anyhow::Error {
-    match target.health() {
+/// Adds what is known about a spawned server's death (`health`) to an
+/// error.
+fn with_health(e: anyhow::Error, health: Option<String>) -> anyhow::Error {
+    match health {
         Some(h) if e.downcast_ref::<Interrupted>().is_none() => e.context(h),
         _ => e,
     }
 }
 
 fn message_mode(t: &TargetArgs, common: run::Common, plan: run::Plan) -> Result<()> {
-    let mut target = open_target(t)?;
+    let mut server = open_server(t)?;
     let rt = runtime(t)?;
-    let r = rt.block_on(interruptible(run::run(&target, &common, &plan)));
+    let r = rt.block_on(interruptible(run::run(&server, &common, &plan)));
     rt.shutdown_timeout(Duration::from_secs(2));
-    let out = r.map_err(|e| with_health(e, &mut target))?;
-    target.stop();
+    let out = r.map_err(|e| with_health(e, server.health()))?;
+    server.stop();
     print!("{}", report::table(&out.report, &out.notes));
     if let Some(p) = &common.json {
         report::write_json(p, &out.report)?;

@@ -1,7 +1,7 @@
 //! Lean senders and receivers for `--client raw`: a bare link (the QUIC
 //! connection and Hello/Welcome a `Cell` sets up, from
-//! `relay_client::transport` and `relay_client::link`), the way natsbench
-//! speaks the NATS protocol without a client library.
+//! `relay_client::transport` and `relay_client::link`), the way a load
+//! generator can speak a broker's protocol without its client library.
 //!
 //! A `Cell` hands messages to the application through an event queue after
 //! end-to-end checks (id hash, dedup set, a `Received` per message, one
@@ -13,12 +13,9 @@
 //! and how fast the relay is with clients that do not hold it back.
 
 use crate::cells::Progress;
-use crate::clock::now_ns;
-use crate::payload::read_stamps;
-use crate::stats::{new_hist, record};
+use crate::tally::Tally;
 use anyhow::{Context as _, Result, anyhow, bail};
 use bytes::{Bytes, BytesMut};
-use hdrhistogram::Histogram;
 use quinn::{Connection, Endpoint, SendStream};
 use relay_client::lanes::LANES;
 use relay_client::link::{self, FrameReader};
@@ -150,8 +147,8 @@ async fn dial(relay: &NodeAddr, services: Vec<ServiceName>, timeout: Duration) -
 
 /// A bare sending link for `--client raw`: each message is encoded straight
 /// into the open batch frame (zstd and the 20 % rule as a `Cell`'s writer
-/// applies them), and a full batch is written to its lane's stream, the way
-/// natsbench writes prebuilt frames. No queue, task hand-off or allocation
+/// applies them), and a full batch is written to its lane's stream, as a
+/// protocol-level load generator writes prebuilt frames. No queue, task hand-off or allocation
 /// per message; what is left is encoding each message and compressing
 /// each batch.
 pub struct RawSender {
@@ -250,16 +247,8 @@ fn unix_ms() -> u64 {
 
 /// What one raw receiver saw.
 pub struct RawReceived {
-    /// One-way latency, ns.
-    pub hist: Histogram<u64>,
-    /// Corrected latency, ns.
-    pub co_hist: Histogram<u64>,
-    /// Measured messages.
-    pub received: u64,
-    /// Last measured receive, ns since the epoch.
-    pub last_ns: u64,
-    /// Messages without the bench's stamps.
-    pub foreign: u64,
+    /// Counts and latencies of every stream of the link.
+    pub tally: Tally,
     /// Why the link was lost, if it was.
     pub lost_link: Option<String>,
     /// QUIC statistics of the relay -> receiver link at the end.
@@ -285,11 +274,7 @@ pub struct LinkStats {
 
 /// Counts of one data stream.
 struct StreamSeen {
-    hist: Histogram<u64>,
-    co_hist: Histogram<u64>,
-    received: u64,
-    last_ns: u64,
-    foreign: u64,
+    tally: Tally,
     error: Option<String>,
 }
 
@@ -323,21 +308,13 @@ pub async fn receive(
         }
     }
     let mut out = RawReceived {
-        hist: new_hist(),
-        co_hist: new_hist(),
-        received: 0,
-        last_ns: 0,
-        foreign: 0,
+        tally: Tally::default(),
         lost_link,
         link: None,
     };
     while let Some(r) = streams.join_next().await {
         let Ok(s) = r else { continue };
-        out.hist.add(&s.hist).expect("same bounds");
-        out.co_hist.add(&s.co_hist).expect("same bounds");
-        out.received += s.received;
-        out.last_ns = out.last_ns.max(s.last_ns);
-        out.foreign += s.foreign;
+        out.tally.merge(&s.tally);
         if out.lost_link.is_none() {
             out.lost_link = s.error;
         }
@@ -363,11 +340,7 @@ async fn read_stream(
     mut stop: watch::Receiver<bool>,
 ) -> StreamSeen {
     let mut s = StreamSeen {
-        hist: new_hist(),
-        co_hist: new_hist(),
-        received: 0,
-        last_ns: 0,
-        foreign: 0,
+        tally: Tally::default(),
         error: None,
     };
     let mut decoder = match BatchDecoder::new(Limits::default()) {
@@ -399,33 +372,23 @@ async fn read_stream(
                 break;
             }
         };
-        let now = now_ns();
         let from = measure_from.load(Ordering::Relaxed);
-        let (mut measured, mut seen) = (0u64, 0u64);
+        let (received, seen) = (s.tally.received, s.tally.received + s.tally.warmup);
         for env in msgs {
             let Ok(env) = env else {
                 s.error = Some("bad message in a batch from the relay".into());
                 break;
             };
-            let p = env.payload();
-            let Some((sent, intended)) = read_stamps(&p) else {
-                s.foreign += 1;
-                continue;
-            };
-            seen += 1;
-            if intended < from {
-                continue;
-            }
-            record(&mut s.hist, now.saturating_sub(sent));
-            record(&mut s.co_hist, now.saturating_sub(intended));
-            measured += 1;
+            s.tally.take(&env.payload(), from);
         }
-        if measured > 0 {
-            s.received += measured;
-            s.last_ns = now;
-            progress.received.fetch_add(measured, Ordering::Relaxed);
-        }
-        progress.seen.fetch_add(seen, Ordering::Relaxed);
+        // The receiver's streams share one `Progress`: add what this batch
+        // brought.
+        progress
+            .received
+            .fetch_add(s.tally.received - received, Ordering::Relaxed);
+        progress
+            .seen
+            .fetch_add(s.tally.received + s.tally.warmup - seen, Ordering::Relaxed);
         if s.error.is_some() {
             break;
         }

@@ -15,29 +15,40 @@ use std::path::Path;
 pub struct Report {
     /// throughput, latency, fanout or connections.
     pub mode: String,
+    /// The server measured: `relay`, or `nats` (nats-server through
+    /// async-nats).
+    pub broker: String,
     /// `spawned` or `attached`.
     pub target: String,
-    /// The relay, `KEY@HOST:PORT`.
+    /// The server's address: the relay's `KEY@HOST:PORT`, or nats-server's
+    /// `HOST:PORT`.
     pub relay: String,
+    /// The server's version, where it says (nats-server does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_version: Option<String>,
     /// Payload bytes per message.
     pub size: usize,
     /// Sending cells.
     pub senders: usize,
     /// Receiving cells.
     pub receivers: usize,
-    /// link or signed.
+    /// link or signed (`none` for nats).
     pub auth: String,
     /// random or text.
     pub payload: String,
-    /// The lane messages were sent on.
+    /// The lane messages were sent on (`none` for nats).
     pub lane: String,
     /// Messages handed to the client after the warm-up.
     pub sent: u64,
-    /// Deliveries counted by the receivers (for fanout: every receiver's
-    /// copy), after the warm-up.
+    /// Deliveries counted by the receivers, one by one (for fanout: every
+    /// receiver's copy), after the warm-up.
     pub received: u64,
-    /// Expected deliveries that did not arrive within the grace period.
+    /// Expected deliveries that did not arrive within the grace period,
+    /// receiver by receiver.
     pub lost: u64,
+    /// Deliveries beyond what each receiver expected (a message delivered
+    /// twice): 0 unless the server duplicates; counted in `received`.
+    pub duplicates: u64,
     /// First measured send to last receive.
     pub secs: f64,
     /// received / secs.
@@ -72,21 +83,27 @@ pub struct Report {
     /// Corrected largest.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub co_max_us: Option<f64>,
-    /// Relay CPU over the measured span (utime+stime; 100 = one core);
-    /// null without the relay's pid.
+    /// The server's CPU (the relay's, or nats-server's) from the end of
+    /// the warm-up to the last delivery (utime+stime; 100 = one core);
+    /// null without the server's pid.
     pub relay_cpu_pct: Option<f64>,
     /// This process's CPU over the same span.
     pub bench_cpu_pct: Option<f64>,
-    /// The relay's peak resident memory (VmHWM), KiB; for an attached
-    /// relay, over its whole life.
+    /// The server's largest resident memory (VmRSS sampled every 25 ms)
+    /// from the end of the warm-up to the end of the run, KiB; null without
+    /// its pid. Connections mode: its VmHWM (peak over its life).
     pub relay_peak_rss_kib: Option<u64>,
     /// Warm-up before measuring, seconds.
     pub warmup_s: f64,
     /// Messages sent during the warm-up (not counted above).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup_sent: Option<u64>,
-    /// What the receivers were: `cell` (full client Cells) or `raw` (bare
-    /// links decoding batches in place).
+    /// Warm-up messages received (not counted above).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_received: Option<u64>,
+    /// What the senders and receivers were: `cell` (full client Cells),
+    /// `raw` (bare links encoding and decoding batches in place) or
+    /// `async-nats` (`--broker nats`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
     /// With raw receivers: QUIC statistics of each relay -> receiver link
@@ -108,13 +125,23 @@ pub struct Report {
     /// Fanout mode: broadcast or service.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fanout_target: Option<String>,
-    /// Messages the relay dropped during the run, from its metrics
-    /// (`celluler_drops_total`, every reason; spawned relays only).
+    /// Messages the relay dropped during the whole run, warm-up included,
+    /// from its metrics (`celluler_drops_total`, every reason; spawned
+    /// relays only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay_dropped: Option<u64>,
+    /// Messages the server took in during the whole run, warm-up included,
+    /// from its own counters (relay: `celluler_messages_in_total`;
+    /// nats-server: `/varz` `in_msgs`); spawned servers only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_msgs_in: Option<u64>,
+    /// Messages the server handed to receivers during the whole run,
+    /// warm-up included (`celluler_messages_out_total`; `out_msgs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_msgs_out: Option<u64>,
     /// The relay's own time in relay (ingress to egress queueing), median,
-    /// µs, from its metrics over its life (warm-up included; spawned
-    /// relays only).
+    /// µs, from its metrics over its life (for a spawned relay: this run,
+    /// warm-up included; spawned relays only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay_time_p50_us: Option<f64>,
     /// The same, 99th percentile.
@@ -130,6 +157,14 @@ pub struct Report {
     /// Notices: refused (expired, replayed, bad signature) or TTL expired.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notices_refused: Option<u64>,
+    /// `--broker nats`: messages a subscription could queue in async-nats
+    /// before it dropped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_sub_capacity: Option<usize>,
+    /// `--broker nats`: slow-consumer events async-nats reported (each
+    /// drops at least one message).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_slow_consumers: Option<u64>,
     /// Connections mode: cells attached.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cells: Option<u64>,
@@ -213,9 +248,9 @@ fn kib(k: u64) -> String {
     }
 }
 
-fn pct(p: Option<f64>) -> String {
+fn pct(p: Option<f64>, hint: &str) -> String {
     p.map(|v| format!("{v:.1} %"))
-        .unwrap_or_else(|| "unknown (pass --relay-pid)".into())
+        .unwrap_or_else(|| format!("unknown (pass {hint})"))
 }
 
 /// The human table for a message run (not connections).
@@ -235,35 +270,65 @@ pub fn table(r: &Report, notes: &[String]) -> String {
             plural(r.receivers)
         ),
     };
-    let _ = writeln!(
-        s,
-        "relay-bench {}: {shape}, {} B {} payloads, lane {}, auth {}",
-        r.mode, r.size, r.payload, r.lane, r.auth
-    );
-    let _ = writeln!(
-        s,
-        "relay: {} ({}); senders and receivers: {}",
-        r.relay,
-        r.target,
-        match r.client.as_deref() {
-            Some("raw") => "raw links (no Cell)",
-            _ => "client Cells",
-        }
-    );
+    let nats = r.broker == "nats";
+    if nats {
+        let _ = writeln!(
+            s,
+            "relay-bench {} against nats-server: {shape}, {} B {} payloads",
+            r.mode, r.size, r.payload
+        );
+        let _ = writeln!(
+            s,
+            "server: nats-server {} at {} ({}); senders and receivers: async-nats clients \
+             (subscription queue {})",
+            r.server_version.as_deref().unwrap_or("(version unknown)"),
+            r.relay,
+            r.target,
+            r.nats_sub_capacity.unwrap_or(0)
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "relay-bench {}: {shape}, {} B {} payloads, lane {}, auth {}",
+            r.mode, r.size, r.payload, r.lane, r.auth
+        );
+        let _ = writeln!(
+            s,
+            "relay: {} ({}); senders and receivers: {}",
+            r.relay,
+            r.target,
+            match r.client.as_deref() {
+                Some("raw") => "raw links (no Cell)",
+                _ => "client Cells",
+            }
+        );
+    }
     let _ = writeln!(s);
     let mut rows: Vec<(&str, String)> = vec![
         ("sent", format!("{}", r.sent)),
-        ("received", format!("{}", r.received)),
+        (
+            "received",
+            format!("{} (counted by the receivers)", r.received),
+        ),
         ("lost", format!("{}", r.lost)),
-        (
-            "time",
-            format!("{:.3} s (first measured send to last receive)", r.secs),
-        ),
-        (
-            "delivered",
-            format!("{} msg/s   {:.1} MB/s", human(r.msgs_per_s), r.mb_per_s),
-        ),
     ];
+    if r.duplicates > 0 {
+        rows.push((
+            "duplicates",
+            format!(
+                "{} (delivered more than once; counted in received)",
+                r.duplicates
+            ),
+        ));
+    }
+    rows.push((
+        "time",
+        format!("{:.3} s (first measured send to last receive)", r.secs),
+    ));
+    rows.push((
+        "delivered",
+        format!("{} msg/s   {:.1} MB/s", human(r.msgs_per_s), r.mb_per_s),
+    ));
     if let Some(w) = r.window {
         rows.push((
             "window",
@@ -280,23 +345,48 @@ pub fn table(r: &Report, notes: &[String]) -> String {
             ),
         ));
     }
-    rows.push(("relay CPU", pct(r.relay_cpu_pct)));
-    rows.push(("bench CPU", pct(r.bench_cpu_pct)));
+    let (server, hint) = if nats {
+        ("nats-server", "--nats-pid")
+    } else {
+        ("relay", "--relay-pid")
+    };
+    let cpu_label = if nats { "nats-server CPU" } else { "relay CPU" };
+    rows.push((cpu_label, pct(r.relay_cpu_pct, hint)));
+    rows.push(("bench CPU", pct(r.bench_cpu_pct, hint)));
     rows.push((
-        "relay peak RSS",
+        if nats {
+            "nats-server peak RSS"
+        } else {
+            "relay peak RSS"
+        },
         r.relay_peak_rss_kib
-            .map(kib)
-            .unwrap_or_else(|| "unknown".into()),
+            .map(|k| format!("{} (sampled every 25 ms while measuring)", kib(k)))
+            .unwrap_or_else(|| format!("unknown (pass {hint})")),
     ));
     if r.warmup_s > 0.0 {
         rows.push((
             "warm-up",
             format!(
-                "{:.1} s; {} messages sent during it are excluded from every figure",
+                "{:.1} s; its {} messages sent ({} received) are left out of every figure \
+                 here but the {server}'s own counters below",
                 r.warmup_s,
-                r.warmup_sent.unwrap_or(0)
+                r.warmup_sent.unwrap_or(0),
+                r.warmup_received.unwrap_or(0)
             ),
         ));
+    }
+    if let (Some(i), Some(o)) = (r.server_msgs_in, r.server_msgs_out) {
+        rows.push((
+            if nats {
+                "nats-server counted"
+            } else {
+                "relay counted"
+            },
+            format!("{i} in, {o} out (its own counters, whole run)"),
+        ));
+    }
+    if let Some(e) = r.nats_slow_consumers {
+        rows.push(("slow consumers", format!("{e} (async-nats events)")));
     }
     let notices = [
         ("slow receiver", r.notices_slow_receiver),
@@ -310,9 +400,12 @@ pub fn table(r: &Report, notes: &[String]) -> String {
     match r.relay_dropped {
         Some(d) if d > 0 || !drops.is_empty() => rows.push((
             "relay drops",
-            format!("{d} (its metrics); notices: {}", drops.join(", ")),
+            format!(
+                "{d} (its metrics, whole run); notices: {}",
+                drops.join(", ")
+            ),
         )),
-        Some(_) => rows.push(("relay drops", "0".into())),
+        Some(_) => rows.push(("relay drops", "0 (its metrics, whole run)".into())),
         None if !drops.is_empty() => {
             rows.push(("relay drops", format!("notices: {}", drops.join(", "))))
         }
@@ -347,7 +440,8 @@ pub fn table(r: &Report, notes: &[String]) -> String {
     if let (Some(a), Some(b)) = (r.relay_time_p50_us, r.relay_time_p99_us) {
         let _ = writeln!(
             s,
-            "  {:<16}{:>10.1}{:>10}{:>10.1}   (the relay's own metric: ingress to egress)",
+            "  {:<16}{:>10.1}{:>10}{:>10.1}   (the relay's own metric over its life, ingress \
+             to egress)",
             "in relay", a, "", b
         );
     }
@@ -407,15 +501,18 @@ pub fn connections_table(r: &Report, notes: &[String]) -> String {
         ),
         (
             "relay CPU",
-            format!("{} while attaching", pct(r.relay_cpu_pct)),
+            format!("{} while attaching", pct(r.relay_cpu_pct, "--relay-pid")),
         ),
         (
             "relay idle CPU",
-            format!("{} with the cells attached", pct(r.relay_idle_cpu_pct)),
+            format!(
+                "{} with the cells attached",
+                pct(r.relay_idle_cpu_pct, "--relay-pid")
+            ),
         ),
         (
             "bench CPU",
-            format!("{} while attaching", pct(r.bench_cpu_pct)),
+            format!("{} while attaching", pct(r.bench_cpu_pct, "--relay-pid")),
         ),
         (
             "relay peak RSS",

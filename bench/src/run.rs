@@ -1,19 +1,26 @@
 //! The engine behind the message modes (throughput, latency, fanout):
-//! connect the cells, send, receive, wait out the grace period, and turn
-//! what was seen into a [`Report`].
+//! connect the receivers and senders, send, receive, wait out the grace
+//! period, and turn what was seen into a [`Report`]. The same engine
+//! drives a relay (cells or raw links) and nats-server (async-nats
+//! clients, [`crate::nats`]): the shapes, the pacing, the warm-up and the
+//! counting ([`crate::tally`]) are one code path for both.
 //!
 //! Timeline of a run:
-//! 1. receivers connect (each a `Cell`) and are probed until the relay has
-//!    attached them; then the senders connect;
+//! 1. receivers connect and are probed until the server routes to them;
+//!    then the senders connect;
 //! 2. sending starts at `start`; messages whose intended send time is
-//!    before `start + warm-up` are warm-up and excluded from every figure;
+//!    before `start + warm-up` are warm-up, left out of the bench's
+//!    figures (counts, rate, latency, CPU, peak memory);
 //! 3. senders stop at their share of `--count` or at `--duration` after
 //!    the warm-up;
 //! 4. the run ends when every expected delivery arrived, or when nothing
 //!    arrived for the grace period (the rest is `lost`).
 //!
 //! CPU is sampled when measuring starts and at the last moment deliveries
-//! made progress, so an idle grace period does not dilute it.
+//! made progress, so an idle grace period does not dilute it; the server's
+//! resident memory is sampled every 25 ms over the same span. The server's
+//! own counters (messages in, out, dropped) are read before sending starts
+//! and at the end: they cover the warm-up too.
 
 use crate::cells::{self, Notices, Progress, Received};
 use crate::clock::{self, now_ns};
@@ -21,7 +28,8 @@ use crate::payload::{Fill, PayloadPool};
 use crate::progress::Bar;
 use crate::report::{Report, human};
 use crate::stats::{CpuSample, Percentiles, status_kib};
-use crate::target::Target;
+use crate::tally::Tally;
+use crate::target::{Server, Target};
 use anyhow::{Context as _, Result, anyhow, bail};
 use hdrhistogram::Histogram;
 use relay_client::cell::{AuthMode, Cell, CellError, CellHandle};
@@ -40,9 +48,9 @@ pub struct Common {
     pub size: usize,
     /// Payload filler.
     pub fill: Fill,
-    /// Lane to send on.
+    /// Lane to send on (relay only).
     pub lane: Lane,
-    /// How messages are authenticated.
+    /// How messages are authenticated (relay only).
     pub auth: AuthMode,
     /// Warm-up, seconds.
     pub warmup: f64,
@@ -54,44 +62,54 @@ pub struct Common {
     pub hgrm: Option<PathBuf>,
     /// Where to write the SVG plot.
     pub plot: Option<PathBuf>,
-    /// Bound on connecting each cell.
+    /// Bound on connecting each sender and receiver.
     pub connect_timeout: Duration,
-    /// What the receivers are.
+    /// What the senders and receivers are.
     pub client: Client,
+    /// async-nats: messages a subscription may queue before the library
+    /// drops (see [`crate::nats::DEFAULT_SUB_CAPACITY`]).
+    pub nats_sub_capacity: usize,
 }
 
-/// What the receivers are built from.
+/// What the senders and receivers are built from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Client {
     /// Full `relay_client::Cell`s: what an application gets.
     Cell,
-    /// Bare links that decode batches in place (see [`crate::raw`]).
+    /// Bare relay links that encode and decode batches in place (see
+    /// [`crate::raw`]).
     Raw,
+    /// async-nats clients, against nats-server.
+    Nats,
 }
 
 impl Client {
-    /// Lower-case name.
+    /// Lower-case name, as in the report.
     pub fn name(self) -> &'static str {
         match self {
             Client::Cell => "cell",
             Client::Raw => "raw",
+            Client::Nats => "async-nats",
         }
     }
 }
 
-/// A connected receiver of either kind.
+/// A connected NATS receiver: its client (kept open) and subscription.
+struct NatsRx {
+    client: async_nats::Client,
+    sub: async_nats::Subscriber,
+}
+
+/// A connected receiver of any kind.
 enum Rx {
     Cell(Cell),
     Raw(Box<crate::raw::RawReceiver>),
+    Nats(Box<NatsRx>),
 }
 
-/// What a receiver of either kind saw.
+/// What a receiver of any kind saw.
 struct RxOut {
-    hist: Histogram<u64>,
-    co_hist: Histogram<u64>,
-    received: u64,
-    last_ns: u64,
-    foreign: u64,
+    tally: Tally,
     lost_link: Option<String>,
     cell: Option<Cell>,
     link: Option<crate::raw::LinkStats>,
@@ -100,11 +118,7 @@ struct RxOut {
 impl From<Received> for RxOut {
     fn from(r: Received) -> Self {
         Self {
-            hist: r.hist,
-            co_hist: r.co_hist,
-            received: r.received,
-            last_ns: r.last_ns,
-            foreign: r.foreign,
+            tally: r.tally,
             lost_link: r.lost_link,
             cell: Some(r.cell),
             link: None,
@@ -115,11 +129,7 @@ impl From<Received> for RxOut {
 impl From<crate::raw::RawReceived> for RxOut {
     fn from(r: crate::raw::RawReceived) -> Self {
         Self {
-            hist: r.hist,
-            co_hist: r.co_hist,
-            received: r.received,
-            last_ns: r.last_ns,
-            foreign: r.foreign,
+            tally: r.tally,
             lost_link: r.lost_link,
             cell: None,
             link: r.link,
@@ -187,6 +197,63 @@ async fn connect_raw_senders(
     .await
 }
 
+/// Connects `n` NATS receivers concurrently, receiver `i` subscribed to
+/// `subjects[i]` and its subscription confirmed by a probe.
+async fn connect_nats_receivers(
+    addr: &str,
+    subjects: &[async_nats::Subject],
+    common: &Common,
+    events: &Arc<crate::nats::Events>,
+) -> Result<Vec<NatsRx>> {
+    let timeout = common.connect_timeout;
+    connect_all(subjects.len(), |i| {
+        let (addr, subject, events) = (addr.to_owned(), subjects[i].clone(), events.clone());
+        let capacity = common.nats_sub_capacity;
+        async move {
+            let client = crate::nats::connect(&addr, capacity, events, timeout)
+                .await
+                .with_context(|| format!("receiver {i}"))?;
+            let sub = crate::nats::subscribe(&client, &subject, timeout)
+                .await
+                .with_context(|| format!("receiver {i}"))?;
+            Ok(NatsRx { client, sub })
+        }
+    })
+    .await
+}
+
+/// Connects `n` NATS senders concurrently.
+async fn connect_nats_senders(
+    addr: &str,
+    n: usize,
+    common: &Common,
+    events: &Arc<crate::nats::Events>,
+) -> Result<Vec<async_nats::Client>> {
+    let timeout = common.connect_timeout;
+    connect_all(n, |i| {
+        let (addr, events) = (addr.to_owned(), events.clone());
+        let capacity = common.nats_sub_capacity;
+        async move {
+            crate::nats::connect(&addr, capacity, events, timeout)
+                .await
+                .with_context(|| format!("sender {i}"))
+        }
+    })
+    .await
+}
+
+/// The subject receiver `i` subscribes to: `bench.<i>` on a nats-server of
+/// the run's own; with a run id in it on a shared one, so that two runs do
+/// not count each other's messages.
+fn nats_subject(server: &Server, seed: u64, i: usize) -> async_nats::Subject {
+    let s = if server.kind() == "spawned" {
+        format!("bench.{i}")
+    } else {
+        format!("bench.{:08x}.{i}", seed as u32)
+    };
+    async_nats::Subject::from(s.as_str())
+}
+
 /// Where senders send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fanout {
@@ -241,7 +308,7 @@ pub struct Outcome {
     pub notes: Vec<String>,
 }
 
-/// What the senders did.
+/// What one sender did.
 #[derive(Clone, Copy, Debug, Default)]
 struct Sent {
     /// Measured messages.
@@ -270,33 +337,55 @@ enum Dest {
     Cell(PublicKey),
     Broadcast,
     Service(ServiceName),
+    Subject(async_nats::Subject),
 }
 
-/// A sender of either kind.
+/// A sender of any kind.
 enum Tx {
     Cell(CellHandle),
     Raw(Box<crate::raw::RawSender>),
+    Nats(async_nats::Client),
 }
 
 impl Tx {
-    /// Sends (a cell: queues) one message to `dest`.
+    /// Sends (a cell, a NATS client: queues) one message to `dest`.
     #[inline]
     async fn send(&mut self, dest: &Dest, lane: Lane, p: bytes::Bytes) -> Result<()> {
-        match self {
-            Tx::Cell(h) => dest
+        match (self, dest) {
+            (Tx::Nats(c), Dest::Subject(s)) => c
+                .publish(s.clone(), p)
+                .await
+                .map_err(|e| anyhow!("publishing to nats-server failed: {e}")),
+            (Tx::Nats(_), _) | (_, Dest::Subject(_)) => {
+                bail!("internal error: a NATS sender with a relay destination or the reverse")
+            }
+            (Tx::Cell(h), dest) => dest
                 .send(h, lane, p)
                 .await
                 .map_err(|e| anyhow!("sending failed: {e}")),
-            Tx::Raw(r) => r.send(dest.destination(), lane, p).await,
+            (Tx::Raw(r), dest) => r.send(dest.destination(), lane, p).await,
         }
     }
 
-    /// Writes what a raw sender holds in its open batch; a cell's writer
-    /// sends on its own.
+    /// Hands on what a raw sender holds in its open batch. A cell's writer
+    /// and a NATS client's connection task write what is queued as soon as
+    /// they run, so for them there is nothing to do.
     async fn flush(&mut self) -> Result<()> {
         match self {
-            Tx::Cell(_) => Ok(()),
+            Tx::Cell(_) | Tx::Nats(_) => Ok(()),
             Tx::Raw(r) => r.flush().await,
+        }
+    }
+
+    /// After the last message: [`Tx::flush`], and a NATS client waits
+    /// until its connection task has written everything.
+    async fn finish(&mut self) -> Result<()> {
+        match self {
+            Tx::Nats(c) => c
+                .flush()
+                .await
+                .map_err(|e| anyhow!("flushing to nats-server failed: {e}")),
+            _ => self.flush().await,
         }
     }
 }
@@ -307,6 +396,7 @@ impl Dest {
             Dest::Cell(k) => relay_codec::Destination::Cell(*k),
             Dest::Broadcast => relay_codec::Destination::Broadcast,
             Dest::Service(s) => relay_codec::Destination::Service(s.clone()),
+            Dest::Subject(_) => unreachable!("Tx::send pairs subjects with NATS senders"),
         }
     }
 
@@ -316,38 +406,96 @@ impl Dest {
             Dest::Cell(k) => h.send(*k, lane, p).await.map(drop),
             Dest::Broadcast => h.broadcast(lane, p).await.map(drop),
             Dest::Service(s) => h.send_to_service(s, lane, p).await.map(drop),
+            Dest::Subject(_) => unreachable!("Tx::send pairs subjects with NATS senders"),
         }
     }
 }
 
-/// The senders' shared in-flight window: deliveries expected minus
-/// deliveries seen stay at most `limit`.
+/// The in-flight window of the senders that send to one receiver (or of
+/// the one fanout sender): deliveries expected minus deliveries seen stay
+/// at most `limit`, so each sender has at most its N messages in flight.
 struct Window {
+    /// N × the senders sharing it, in deliveries (× K for fanout).
     limit: u64,
+    /// Messages a sender sends between looks: min(N, 64).
+    step: u64,
+    /// Deliveries per message: 1, or K for fanout.
     factor: u64,
+    /// Messages its senders have taken room for.
     sent: AtomicU64,
+    /// The receivers whose deliveries free room.
     progress: Vec<Arc<Progress>>,
+    /// How long a sender waits for room while nothing is delivered: then
+    /// what is in flight is taken as lost (a dropped message never frees
+    /// its room) and the sender goes on.
+    grace: Duration,
 }
 
-/// Messages a sender sends between looks at the window.
+/// Messages a sender sends between looks at the stop flag, and at most
+/// between looks at its window.
 const WINDOW_STEP: u64 = 64;
 
 impl Window {
-    /// Accounts for `WINDOW_STEP` more messages sent and waits while too
-    /// many are in flight.
-    async fn step(&self) {
-        let sent = self.sent.fetch_add(WINDOW_STEP, Ordering::Relaxed) + WINDOW_STEP;
-        loop {
-            let seen: u64 = self
-                .progress
-                .iter()
-                .map(|p| p.seen.load(Ordering::Relaxed))
-                .sum();
-            if (sent * self.factor).saturating_sub(seen) <= self.limit || cells::stopping() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_micros(200)).await;
+    /// A window of `n` messages per sender for `senders` senders whose
+    /// messages reach `progress` `factor` times each.
+    fn new(
+        n: u64,
+        senders: u64,
+        factor: u64,
+        progress: Vec<Arc<Progress>>,
+        grace: Duration,
+    ) -> Self {
+        Self {
+            limit: n * senders * factor,
+            step: n.min(WINDOW_STEP),
+            factor,
+            sent: AtomicU64::new(0),
+            progress,
+            grace,
         }
+    }
+
+    fn seen(&self) -> u64 {
+        self.progress
+            .iter()
+            .map(|p| p.seen.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Takes room for the next `step` messages; returns the total sent
+    /// they make.
+    fn take(&self) -> u64 {
+        self.sent.fetch_add(self.step, Ordering::Relaxed) + self.step
+    }
+
+    /// Whether `upto` messages sent are within the window of `seen`
+    /// deliveries.
+    fn has_room(&self, upto: u64, seen: u64) -> bool {
+        upto * self.factor <= self.limit + seen
+    }
+
+    /// Before the `k`-th message of a sender: every `step` messages, takes
+    /// room for the next step and waits until it is there (after handing
+    /// on what `tx` holds back, which cannot be delivered while it waits).
+    async fn gate(&self, k: u64, tx: &mut Tx) -> Result<()> {
+        if !k.is_multiple_of(self.step) {
+            return Ok(());
+        }
+        let upto = self.take();
+        let mut seen = self.seen();
+        if self.has_room(upto, seen) {
+            return Ok(());
+        }
+        tx.flush().await?;
+        let mut moved = Instant::now();
+        while !self.has_room(upto, seen) && !cells::stopping() && moved.elapsed() < self.grace {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+            let now_seen = self.seen();
+            if now_seen != seen {
+                (seen, moved) = (now_seen, Instant::now());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -382,16 +530,66 @@ async fn connect_many(
     .await
 }
 
-/// Runs `plan` against `target`.
-pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcome> {
-    let seed = run_seed();
-    // Receivers first, so nothing is sent to a cell the relay does not know.
+/// The connected receivers and senders of a run.
+struct Parties {
+    /// Receiver i, in order.
+    rx: Vec<Rx>,
+    /// Sender cells: their events are watched for notices and link loss.
+    tx_cells: Vec<Cell>,
+    /// The other senders (raw links, NATS clients), in order.
+    tx_other: Vec<Tx>,
+    /// Where sender j sends.
+    dests: Vec<Dest>,
+    /// What async-nats reported, on a NATS run.
+    nats_events: Option<Arc<crate::nats::Events>>,
+    /// The server's version, where it says.
+    server_version: Option<String>,
+}
+
+/// Connects the receivers first, so nothing is sent to one the server does
+/// not know yet, then the senders.
+async fn connect_parties(
+    server: &Server,
+    common: &Common,
+    plan: &Plan,
+    seed: u64,
+) -> Result<Parties> {
+    let target = match server {
+        Server::Relay(t) => t,
+        Server::Nats(n) => {
+            if plan.fanout != Fanout::PerReceiver {
+                bail!("fanout against nats-server is not built; use --broker relay");
+            }
+            let events = Arc::new(crate::nats::Events::default());
+            let subjects: Vec<_> = (0..plan.receivers)
+                .map(|i| nats_subject(server, seed, i))
+                .collect();
+            let rx = connect_nats_receivers(&n.addr, &subjects, common, &events).await?;
+            let tx = connect_nats_senders(&n.addr, plan.senders, common, &events).await?;
+            let server_version = tx.first().map(|c| c.server_info().version);
+            return Ok(Parties {
+                rx: rx.into_iter().map(|r| Rx::Nats(Box::new(r))).collect(),
+                tx_cells: Vec::new(),
+                tx_other: tx.into_iter().map(Tx::Nats).collect(),
+                dests: (0..plan.senders)
+                    .map(|j| Dest::Subject(subjects[j % subjects.len()].clone()))
+                    .collect(),
+                nats_events: Some(events),
+                server_version,
+            });
+        }
+    };
     let services = match &plan.fanout {
         Fanout::Service(s) => vec![s.clone()],
         _ => Vec::new(),
     };
-    let rx_cells: Vec<Rx> = match common.client {
-        Client::Cell => connect_many(
+    let rx: Vec<Rx> = match common.client {
+        Client::Raw => connect_raw(target, plan.receivers, services, common.connect_timeout)
+            .await?
+            .into_iter()
+            .map(|r| Rx::Raw(Box::new(r)))
+            .collect(),
+        _ => connect_many(
             target,
             plan.receivers,
             cells::options(common.auth, false, services, common.connect_timeout),
@@ -401,14 +599,24 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
         .into_iter()
         .map(Rx::Cell)
         .collect(),
-        Client::Raw => connect_raw(target, plan.receivers, services, common.connect_timeout)
+    };
+    let (tx_cells, tx_other) = match common.client {
+        // Raw receivers are connected only once the relay has registered
+        // their services (see `raw::connect`): nothing to wait for.
+        Client::Raw => (
+            Vec::new(),
+            connect_raw_senders(
+                target,
+                plan.senders,
+                common.auth == AuthMode::Signed,
+                common.connect_timeout,
+            )
             .await?
             .into_iter()
-            .map(|r| Rx::Raw(Box::new(r)))
+            .map(|r| Tx::Raw(Box::new(r)))
             .collect(),
-    };
-    let (tx_cells, tx_raw) = match common.client {
-        Client::Cell => {
+        ),
+        _ => {
             let cells = connect_many(
                 target,
                 plan.senders,
@@ -421,34 +629,52 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
             }
             (cells, Vec::new())
         }
-        // Raw receivers are connected only once the relay has registered
-        // their services (see `raw::connect`): nothing to wait for.
-        Client::Raw => (
-            Vec::new(),
-            connect_raw_senders(
-                target,
-                plan.senders,
-                common.auth == AuthMode::Signed,
-                common.connect_timeout,
-            )
-            .await?,
-        ),
     };
-    let rx_keys: Vec<PublicKey> = rx_cells
+    let keys: Vec<PublicKey> = rx
         .iter()
         .map(|r| match r {
             Rx::Cell(c) => c.public_key(),
             Rx::Raw(r) => r.key,
+            Rx::Nats(_) => unreachable!("NATS receivers returned above"),
         })
         .collect();
-    let drops_before = target.metric("celluler_drops_total", "").await;
+    let dests = (0..plan.senders)
+        .map(|j| match &plan.fanout {
+            Fanout::PerReceiver => Dest::Cell(keys[j % keys.len()]),
+            Fanout::Broadcast => Dest::Broadcast,
+            Fanout::Service(s) => Dest::Service(s.clone()),
+        })
+        .collect();
+    Ok(Parties {
+        rx,
+        tx_cells,
+        tx_other,
+        dests,
+        nats_events: None,
+        server_version: None,
+    })
+}
+
+/// Runs `plan` against `server`.
+pub async fn run(server: &Server, common: &Common, plan: &Plan) -> Result<Outcome> {
+    let seed = run_seed();
+    let parties = connect_parties(server, common, plan, seed).await?;
+    let Parties {
+        rx: rx_all,
+        tx_cells,
+        tx_other,
+        dests,
+        nats_events,
+        server_version,
+    } = parties;
+    let counts_before = server.counts().await;
 
     // Receivers run from now on.
     let measure_from = Arc::new(AtomicU64::new(u64::MAX));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut progress = Vec::new();
     let mut rx_tasks = Vec::new();
-    for rx in rx_cells {
+    for rx in rx_all {
         let p = Arc::new(Progress::default());
         progress.push(p.clone());
         let (from, stop) = (measure_from.clone(), stop_rx.clone());
@@ -461,6 +687,17 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
                     async move { RxOut::from(crate::raw::receive(*r, from, p, stop).await) },
                 )
             }
+            Rx::Nats(n) => tokio::spawn(async move {
+                let NatsRx { client, sub } = *n;
+                let (tally, lost_link) = crate::nats::receive(sub, from, p, stop).await;
+                drop(client);
+                RxOut {
+                    tally,
+                    lost_link,
+                    cell: None,
+                    link: None,
+                }
+            }),
         });
     }
     let received = || -> u64 {
@@ -482,15 +719,10 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
             stop_rx.clone(),
         )));
     }
-    txs.extend(tx_raw.into_iter().map(|r| Tx::Raw(Box::new(r))));
+    txs.extend(tx_other);
     let mut senders = Vec::new();
-    for (j, tx) in txs.into_iter().enumerate() {
+    for (j, (tx, dest)) in txs.into_iter().zip(dests).enumerate() {
         let pool = PayloadPool::new(common.fill, common.size, seed, j as u64);
-        let dest = match &plan.fanout {
-            Fanout::PerReceiver => Dest::Cell(rx_keys[j % rx_keys.len()]),
-            Fanout::Broadcast => Dest::Broadcast,
-            Fanout::Service(s) => Dest::Service(s.clone()),
-        };
         senders.push((tx, dest, pool));
     }
     let warmup_ns = clock::ns(common.warmup);
@@ -499,18 +731,29 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
     measure_from.store(measure_ns, Ordering::Relaxed);
     let end_ns = plan.duration.map(|d| measure_ns + clock::ns(d));
     let n = senders.len() as u64;
-    let factor = match plan.fanout {
-        Fanout::PerReceiver => 1,
-        _ => plan.receivers as u64,
+    let fanout = plan.fanout != Fanout::PerReceiver;
+    let factor = if fanout { plan.receivers as u64 } else { 1 };
+    // One window per receiver, shared by the senders that send to it; one
+    // for the fanout sender over every receiver.
+    let grace = Duration::from_secs_f64(common.grace);
+    let windows: Vec<Arc<Window>> = match plan.window {
+        None => Vec::new(),
+        Some(w) if fanout => vec![Arc::new(Window::new(w, 1, factor, progress.clone(), grace))],
+        Some(w) => (0..plan.receivers)
+            .map(|r| {
+                let senders = (0..plan.senders)
+                    .filter(|j| j % plan.receivers == r)
+                    .count();
+                Arc::new(Window::new(
+                    w,
+                    senders as u64,
+                    1,
+                    vec![progress[r].clone()],
+                    grace,
+                ))
+            })
+            .collect(),
     };
-    let window = plan.window.map(|w| {
-        Arc::new(Window {
-            limit: w.max(WINDOW_STEP) * n * factor,
-            factor,
-            sent: AtomicU64::new(0),
-            progress: progress.clone(),
-        })
-    });
     let mut send_done: Vec<oneshot::Receiver<Result<(Sent, Tx)>>> = Vec::new();
     for (j, (tx, dest, pool)) in senders.into_iter().enumerate() {
         let quota = plan.count.map(|c| c / n + u64::from((j as u64) < c % n));
@@ -519,7 +762,7 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
         let lane = common.lane;
         match plan.pacing {
             None => {
-                let window = window.clone();
+                let window = (!windows.is_empty()).then(|| windows[j % windows.len()].clone());
                 tokio::spawn(async move {
                     let r = blast(
                         tx, dest, lane, pool, quota, start, measure_ns, end_ns, window,
@@ -544,44 +787,43 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
     // The senders come back too: a raw sender's link must stay open until
     // the relay has read everything it wrote.
     let all_sent = async move {
-        let mut total = Sent::default();
+        let mut each = Vec::new();
         let mut txs = Vec::new();
         for rx in send_done {
             let (s, tx) = rx
                 .await
                 .map_err(|_| anyhow!("a sender stopped without a result"))??;
-            total.merge(s);
+            each.push(s);
             txs.push(tx);
         }
-        Ok::<_, anyhow::Error>((total, txs))
+        Ok::<_, anyhow::Error>((each, txs))
     };
     let mut done_txs = Vec::new();
 
     // Monitor: progress, CPU at the start and at the last progress, the
-    // end of the grace period.
+    // server's memory, the end of the grace period.
     let by_time = plan.count.is_none();
     let mut bar = if by_time {
-        Bar::new(
-            (common.warmup + plan.duration.unwrap_or(0.0)).ceil() as u64,
-            "s",
-        )
+        Bar::new(bar_len(common, plan), "s")
     } else {
         Bar::new(plan.count.unwrap_or(0) * factor, "msgs")
     };
-    let grace = Duration::from_secs_f64(common.grace);
-    let pid = target.pid;
+    let pid = server.pid();
     tokio::pin!(all_sent);
-    let mut sent: Option<Sent> = None;
+    let mut per_sender: Option<Vec<Sent>> = None;
+    let mut expected_total = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(25));
     let mut cpu_start: Option<CpuSample> = None;
     let mut cpu_end: Option<CpuSample> = None;
+    let mut peak_rss: Option<u64> = None;
     let (mut last_rx, mut last_progress) = (0u64, Instant::now());
     let (mut rate_at, mut rate_rx, mut rate) = (Instant::now(), 0u64, 0.0);
     loop {
         tokio::select! {
-            r = &mut all_sent, if sent.is_none() => {
-                let (s, txs) = r?;
-                sent = Some(s);
+            r = &mut all_sent, if per_sender.is_none() => {
+                let (each, txs) = r?;
+                expected_total = each.iter().map(|s| s.sent).sum::<u64>() * factor;
+                per_sender = Some(each);
                 done_txs = txs;
                 last_progress = Instant::now();
             }
@@ -589,6 +831,11 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
         }
         if cpu_start.is_none() && now_ns() >= measure_ns {
             cpu_start = Some(CpuSample::take(pid));
+        }
+        if cpu_start.is_some()
+            && let Some(kib) = pid.and_then(|p| status_kib(Some(p), "VmRSS"))
+        {
+            peak_rss = Some(peak_rss.unwrap_or(0).max(kib));
         }
         let rx = received();
         if rx != last_rx {
@@ -608,32 +855,30 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
             rx
         };
         bar.set(pos, format!("{} msg/s", human(rate)));
-        if let Some(s) = &sent
-            && (rx >= s.sent * factor || last_progress.elapsed() >= grace)
-        {
+        if per_sender.is_some() && (rx >= expected_total || last_progress.elapsed() >= grace) {
             break;
         }
     }
     bar.finish();
-    let sent = sent.expect("loop ends once all senders are done");
-    let peak_rss = pid.and_then(|p| status_kib(Some(p), "VmHWM"));
+    let per_sender = per_sender.expect("loop ends once all senders are done");
+    let mut sent = Sent::default();
+    for s in &per_sender {
+        sent.merge(*s);
+    }
     let relay_time = |q: &'static str| async move {
-        target
-            .metric(
-                "celluler_time_in_relay_seconds",
-                &format!("quantile=\"{q}\""),
-            )
-            .await
-            .map(|s| crate::stats::round1(s * 1e6))
+        match server {
+            Server::Relay(t) => t
+                .metric(
+                    "celluler_time_in_relay_seconds",
+                    &format!("quantile=\"{q}\""),
+                )
+                .await
+                .map(|s| crate::stats::round1(s * 1e6)),
+            Server::Nats(_) => None,
+        }
     };
     let (relay_t50, relay_t99) = (relay_time("0.5").await, relay_time("0.99").await);
-    let relay_dropped = match (
-        drops_before,
-        target.metric("celluler_drops_total", "").await,
-    ) {
-        (Some(a), Some(b)) => Some((b - a).max(0.0) as u64),
-        _ => None,
-    };
+    let counts = server.counts().await.since(&counts_before);
 
     // Collect.
     for tx in done_txs {
@@ -658,33 +903,49 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
         }
         all_cells.push(cell);
     }
-    let mut hist = crate::stats::new_hist();
-    let mut co_hist = crate::stats::new_hist();
-    let (mut received, mut last_ns, mut foreign) = (0u64, 0u64, 0u64);
+    if let Some(l) = nats_events.as_ref().and_then(|e| e.lost_link()) {
+        lost_links.push(l);
+    }
+    // Lost and duplicated deliveries, receiver by receiver: what one
+    // receiver lacks is not made up by another's extra copies.
+    let expected_by_rx: Vec<u64> = (0..plan.receivers)
+        .map(|r| {
+            if fanout {
+                sent.sent
+            } else {
+                per_sender
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| j % plan.receivers == r)
+                    .map(|(_, s)| s.sent)
+                    .sum()
+            }
+        })
+        .collect();
+    let received_by_rx: Vec<u64> = results.iter().map(|r| r.tally.received).collect();
+    let (lost, duplicates) = lost_and_duplicates(&expected_by_rx, &received_by_rx);
+    let mut all = Tally::default();
     let mut links = Vec::new();
-    for r in results {
-        links.extend(r.link);
-        hist.add(&r.hist).expect("same histogram bounds");
-        co_hist.add(&r.co_hist).expect("same histogram bounds");
-        received += r.received;
-        last_ns = last_ns.max(r.last_ns);
-        foreign += r.foreign;
-        if let Some(l) = r.lost_link {
+    for out in results {
+        links.extend(out.link);
+        all.merge(&out.tally);
+        if let Some(l) = out.lost_link {
             lost_links.push(format!("receiver: {l}"));
         }
-        all_cells.extend(r.cell);
+        all_cells.extend(out.cell);
     }
     cells::close_all(all_cells).await;
     if !lost_links.is_empty() {
         bail!(
-            "link(s) to the relay were lost during the run: {}",
+            "link(s) to the {} were lost during the run: {}",
+            server.broker(),
             lost_links.join("; ")
         );
     }
 
-    let expected = sent.sent * factor;
-    let secs = if received > 0 && last_ns > sent.first_ns {
-        clock::secs(last_ns - sent.first_ns)
+    let received = all.received;
+    let secs = if received > 0 && all.last_ns > sent.first_ns {
+        clock::secs(all.last_ns - sent.first_ns)
     } else {
         0.0
     };
@@ -697,24 +958,41 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
         (Some(a), Some(b)) => a.pct_until(&b),
         _ => (None, None),
     };
+    // The kernel counts CPU in clock ticks: over a short span, one tick
+    // is many percent.
+    let cpu_tick = match (cpu_start, cpu_end) {
+        (Some(a), Some(b)) => Some(a.tick_pct_until(&b)).filter(|t| *t >= 1.0),
+        _ => None,
+    };
+    let nats = matches!(server, Server::Nats(_));
     let (slow, unknown, refused) = notices.get();
+    let slow_consumers = nats_events
+        .as_ref()
+        .map(|e| e.slow_consumers.load(Ordering::Relaxed));
     let mut report = Report {
         mode: plan.mode.into(),
-        target: target.kind().into(),
-        relay: target.addr.to_string(),
+        broker: server.broker().into(),
+        target: server.kind().into(),
+        relay: server.address(),
+        server_version,
         size: common.size,
         senders: plan.senders,
         receivers: plan.receivers,
-        auth: match common.auth {
-            AuthMode::Link => "link",
-            AuthMode::Signed => "signed",
+        auth: if nats {
+            "none"
+        } else {
+            match common.auth {
+                AuthMode::Link => "link",
+                AuthMode::Signed => "signed",
+            }
         }
         .into(),
         payload: common.fill.name().into(),
-        lane: common.lane.name().into(),
+        lane: if nats { "none" } else { common.lane.name() }.into(),
         sent: sent.sent,
         received,
-        lost: expected.saturating_sub(received),
+        lost,
+        duplicates,
         secs: (secs * 1e6).round() / 1e6,
         msgs_per_s: msgs_per_s.round(),
         mb_per_s: crate::stats::round1(msgs_per_s * common.size as f64 / 1e6),
@@ -723,31 +1001,36 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
         relay_peak_rss_kib: peak_rss,
         warmup_s: common.warmup,
         warmup_sent: (common.warmup > 0.0).then_some(sent.warmup),
+        warmup_received: (common.warmup > 0.0).then_some(all.warmup),
         window: plan.window,
         client: Some(common.client.name().into()),
         raw_links: (!links.is_empty()).then_some(links),
-        relay_dropped,
+        relay_dropped: counts.dropped,
+        server_msgs_in: counts.msgs_in,
+        server_msgs_out: counts.msgs_out,
         relay_time_p50_us: relay_t50,
         relay_time_p99_us: relay_t99,
-        notices_slow_receiver: Some(slow),
-        notices_unknown_destination: Some(unknown),
-        notices_refused: Some(refused),
+        notices_slow_receiver: (!nats).then_some(slow),
+        notices_unknown_destination: (!nats).then_some(unknown),
+        notices_refused: (!nats).then_some(refused),
+        nats_sub_capacity: nats.then_some(common.nats_sub_capacity),
+        nats_slow_consumers: slow_consumers,
         bench_version: env!("CARGO_PKG_VERSION").into(),
         ..Report::default()
     };
-    report.set_latency(&Percentiles::of(&hist));
+    report.set_latency(&Percentiles::of(&all.hist));
     let mut notes = Vec::new();
     if let Some(p) = plan.pacing {
         report.rate = Some(p.rate);
         report.max_burst = Some(sent.max_burst);
-        report.set_corrected(&Percentiles::of(&co_hist));
+        report.set_corrected(&Percentiles::of(&all.co_hist));
         notes.push(
             "one-way latency is measured from the actual send time; co-corrected from the \
              time the --rate schedule meant to send it (coordinated omission)"
                 .into(),
         );
     }
-    if let Fanout::Broadcast | Fanout::Service(_) = &plan.fanout {
+    if fanout {
         report.fanout_target = Some(
             match plan.fanout {
                 Fanout::Broadcast => "broadcast",
@@ -757,43 +1040,100 @@ pub async fn run(target: &Target, common: &Common, plan: &Plan) -> Result<Outcom
         );
         notes.push(format!(
             "received counts every receiver's copy: {} sent x {} receivers = {} expected",
-            sent.sent, plan.receivers, expected
+            sent.sent,
+            plan.receivers,
+            sent.sent * factor
+        ));
+    }
+    if let Some(w) = plan.window
+        && plan.senders > plan.receivers
+        && !fanout
+    {
+        notes.push(format!(
+            "{} senders share {} receivers: the senders of one receiver share their windows \
+             ({w} per sender, so {w} x their number in flight to it)",
+            plan.senders, plan.receivers
         ));
     }
     if report.lost > 0 {
+        let why = if nats {
+            format!(
+                "async-nats reported {} slow-consumer events (it drops what does not fit a \
+                 subscription's queue of {} messages; --nats-sub-capacity sets it)",
+                slow_consumers.unwrap_or(0),
+                common.nats_sub_capacity
+            )
+        } else {
+            format!(
+                "the relay reported {slow} dropped for a slow receiver, {unknown} for an unknown \
+                 destination, {refused} refused (notices can themselves be dropped, so these \
+                 may under-count){}",
+                counts
+                    .dropped
+                    .map(|d| format!("; its metrics count {d} drops in the whole run"))
+                    .unwrap_or_default()
+            )
+        };
         notes.push(format!(
-            "{} expected deliveries did not arrive within the {:.1} s grace period; the relay \
-             reported {slow} dropped for a slow receiver, {unknown} for an unknown \
-             destination, {refused} refused (notices can themselves be dropped, so these may \
-             under-count){}{}",
+            "{} expected deliveries did not arrive within the {:.1} s grace period; {why}{}",
             report.lost,
             common.grace,
-            relay_dropped
-                .map(|d| format!("; its metrics count {d} drops in all"))
-                .unwrap_or_default(),
             if plan.window.is_none() && plan.pacing.is_none() {
-                "; the senders ran open loop (as natsbench does): --window N keeps at most N \
-                 messages per sender in flight, to find the rate the relay delivers without loss"
+                "; the senders ran open loop: --window N keeps at most N messages per sender \
+                 in flight, to find the rate the server delivers without loss"
             } else {
                 ""
             }
         ));
     }
-    if foreign > 0 {
+    if duplicates > 0 {
         notes.push(format!(
-            "{foreign} messages without the bench's timestamps arrived (another sender on \
-             this relay?) and were ignored"
+            "warning: {duplicates} deliveries more than were sent arrived (duplicates): the \
+             server delivered some messages twice, and received and msgs_per_s count them"
         ));
     }
-    if target.pid.is_none() {
-        notes.push("relay CPU and memory are unknown: pass --relay-pid PID".into());
+    if all.foreign > 0 {
+        notes.push(format!(
+            "{} messages without the bench's timestamps arrived (another sender on this \
+             server?) and were ignored",
+            all.foreign
+        ));
+    }
+    if let Some(t) = cpu_tick {
+        notes.push(format!(
+            "the CPU figures count the kernel's clock ticks, each {t:.1} % of a core over \
+             this short a span: they are that coarse (a longer run measures them finer)"
+        ));
+    }
+    if pid.is_none() {
+        notes.push(format!(
+            "{} CPU and memory are unknown: pass {}",
+            server.broker(),
+            if nats {
+                "--nats-pid PID"
+            } else {
+                "--relay-pid PID"
+            }
+        ));
     }
     Ok(Outcome {
         report,
-        hist,
-        co_hist,
+        hist: all.hist,
+        co_hist: all.co_hist,
         notes,
     })
+}
+
+/// (lost, duplicated) deliveries, receiver by receiver, from what each
+/// expected and what each counted: one receiver's extra copies do not make
+/// up for what another lacks.
+fn lost_and_duplicates(expected: &[u64], received: &[u64]) -> (u64, u64) {
+    expected
+        .iter()
+        .zip(received)
+        .fold((0, 0), |(lost, dup), (&e, &r)| {
+            (lost + e.saturating_sub(r), dup + r.saturating_sub(e))
+        })
 }
 
 fn bar_len(common: &Common, plan: &Plan) -> u64 {
@@ -823,7 +1163,8 @@ async fn wait_for_service(cell: &Cell, svc: &ServiceName, n: usize) -> Result<()
 }
 
 /// Sends as fast as the client takes messages: warm-up until
-/// `measure_ns`, then `quota` messages or until `end_ns`.
+/// `measure_ns`, then `quota` messages or until `end_ns`; with a window,
+/// at most its room in flight.
 #[allow(clippy::too_many_arguments)]
 async fn blast(
     mut tx: Tx,
@@ -843,41 +1184,39 @@ async fn blast(
         tokio::time::sleep(Duration::from_nanos(start - now)).await;
         now = now_ns();
     }
-    while now < measure_ns {
-        tx.send(&dest, lane, pool.make(now, now)).await?;
-        s.warmup += 1;
-        k += 1;
-        if k.is_multiple_of(WINDOW_STEP) {
-            if let Some(w) = &window {
-                // What is held back cannot be delivered while we wait.
-                tx.flush().await?;
-                w.step().await;
-            }
-            if cells::stopping() {
-                return Ok((s, tx));
-            }
-        }
-        now = now_ns();
-    }
     let quota = quota.unwrap_or(u64::MAX);
     let end = end_ns.unwrap_or(u64::MAX);
-    s.first_ns = now;
-    while s.sent < quota && now < end {
+    let mut measuring = false;
+    loop {
+        if measuring && s.sent >= quota {
+            break;
+        }
+        if let Some(w) = &window {
+            w.gate(k, &mut tx).await?;
+            now = now_ns();
+        }
+        // Whether this message is warm-up is decided by the time it is
+        // stamped with, as the receivers decide it.
+        if !measuring && now >= measure_ns {
+            measuring = true;
+            s.first_ns = now;
+        }
+        if measuring && (s.sent >= quota || now >= end) {
+            break;
+        }
         tx.send(&dest, lane, pool.make(now, now)).await?;
-        s.sent += 1;
+        if measuring {
+            s.sent += 1;
+        } else {
+            s.warmup += 1;
+        }
         k += 1;
-        if k.is_multiple_of(WINDOW_STEP) {
-            if let Some(w) = &window {
-                tx.flush().await?;
-                w.step().await;
-            }
-            if cells::stopping() {
-                break;
-            }
+        if k.is_multiple_of(WINDOW_STEP) && cells::stopping() {
+            break;
         }
         now = now_ns();
     }
-    tx.flush().await?;
+    tx.finish().await?;
     Ok((s, tx))
 }
 
@@ -930,6 +1269,67 @@ fn pace(
         }
         std::thread::sleep(p.tick);
     }
-    rt.block_on(tx.flush())?;
+    rt.block_on(tx.finish())?;
     Ok((s, tx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_and_duplicates_are_counted_per_receiver() {
+        assert_eq!(lost_and_duplicates(&[10, 10], &[10, 10]), (0, 0));
+        assert_eq!(lost_and_duplicates(&[10, 10], &[7, 10]), (3, 0));
+        // Three extra copies at one receiver do not hide three lost at
+        // the other.
+        assert_eq!(lost_and_duplicates(&[10, 10], &[7, 13]), (3, 3));
+        assert_eq!(lost_and_duplicates(&[0], &[2]), (0, 2));
+    }
+
+    fn window(n: u64, senders: u64, factor: u64) -> (Window, Vec<Arc<Progress>>) {
+        let progress: Vec<_> = (0..factor).map(|_| Arc::new(Progress::default())).collect();
+        let w = Window::new(n, senders, factor, progress.clone(), Duration::from_secs(1));
+        (w, progress)
+    }
+
+    #[test]
+    fn a_window_is_per_sender_and_never_overfilled() {
+        // N = 100 for each of 2 senders of one receiver: 200 in flight.
+        let (w, _) = window(100, 2, 1);
+        assert_eq!((w.limit, w.step), (200, 64));
+        assert_eq!(w.take(), 64);
+        assert_eq!(w.take(), 128);
+        assert!(w.has_room(128, 0));
+        // A third step would put 192 in flight, a fourth 256 > 200.
+        assert_eq!(w.take(), 192);
+        assert!(w.has_room(192, 0));
+        let upto = w.take();
+        assert!(!w.has_room(upto, 0));
+        assert!(w.has_room(upto, 56));
+    }
+
+    #[test]
+    fn a_small_window_is_looked_at_every_message_it_allows() {
+        // N below 64 is not raised: the sender looks every N messages.
+        let (w, _) = window(5, 1, 1);
+        assert_eq!((w.limit, w.step), (5, 5));
+        assert!(w.has_room(w.take(), 0));
+        let upto = w.take();
+        assert!(!w.has_room(upto, 4) && w.has_room(upto, 5));
+    }
+
+    #[test]
+    fn a_fanout_window_counts_every_receivers_copy() {
+        // One sender, 3 receivers: a message is in flight until all 3 have it.
+        let (w, progress) = window(64, 1, 3);
+        assert_eq!(w.limit, 192);
+        assert!(w.has_room(w.take(), 0));
+        let upto = w.take();
+        assert!(!w.has_room(upto, w.seen()));
+        for p in &progress {
+            p.seen.store(64, Ordering::Relaxed);
+        }
+        assert!(w.has_room(upto, w.seen()));
+    }
 }

@@ -128,6 +128,14 @@ impl CpuSample {
         }
     }
 
+    /// What one clock tick is, in CPU %, over the span from `self` to
+    /// `later`: the resolution of [`CpuSample::pct_until`] (10 ms ticks
+    /// make ±1 % over a second, ±10 % over 0.1 s).
+    pub fn tick_pct_until(&self, later: &CpuSample) -> f64 {
+        let wall = later.at.duration_since(self.at).as_secs_f64().max(0.01);
+        100.0 / clk_tck() / wall
+    }
+
     /// (relay %, bench %) between `self` and a later sample; 100 % is one
     /// core. `None` where unknown or the span is under 10 ms.
     pub fn pct_until(&self, later: &CpuSample) -> (Option<f64>, Option<f64>) {

@@ -1,7 +1,8 @@
-//! The relay under test: one already running (`--relay KEY@HOST:PORT`,
+//! The server under test: a relay already running (`--relay KEY@HOST:PORT`,
 //! optionally `--relay-pid`), or one this process starts (`--spawn`) on
 //! free loopback ports with a temporary data directory and stops again
-//! (SIGTERM, then kill) whatever happens.
+//! (SIGTERM, then kill) whatever happens; or, with `--broker nats`, a
+//! nats-server attached to (`--nats-addr`) or started the same way.
 
 use anyhow::{Context as _, Result, bail};
 use relay_codec::NodeAddr;
@@ -13,12 +14,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-/// How long a spawned relay may take to print its ready line.
+/// How long a spawned server may take to say it is ready.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a spawned relay may take to exit after SIGTERM before it is
-/// killed (its own default shutdown grace is 3 s).
+/// How long a spawned server may take to exit after SIGTERM before it is
+/// killed (the relay's own default shutdown grace is 3 s).
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(6);
-/// Lines of the spawned relay's stderr kept for error messages.
+/// Lines of a spawned server's output kept for error messages.
 const LOG_LINES: usize = 40;
 
 /// The relay a run measures.
@@ -35,15 +36,7 @@ pub struct Target {
 impl Target {
     /// An already running relay.
     pub fn attach(addr: NodeAddr, pid: Option<u32>) -> Result<Self> {
-        if let Some(p) = pid
-            && !Path::new(&format!("/proc/{p}/stat")).exists()
-        {
-            bail!(
-                "--relay-pid {p}: no such process on this machine; give the relay's pid \
-                 (e.g. `pgrep -x relay`) or leave --relay-pid out (CPU and memory are then \
-                 not reported)"
-            );
-        }
+        check_pid("--relay-pid", pid, "relay")?;
         Ok(Self {
             addr,
             pid,
@@ -69,6 +62,7 @@ impl Target {
             .tempdir()
             .context("creating a temporary data directory for the relay")?;
         let mut cmd = Command::new(&bin);
+        cmd.env("RUST_LOG", log);
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
@@ -79,80 +73,12 @@ impl Target {
             "127.0.0.1:0",
             "--data-dir",
         ])
-        .arg(dir.path().join("data"))
-        .env("RUST_LOG", log)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        // If this process dies without cleaning up (SIGKILL), the relay gets
-        // SIGTERM from the kernel instead of living on. The relay is spawned
-        // from the main thread, which lives as long as the process.
-        // SAFETY: prctl is async-signal-safe and touches only this child.
-        unsafe {
-            use std::os::unix::process::CommandExt as _;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting the relay {}", bin.display()))?;
-        let pid = child.id();
-        let log_tail = Arc::new(Mutex::new(VecDeque::new()));
-        if let Some(stderr) = child.stderr.take() {
-            let tail = log_tail.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
-                    if t.len() == LOG_LINES {
-                        t.pop_front();
-                    }
-                    t.push_back(line);
-                }
-            });
-        }
-        let (tx, rx) = mpsc::channel();
-        if let Some(stdout) = child.stdout.take() {
-            std::thread::spawn(move || {
-                // Keep reading after the ready line so the relay never
-                // blocks on a full pipe.
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let mut spawned = Spawned {
-            child,
-            bin,
-            _dir: dir,
-            log_tail,
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        let line = loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(l) if l.starts_with("relay ready:") => break l,
-                Ok(_) => continue,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {}
-            }
-            if let Ok(Some(status)) = spawned.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(100));
-                bail!(
-                    "the relay {} exited ({status}) before it was ready; its last log lines:\n{}",
-                    spawned.bin.display(),
-                    spawned.log()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the relay {} printed no ready line within {}s; its last log lines:\n{}",
-                    spawned.bin.display(),
-                    START_TIMEOUT.as_secs(),
-                    spawned.log()
-                );
-            }
-        };
+        .arg(dir.path().join("data"));
+        let (mut spawned, lines) = Spawned::start(cmd, bin, Some(dir))?;
+        let line = spawned.wait_for("the relay", &lines, |l| {
+            l.starts_with("relay ready:").then(|| l.to_owned())
+        })?;
+        let pid = spawned.child.id();
         let (addr, admin) = parse_ready(&line)?;
         Ok(Self {
             addr,
@@ -166,27 +92,32 @@ impl Target {
     /// `labels` (empty: all), from the relay's admin endpoint; `None` if
     /// its address is unknown (attached relays) or it does not answer.
     pub async fn metric(&self, name: &str, labels: &str) -> Option<f64> {
+        let body = self.metrics().await?;
+        metric_sum(&body, name, labels)
+    }
+
+    /// The relay's `/metrics` text; `None` if its admin address is unknown
+    /// (attached relays) or it does not answer.
+    async fn metrics(&self) -> Option<String> {
         let admin = self.admin?;
-        let (name, labels) = (name.to_owned(), labels.to_owned());
-        tokio::task::spawn_blocking(move || {
-            let body = http_get(admin, "/metrics")?;
-            let mut found = false;
-            let sum = body
-                .lines()
-                .filter(|l| !l.starts_with('#'))
-                .filter(|l| {
-                    l.strip_prefix(name.as_str())
-                        .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
-                })
-                .filter(|l| labels.is_empty() || l.contains(labels.as_str()))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .inspect(|_| found = true)
-                .sum();
-            found.then_some(sum)
-        })
-        .await
-        .ok()
-        .flatten()
+        tokio::task::spawn_blocking(move || http_get(admin, "/metrics"))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Messages in, out and dropped, every lane and reason, from the
+    /// relay's metrics (one read of `/metrics`).
+    pub async fn counts(&self) -> ServerCounts {
+        let Some(body) = self.metrics().await else {
+            return ServerCounts::default();
+        };
+        let n = |name| metric_sum(&body, name, "").map(|v| v as u64);
+        ServerCounts {
+            msgs_in: n("celluler_messages_in_total"),
+            msgs_out: n("celluler_messages_out_total"),
+            dropped: n("celluler_drops_total"),
+        }
     }
 
     /// `spawned` or `attached`.
@@ -200,19 +131,7 @@ impl Target {
 
     /// For error messages: whether a spawned relay has died, with its log.
     pub fn health(&mut self) -> Option<String> {
-        let s = self.spawned.as_mut()?;
-        match s.child.try_wait() {
-            Ok(Some(status)) => Some(format!(
-                "the spawned relay exited ({status}); its last log lines:\n{}",
-                s.log()
-            )),
-            _ => None,
-        }
-    }
-
-    /// The last lines a spawned relay logged.
-    pub fn log(&self) -> Option<String> {
-        self.spawned.as_ref().map(Spawned::log)
+        self.spawned.as_mut()?.health("relay")
     }
 
     /// Stops a spawned relay (SIGTERM, then kill after [`STOP_TIMEOUT`]);
@@ -224,15 +143,132 @@ impl Target {
     }
 }
 
-/// A relay this process started.
+/// A server process this process started (a relay or nats-server):
+/// stopped with SIGTERM, then killed, when dropped.
 struct Spawned {
     child: Child,
     bin: PathBuf,
-    _dir: tempfile::TempDir,
+    /// The relay's temporary data directory, removed after it stops.
+    _dir: Option<tempfile::TempDir>,
     log_tail: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl Spawned {
+    /// Starts `cmd` (the program at `bin`) with its stdout and stderr
+    /// piped: their lines go to the returned channel until the process
+    /// ends, and the last [`LOG_LINES`] of them to the log tail.
+    fn start(
+        mut cmd: Command,
+        bin: PathBuf,
+        dir: Option<tempfile::TempDir>,
+    ) -> Result<(Self, mpsc::Receiver<String>)> {
+        // Bounded: the lines are read as they come until the server is
+        // ready; after that the receiver is gone and sends fail at once.
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // If this process dies without cleaning up (SIGKILL), the server
+        // gets SIGTERM from the kernel instead of living on. Servers are
+        // spawned from the main thread, which lives as long as the process.
+        // SAFETY: prctl is async-signal-safe and touches only this child.
+        unsafe {
+            use std::os::unix::process::CommandExt as _;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let log_tail = Arc::new(Mutex::new(VecDeque::new()));
+        let (tx, rx) = mpsc::sync_channel(LOG_LINES);
+        let out: [Option<Box<dyn std::io::Read + Send>>; 2] = [
+            child.stdout.take().map(|s| Box::new(s) as _),
+            child.stderr.take().map(|s| Box::new(s) as _),
+        ];
+        for stream in out.into_iter().flatten() {
+            let (tail, tx) = (log_tail.clone(), tx.clone());
+            // Keep reading after the ready line so the server never blocks
+            // on a full pipe; from then on lines go to the tail only.
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    {
+                        let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+                        if t.len() == LOG_LINES {
+                            t.pop_front();
+                        }
+                        t.push_back(line.clone());
+                    }
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let spawned = Spawned {
+            child,
+            bin,
+            _dir: dir,
+            log_tail,
+        };
+        Ok((spawned, rx))
+    }
+
+    /// Waits up to [`START_TIMEOUT`] for a line of the server's output
+    /// that `ready` accepts, and returns what it made of it; fails with the
+    /// server's last log lines if it exits or prints no such line.
+    fn wait_for<T>(
+        &mut self,
+        what: &str,
+        lines: &mpsc::Receiver<String>,
+        mut ready: impl FnMut(&str) -> Option<T>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) => {
+                    if let Some(v) = ready(&l) {
+                        return Ok(v);
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                // Both streams closed: the process is ending; try_wait
+                // below tells.
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the output threads catch the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                bail!(
+                    "{what} {} exited ({status}) before it was ready; its last log lines:\n{}",
+                    self.bin.display(),
+                    self.log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{what} {} did not say it was ready within {}s; its last log lines:\n{}",
+                    self.bin.display(),
+                    START_TIMEOUT.as_secs(),
+                    self.log()
+                );
+            }
+        }
+    }
+
+    /// Whether the process has exited, with its last log lines.
+    fn health(&mut self, what: &str) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(format!(
+                "the spawned {what} exited ({status}); its last log lines:\n{}",
+                self.log()
+            )),
+            _ => None,
+        }
+    }
+
     fn log(&self) -> String {
         let t = self.log_tail.lock().unwrap_or_else(|e| e.into_inner());
         if t.is_empty() {
@@ -259,11 +295,218 @@ impl Drop for Spawned {
             std::thread::sleep(Duration::from_millis(20));
         }
         eprintln!(
-            "relay-bench: the spawned relay did not stop within {}s of SIGTERM; killing it",
+            "relay-bench: the spawned {} did not stop within {}s of SIGTERM; killing it",
+            self.bin.display(),
             STOP_TIMEOUT.as_secs()
         );
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The sum of the samples of metric `name` whose labels contain `labels`
+/// (empty: all) in a Prometheus text exposition; `None` if it has none.
+fn metric_sum(body: &str, name: &str, labels: &str) -> Option<f64> {
+    let mut found = false;
+    let sum = body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+        })
+        .filter(|l| labels.is_empty() || l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .inspect(|_| found = true)
+        .sum();
+    found.then_some(sum)
+}
+
+/// Counters a server keeps itself, read before and after a run; `None`
+/// where the server does not say (an attached relay or nats-server whose
+/// admin or monitoring address is unknown).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerCounts {
+    /// Messages the server took in from senders.
+    pub msgs_in: Option<u64>,
+    /// Messages the server handed to receivers.
+    pub msgs_out: Option<u64>,
+    /// Messages the server dropped (the relay; nats-server does not count
+    /// them).
+    pub dropped: Option<u64>,
+}
+
+impl ServerCounts {
+    /// What changed from `before` to `self`.
+    pub fn since(&self, before: &ServerCounts) -> ServerCounts {
+        let d = |a: Option<u64>, b: Option<u64>| Some(a?.saturating_sub(b?));
+        ServerCounts {
+            msgs_in: d(self.msgs_in, before.msgs_in),
+            msgs_out: d(self.msgs_out, before.msgs_out),
+            dropped: d(self.dropped, before.dropped),
+        }
+    }
+}
+
+/// The nats-server a `--broker nats` run measures: one already running
+/// (`--nats-addr`, optionally `--nats-pid`), or one this process starts
+/// (`--spawn`) on free loopback ports and stops again.
+pub struct NatsTarget {
+    /// Its client address, HOST:PORT.
+    pub addr: String,
+    /// Its process, for CPU and memory; `None` if unknown.
+    pub pid: Option<u32>,
+    /// Its HTTP monitoring address (`/varz`), if known.
+    pub monitor: Option<SocketAddr>,
+    spawned: Option<Spawned>,
+}
+
+impl NatsTarget {
+    /// An already running nats-server.
+    pub fn attach(addr: String, pid: Option<u32>) -> Result<Self> {
+        check_pid("--nats-pid", pid, "nats-server")?;
+        Ok(Self {
+            addr,
+            pid,
+            monitor: None,
+            spawned: None,
+        })
+    }
+
+    /// Starts `nats-server` (`bin`, else the one on PATH) on 127.0.0.1 with
+    /// a free client port and a free monitoring port (`-p -1 -m -1`), its
+    /// default configuration otherwise (no JetStream), and waits until it
+    /// says it is ready.
+    pub fn spawn(bin: Option<&Path>) -> Result<Self> {
+        let bin = match bin {
+            Some(b) if b.is_file() => b.to_path_buf(),
+            Some(b) => bail!(
+                "--nats-bin {}: no such file; install nats-server (Debian: `apt-get install \
+                 nats-server`) or give its path",
+                b.display()
+            ),
+            None => find_on_path("nats-server").ok_or_else(|| {
+                anyhow::anyhow!(
+                    "cannot find nats-server on PATH to --spawn it: install it (Debian: \
+                     `apt-get install nats-server`), pass --nats-bin PATH, or attach to a \
+                     running one with --nats-addr HOST:PORT"
+                )
+            })?,
+        };
+        let mut cmd = Command::new(&bin);
+        cmd.args(["-a", "127.0.0.1", "-p", "-1", "-m", "-1"]);
+        let (mut spawned, lines) = Spawned::start(cmd, bin, None)?;
+        let (mut addr, mut monitor) = (None, None);
+        spawned.wait_for("nats-server", &lines, |l| {
+            if let Some(a) = l.split("Listening for client connections on ").nth(1) {
+                addr = Some(a.trim().to_owned());
+            } else if let Some(a) = l.split("Starting http monitor on ").nth(1) {
+                monitor = a.trim().parse::<SocketAddr>().ok();
+            }
+            l.contains("Server is ready").then_some(())
+        })?;
+        let Some(addr) = addr else {
+            bail!(
+                "nats-server said it was ready without saying its client port; its last log \
+                 lines:\n{}",
+                spawned.log()
+            );
+        };
+        Ok(Self {
+            addr,
+            pid: Some(spawned.child.id()),
+            monitor,
+            spawned: Some(spawned),
+        })
+    }
+
+    /// Messages in and out from nats-server's `/varz` (it counts no drops);
+    /// unknown without its monitoring address.
+    pub async fn counts(&self) -> ServerCounts {
+        let Some(monitor) = self.monitor else {
+            return ServerCounts::default();
+        };
+        let body = tokio::task::spawn_blocking(move || http_get(monitor, "/varz"))
+            .await
+            .ok()
+            .flatten();
+        let Some(v) = body.and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok()) else {
+            return ServerCounts::default();
+        };
+        ServerCounts {
+            msgs_in: v["in_msgs"].as_u64(),
+            msgs_out: v["out_msgs"].as_u64(),
+            dropped: None,
+        }
+    }
+}
+
+/// The server a message mode measures.
+pub enum Server {
+    /// A Celluler relay.
+    Relay(Target),
+    /// A nats-server.
+    Nats(NatsTarget),
+}
+
+impl Server {
+    /// `relay` or `nats`.
+    pub fn broker(&self) -> &'static str {
+        match self {
+            Server::Relay(_) => "relay",
+            Server::Nats(_) => "nats",
+        }
+    }
+
+    /// Its process, if known.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            Server::Relay(t) => t.pid,
+            Server::Nats(n) => n.pid,
+        }
+    }
+
+    /// `spawned` or `attached`.
+    pub fn kind(&self) -> &'static str {
+        let spawned = match self {
+            Server::Relay(t) => t.spawned.is_some(),
+            Server::Nats(n) => n.spawned.is_some(),
+        };
+        if spawned { "spawned" } else { "attached" }
+    }
+
+    /// Where clients reach it: `KEY@HOST:PORT` for a relay, `HOST:PORT`
+    /// for nats-server.
+    pub fn address(&self) -> String {
+        match self {
+            Server::Relay(t) => t.addr.to_string(),
+            Server::Nats(n) => n.addr.clone(),
+        }
+    }
+
+    /// Its own counters of messages in, out and dropped.
+    pub async fn counts(&self) -> ServerCounts {
+        match self {
+            Server::Relay(t) => t.counts().await,
+            Server::Nats(n) => n.counts().await,
+        }
+    }
+
+    /// For error messages: whether a spawned server has died, with its log.
+    pub fn health(&mut self) -> Option<String> {
+        match self {
+            Server::Relay(t) => t.health(),
+            Server::Nats(n) => n.spawned.as_mut()?.health("nats-server"),
+        }
+    }
+
+    /// Stops a spawned server (SIGTERM, then kill after [`STOP_TIMEOUT`]);
+    /// nothing for an attached one. Also done on drop.
+    pub fn stop(&mut self) {
+        match self {
+            Server::Relay(t) => t.stop(),
+            Server::Nats(n) => drop(n.spawned.take()),
+        }
     }
 }
 
@@ -294,13 +537,8 @@ fn find_relay() -> Result<PathBuf> {
         }
         looked.push(p.display().to_string());
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        for d in std::env::split_paths(&path) {
-            let p = d.join("relay");
-            if p.is_file() {
-                return Ok(p);
-            }
-        }
+    if let Some(p) = find_on_path("relay") {
+        return Ok(p);
     }
     looked.push("every directory on PATH".into());
     bail!(
@@ -309,6 +547,28 @@ fn find_relay() -> Result<PathBuf> {
          or attach to a running relay with --relay KEY@HOST:PORT",
         looked.join(" and ")
     )
+}
+
+/// Refuses a `flag` pid that is no process on this machine (`program`: what
+/// it should be the pid of).
+fn check_pid(flag: &str, pid: Option<u32>, program: &str) -> Result<()> {
+    if let Some(p) = pid
+        && !Path::new(&format!("/proc/{p}/stat")).exists()
+    {
+        bail!(
+            "{flag} {p}: no such process on this machine; give {program}'s pid (e.g. \
+             `pgrep -x {program}`) or leave {flag} out (CPU and memory are then not reported)"
+        );
+    }
+    Ok(())
+}
+
+/// The first file called `name` in a directory on PATH.
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// The relay's address and admin address from its ready line
@@ -368,6 +628,39 @@ mod tests {
         assert_eq!(addr.port, 4433);
         assert_eq!(admin, Some("127.0.0.1:9433".parse().unwrap()));
         assert!(parse_ready("relay ready: nothing").is_err());
+    }
+
+    #[test]
+    fn sums_metrics_and_their_changes() {
+        let body = "# HELP celluler_drops_total x\n\
+                    celluler_drops_total{reason=\"slow_receiver\"} 3\n\
+                    celluler_drops_total{reason=\"duplicate\"} 4\n\
+                    celluler_drops_total_other 100\n\
+                    celluler_links{role=\"cell\"} 2\n";
+        assert_eq!(metric_sum(body, "celluler_drops_total", ""), Some(7.0));
+        assert_eq!(
+            metric_sum(body, "celluler_drops_total", "reason=\"duplicate\""),
+            Some(4.0)
+        );
+        assert_eq!(metric_sum(body, "celluler_messages_in_total", ""), None);
+        let before = ServerCounts {
+            msgs_in: Some(10),
+            msgs_out: Some(9),
+            dropped: None,
+        };
+        let after = ServerCounts {
+            msgs_in: Some(25),
+            msgs_out: Some(20),
+            dropped: Some(1),
+        };
+        assert_eq!(
+            after.since(&before),
+            ServerCounts {
+                msgs_in: Some(15),
+                msgs_out: Some(11),
+                dropped: None,
+            }
+        );
     }
 
     #[test]

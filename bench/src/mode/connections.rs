@@ -224,6 +224,7 @@ pub async fn run(target: &Target, plan: &Plan) -> Result<(Report, Vec<String>)> 
     ));
     let report = Report {
         mode: "connections".into(),
+        broker: "relay".into(),
         target: target.kind().into(),
         relay: target.addr.to_string(),
         auth: "link".into(),

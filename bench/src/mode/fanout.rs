@@ -5,7 +5,6 @@
 //! unpaced. Every receiver must get every message: received counts every
 //! copy, and lost = K x sent - received.
 
-use crate::Unavailable;
 use crate::cli::{FanoutArgs, FanoutTarget};
 use crate::run::{Common, Fanout, Plan};
 use relay_codec::ServiceName;
@@ -14,7 +13,15 @@ use relay_codec::ServiceName;
 pub const DEFAULT_COUNT: u64 = 100_000;
 
 /// The plan for a fanout run.
-pub fn plan(a: &FanoutArgs) -> Result<(Common, Plan), Unavailable> {
+pub fn plan(a: &FanoutArgs) -> anyhow::Result<(Common, Plan)> {
+    if a.target.broker == crate::cli::Broker::Nats {
+        return Err(crate::Unavailable(
+            "fanout --broker nats: the NATS comparison covers throughput and latency; fanout \
+             (one subject, K subscribers) is not built"
+                .into(),
+        )
+        .into());
+    }
     let count = match (a.count, a.duration) {
         (None, None) => Some(DEFAULT_COUNT),
         (c, _) => c,

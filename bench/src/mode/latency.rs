@@ -7,13 +7,12 @@
 //! coordinated omission (a stalled sender does not hide the stall). The
 //! largest burst in one tick is reported as `max_burst`.
 
-use crate::Unavailable;
 use crate::cli::LatencyArgs;
 use crate::run::{Common, Fanout, Pacing, Plan};
 use std::time::Duration;
 
 /// The plan for a latency run.
-pub fn plan(a: &LatencyArgs) -> Result<(Common, Plan), Unavailable> {
+pub fn plan(a: &LatencyArgs) -> anyhow::Result<(Common, Plan)> {
     let common = super::common(&a.msg, &a.target, true)?;
     Ok((
         common,
