@@ -36,7 +36,7 @@
 
 use super::conn::{ConnError, LinkEnd};
 use crate::lanes::{DEFAULT_LANE_WEIGHTS, LaneScheduler};
-use crate::transport::tcp::{TcpTuning, TlsConnection, TlsStream};
+use crate::transport::tcp::{TcpTuning, TlsConnection};
 use bytes::{Bytes, BytesMut};
 use relay_codec::frame::{CloseCode, FrameType, LEN_PREFIX, MAX_REASON};
 use relay_codec::mux::{CHANNELS, CHUNK_HEADER, Channel, Demux, Event, MAX_CHUNK, chunk_header};
@@ -46,7 +46,7 @@ use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
 
 /// Most byte segments one chunk gathers (small control frames coalesce).
@@ -380,10 +380,27 @@ impl TcpLink {
     /// connection; frames are read within `limits`. Call from within a
     /// tokio runtime.
     pub fn new(conn: TlsConnection, limits: Limits, tuning: &TcpTuning) -> Self {
+        let (read, write) = tokio::io::split(conn.stream);
+        Self::start(conn.peer_key, conn.remote, read, write, limits, tuning)
+    }
+
+    /// Starts the tasks on any byte stream's halves.
+    fn start<R, W>(
+        peer_key: [u8; 32],
+        remote: SocketAddr,
+        read: R,
+        write: W,
+        limits: Limits,
+        tuning: &TcpTuning,
+    ) -> Self
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let (lanes_tx, lanes_rx) = mpsc::channel(Lane::ALL.len());
         let inner = Arc::new(Inner {
-            peer_key: conn.peer_key,
-            remote: conn.remote,
+            peer_key,
+            remote,
             limits,
             send_queue: tuning.send_queue,
             channel_window: tuning.channel_window,
@@ -399,7 +416,6 @@ impl TcpLink {
             end: watch::Sender::new(None),
             writer_done: watch::Sender::new(false),
         });
-        let (read, write) = tokio::io::split(conn.stream);
         tokio::spawn(writer(inner.clone(), write));
         tokio::spawn(reader(inner.clone(), read, lanes_tx));
         Self {
@@ -633,7 +649,9 @@ impl TcpReceiver {
         }
     }
 
-    /// Stops reading: what is queued and what arrives later is dropped.
+    /// Stops reading: what is queued and what arrives later is dropped
+    /// (also when the receiver is dropped, so an unread channel does not
+    /// hold back the others).
     pub fn stop(&mut self) {
         let inner = &self.h.0;
         let mut q = lock(&inner.rx[self.channel.index()].q);
@@ -645,9 +663,15 @@ impl TcpReceiver {
     }
 }
 
+impl Drop for TcpReceiver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// The writer task: sends what [`TxQueues::next`] picks until the link
 /// closes.
-async fn writer(inner: Arc<Inner>, mut io: WriteHalf<TlsStream>) {
+async fn writer<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut io: W) {
     /// Tells [`TcpLink::close_sent`] on every way out.
     struct Done<'a>(&'a watch::Sender<bool>);
     impl Drop for Done<'_> {
@@ -656,13 +680,17 @@ async fn writer(inner: Arc<Inner>, mut io: WriteHalf<TlsStream>) {
         }
     }
     let _done = Done(&inner.writer_done);
+    let mut end_rx = inner.end.subscribe();
     let mut slices: Vec<Bytes> = Vec::with_capacity(MAX_SLICES);
     loop {
         let step = inner.tx().next(&mut slices);
         match step {
             Step::Chunk(header) => {
                 inner.tx_room.notify_waiters();
-                let r = write_chunk(&mut io, &header, &slices).await;
+                let r = tokio::select! {
+                    r = write_chunk(&mut io, &header, &slices) => r,
+                    _ = give_up(&inner, &mut end_rx) => return,
+                };
                 slices.clear();
                 if let Err(e) = r {
                     inner.finish_with(LinkEnd::io(&e), Closing::Quiet);
@@ -670,7 +698,11 @@ async fn writer(inner: Arc<Inner>, mut io: WriteHalf<TlsStream>) {
                 }
             }
             Step::Idle => {
-                if let Err(e) = io.flush().await {
+                let r = tokio::select! {
+                    r = io.flush() => r,
+                    _ = give_up(&inner, &mut end_rx) => return,
+                };
+                if let Err(e) = r {
                     inner.finish_with(LinkEnd::io(&e), Closing::Quiet);
                     return;
                 }
@@ -701,6 +733,15 @@ async fn writer(inner: Arc<Inner>, mut io: WriteHalf<TlsStream>) {
     }
 }
 
+/// Resolves `linger` after the link ended: a write that has not finished
+/// by then is abandoned (the peer does not read), and the connection is
+/// dropped without a Close frame, which could not start mid-chunk.
+async fn give_up(inner: &Inner, end_rx: &mut watch::Receiver<Option<LinkEnd>>) {
+    let _ = end_rx.wait_for(Option::is_some).await;
+    tokio::time::sleep(inner.linger).await;
+    tracing::debug!(remote = %inner.remote, "TCP link closed while the peer did not read; dropping it");
+}
+
 /// Writes one chunk: its header and payload slices, in one vectored write
 /// where the stream takes it (so header and payload share a TLS record).
 async fn write_chunk<W: AsyncWrite + Unpin>(
@@ -726,7 +767,7 @@ async fn write_chunk<W: AsyncWrite + Unpin>(
 
 /// The reader task: demultiplexes the stream into the channels' queues
 /// until the link ends.
-async fn reader(inner: Arc<Inner>, mut io: ReadHalf<TlsStream>, lanes: mpsc::Sender<Channel>) {
+async fn reader<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut io: R, lanes: mpsc::Sender<Channel>) {
     let mut demux = Demux::new(&inner.limits);
     let mut buf = BytesMut::with_capacity(READ_BUF);
     let mut seen = [false; CHANNELS];
@@ -1004,5 +1045,41 @@ mod tests {
         }
         assert_eq!(tx.chans[lane].bytes, 4);
         assert!(tx.try_push(lane, &mut [frame(1, 0)], 5, 2000).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_close_ends_the_writer_even_when_the_peer_never_reads() {
+        // A pipe of 1 KiB nobody reads: a 16 KiB chunk write never ends.
+        let (ours, _peer) = tokio::io::duplex(1024);
+        let (read, write) = tokio::io::split(ours);
+        let tuning = TcpTuning {
+            linger: std::time::Duration::from_millis(50),
+            ..TcpTuning::default()
+        };
+        let link = TcpLink::start(
+            [0; 32],
+            "127.0.0.1:1".parse().unwrap(),
+            read,
+            write,
+            Limits::default(),
+            &tuning,
+        );
+        let mut lanes = link.lane_sender();
+        let f = frame(100_000, 0);
+        lanes.send(Lane::Bulk, [f]).await.unwrap();
+        // Once the writer has cut a chunk it is inside a write that cannot
+        // finish.
+        tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            while link.buffered().0 == LEN_PREFIX + 100_000 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the writer starts");
+        link.close(CloseCode::Shutdown, "stuck");
+        tokio::time::timeout(std::time::Duration::from_secs(20), link.close_sent())
+            .await
+            .expect("the writer gives up after its linger");
+        assert_eq!(link.end(), Some(LinkEnd::Local));
     }
 }
