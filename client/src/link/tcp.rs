@@ -483,7 +483,7 @@ impl TcpLink {
     }
 
     /// Bytes queued for the writer and bytes received but not yet read
-    /// (with [`FRAME_COST`] per frame): what the link holds in memory
+    /// (with 64 bytes counted per frame): what the link holds in memory
     /// besides its partial frames.
     pub fn buffered(&self) -> (usize, usize) {
         let tx = self.h.0.tx().chans.iter().map(|c| c.bytes).sum();
