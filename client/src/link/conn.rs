@@ -246,6 +246,22 @@ pub struct QuicLink {
     pub limits: Limits,
 }
 
+impl QuicLink {
+    /// The control channel's halves from a newly opened or accepted
+    /// bidirectional stream, at the highest priority.
+    fn control(
+        &self,
+        bi: Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>,
+    ) -> Result<(ControlSender, FrameReceiver), ConnError> {
+        let (send, recv) = bi.map_err(LinkEnd::from)?;
+        let _ = send.set_priority(CONTROL_PRIORITY);
+        Ok((
+            ControlSender::Quic(send),
+            FrameReceiver::Quic(FrameReader::new(recv, self.limits)),
+        ))
+    }
+}
+
 /// A link to a peer over either transport. Cheap to clone (a handle).
 #[derive(Clone, Debug)]
 pub enum Link {
@@ -292,14 +308,7 @@ impl Link {
     /// bidirectional stream, at the highest priority).
     pub async fn open_control(&self) -> Result<(ControlSender, FrameReceiver), ConnError> {
         match self {
-            Link::Quic(q) => {
-                let (send, recv) = q.conn.open_bi().await.map_err(LinkEnd::from)?;
-                let _ = send.set_priority(CONTROL_PRIORITY);
-                Ok((
-                    ControlSender::Quic(send),
-                    FrameReceiver::Quic(FrameReader::new(recv, q.limits)),
-                ))
-            }
+            Link::Quic(q) => q.control(q.conn.open_bi().await),
             Link::Tcp(t) => {
                 let (send, recv) = t.control()?;
                 Ok((ControlSender::Tcp(send), FrameReceiver::Tcp(recv)))
@@ -311,14 +320,7 @@ impl Link {
     /// until the peer has sent on it; TCP: at once).
     pub async fn accept_control(&self) -> Result<(ControlSender, FrameReceiver), ConnError> {
         match self {
-            Link::Quic(q) => {
-                let (send, recv) = q.conn.accept_bi().await.map_err(LinkEnd::from)?;
-                let _ = send.set_priority(CONTROL_PRIORITY);
-                Ok((
-                    ControlSender::Quic(send),
-                    FrameReceiver::Quic(FrameReader::new(recv, q.limits)),
-                ))
-            }
+            Link::Quic(q) => q.control(q.conn.accept_bi().await),
             Link::Tcp(_) => self.open_control().await,
         }
     }

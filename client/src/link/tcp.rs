@@ -38,7 +38,7 @@ use super::conn::{ConnError, LinkEnd};
 use crate::lanes::{DEFAULT_LANE_WEIGHTS, LaneScheduler};
 use crate::transport::tcp::{TcpTuning, TlsConnection};
 use bytes::{Bytes, BytesMut};
-use relay_codec::frame::{CloseCode, FrameType, LEN_PREFIX, MAX_REASON};
+use relay_codec::frame::{CloseCode, FrameType, LEN_PREFIX};
 use relay_codec::mux::{CHANNELS, CHUNK_HEADER, Channel, Demux, Event, MAX_CHUNK, chunk_header};
 use relay_codec::{Frame, Lane, Limits};
 use std::collections::VecDeque;
@@ -171,11 +171,8 @@ impl Inner {
     }
 
     fn close(&self, code: CloseCode, reason: &str) {
-        let mut end = MAX_REASON.min(reason.len());
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        let closing = Closing::Frame(code, reason[..end].to_owned());
+        // The Close frame's encoder cuts the reason to its bound.
+        let closing = Closing::Frame(code, reason.to_owned());
         self.finish_with(LinkEnd::Local, closing);
     }
 
@@ -293,10 +290,11 @@ impl TxQueues {
         Ok(true)
     }
 
-    /// Ends channel `ci` after what is queued, if it was ever used.
+    /// Ends channel `ci` after what is queued, if it exists: the control
+    /// channel always does, a lane once something was queued on it.
     fn finish(&mut self, ci: usize) {
         let c = &mut self.chans[ci];
-        if c.used && !c.finish {
+        if (c.used || ci == Channel::Control.index()) && !c.finish {
             c.finish = true;
             self.flushed = false;
         }
