@@ -829,3 +829,7 @@ pub async fn accept_hello(
         .await
         .map_err(|_| LinkError::Timeout("waiting for Hello"))?
 }
+
+pub mod conn;
+pub mod session;
+pub mod tcp;

@@ -153,6 +153,25 @@ pub fn server_config(
     key: &SigningKey,
     tuning: &TransportTuning,
 ) -> Result<quinn::ServerConfig, TransportError> {
+    server_config_from(Arc::new(tls_server_config(key)?), tuning)
+}
+
+/// quinn server config over a TLS config from [`tls_server_config`], so
+/// one TLS config serves both QUIC and TLS over TCP.
+pub fn server_config_from(
+    tls: Arc<rustls::ServerConfig>,
+    tuning: &TransportTuning,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let crypto = QuicServerConfig::try_from(tls)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport_config(tuning)?));
+    Ok(cfg)
+}
+
+/// The TLS 1.3 server side of every Celluler link, QUIC or TCP: proves
+/// `key` as a raw public key, requires the client to prove an ed25519 key
+/// of its own (any key), offers only [`ALPN`], no resumption, no 0-RTT.
+pub fn tls_server_config(key: &SigningKey) -> Result<rustls::ServerConfig, TransportError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(AnyEd25519Client))
@@ -164,11 +183,7 @@ pub fn server_config(
     tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     tls.send_tls13_tickets = 0;
     tls.max_early_data_size = 0;
-
-    let crypto = QuicServerConfig::try_from(tls)?;
-    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config(tuning)?));
-    Ok(cfg)
+    Ok(tls)
 }
 
 /// quinn client config: presents `key` and accepts the server only if it
@@ -189,6 +204,22 @@ pub fn client_config_with_alpn(
     tuning: &TransportTuning,
     alpn: &[u8],
 ) -> Result<quinn::ClientConfig, TransportError> {
+    let tls = tls_client_config(key, expected_server, alpn)?;
+    let crypto = QuicClientConfig::try_from(tls)?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport_config(tuning)?));
+    Ok(cfg)
+}
+
+/// The TLS 1.3 client side of every Celluler link, QUIC or TCP: presents
+/// `key` as a raw public key, accepts the server only if it proves
+/// `expected_server`, offers `alpn` (normally [`ALPN`]), no SNI, no
+/// resumption, no early data.
+pub fn tls_client_config(
+    key: &SigningKey,
+    expected_server: [u8; 32],
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, TransportError> {
     let verifier = PinnedServerKey::new(expected_server)?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -201,11 +232,7 @@ pub fn client_config_with_alpn(
     tls.resumption = rustls::client::Resumption::disabled();
     tls.enable_early_data = false;
     tls.enable_sni = false;
-
-    let crypto = QuicClientConfig::try_from(tls)?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config(tuning)?));
-    Ok(cfg)
+    Ok(tls)
 }
 
 /// The ed25519 public key the other side of `conn` proved during the
@@ -213,7 +240,13 @@ pub fn client_config_with_alpn(
 pub fn peer_key(conn: &quinn::Connection) -> Option<[u8; 32]> {
     let identity = conn.peer_identity()?;
     let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    match certs.as_slice() {
+    key_from_certs(&certs)
+}
+
+/// The ed25519 key in a peer's TLS Certificate message: exactly one entry,
+/// an ed25519 SPKI (what the verifiers accepted).
+fn key_from_certs(certs: &[CertificateDer<'_>]) -> Option<[u8; 32]> {
+    match certs {
         [spki] => key_from_spki(spki),
         _ => None,
     }
@@ -659,6 +692,8 @@ impl rustls::sign::Signer for Ed25519TlsSigner {
     }
 }
 
+pub mod tcp;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -838,7 +873,7 @@ mod tests {
     /// Offers raw public keys for client auth but, when asked, presents none
     /// (an empty Certificate message).
     #[derive(Debug)]
-    struct EmptyRawKeyIdentity;
+    pub(super) struct EmptyRawKeyIdentity;
 
     impl rustls::client::ResolvesClientCert for EmptyRawKeyIdentity {
         fn resolve(
@@ -864,6 +899,17 @@ mod tests {
         expected_server: [u8; 32],
         identity: Option<Arc<dyn rustls::client::ResolvesClientCert>>,
     ) -> quinn::ClientConfig {
+        let tls = tls_client_config_with_identity(expected_server, identity);
+        let crypto = QuicClientConfig::try_from(tls).unwrap();
+        quinn::ClientConfig::new(Arc::new(crypto))
+    }
+
+    /// [`tls_client_config`] with the given client identity instead of a
+    /// raw key (`None`: no client authentication at all).
+    pub(super) fn tls_client_config_with_identity(
+        expected_server: [u8; 32],
+        identity: Option<Arc<dyn rustls::client::ResolvesClientCert>>,
+    ) -> rustls::ClientConfig {
         let verifier = PinnedServerKey::new(expected_server).unwrap();
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -875,8 +921,7 @@ mod tests {
             Some(resolver) => builder.with_client_cert_resolver(resolver),
         };
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto = QuicClientConfig::try_from(tls).unwrap();
-        quinn::ClientConfig::new(Arc::new(crypto))
+        tls
     }
 
     #[tokio::test]

@@ -32,6 +32,7 @@ pub mod key;
 pub mod keyfile;
 pub mod limits;
 pub mod message;
+pub mod mux;
 pub mod verify;
 mod wire;
 

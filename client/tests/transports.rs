@@ -1,0 +1,645 @@
+//! The transport-independent link interface (`link::conn`, `link::session`)
+//! over real QUIC and real TLS over TCP on loopback: every behaviour test
+//! runs on both transports; the TCP framing and close tests on TCP.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use relay_client::link::conn::{ConnError, FrameReceiver, Link, LinkEnd, Transport};
+use relay_client::link::session::{accept_hello_on, close_on, hello_on, run_writer_on};
+use relay_client::link::tcp::TcpLink;
+use relay_client::link::{LaneQueues, NoObserver, Outbound, WriterConfig};
+use relay_client::transport::tcp::{self, TcpListener, TcpTuning, TlsConnection};
+use relay_client::transport::{self, ALPN, TransportTuning};
+use relay_codec::frame::{CloseCode, LEN_PREFIX, PROTOCOL_VERSION, Role};
+use relay_codec::mux::{Channel, Demux, Event, chunk_header};
+use relay_codec::{
+    BatchDecoder, BatchEncoder, Destination, Envelope, Frame, Keypair, Lane, Limits, Message,
+};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Safety net only: the tests wait on events, never on the clock.
+const WAIT: Duration = Duration::from_secs(60);
+
+const BOTH: [Transport; 2] = [Transport::Quic, Transport::Tcp];
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// Settings for both sides of a test link.
+#[derive(Clone, Default)]
+struct Opts {
+    limits: Limits,
+    quic: TransportTuning,
+    tcp: TcpTuning,
+}
+
+/// Two ends of one link between fresh keys.
+struct Pair {
+    /// The accepting side.
+    server: Link,
+    /// The connecting side.
+    client: Link,
+    server_key: Keypair,
+    client_key: Keypair,
+    /// QUIC endpoints must outlive their connections.
+    _endpoints: Option<(quinn::Endpoint, quinn::Endpoint)>,
+}
+
+fn localhost() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+async fn pair(t: Transport, opts: &Opts) -> Pair {
+    let (server_key, client_key) = (Keypair::generate(), Keypair::generate());
+    let expected = server_key.public().0;
+    match t {
+        Transport::Quic => {
+            let scfg = transport::server_config(server_key.signing_key(), &opts.quic).unwrap();
+            let sep = transport::server_endpoint(localhost(), scfg).unwrap();
+            let addr = sep.local_addr().unwrap();
+            let ccfg =
+                transport::client_config(client_key.signing_key(), expected, &opts.quic).unwrap();
+            let cep = transport::client_endpoint(localhost()).unwrap();
+            let connecting = cep
+                .connect_with(ccfg, addr, transport::SERVER_NAME)
+                .unwrap();
+            let accepting = async { sep.accept().await.expect("endpoint open").await };
+            let (s, c) = within("QUIC handshake", async {
+                tokio::join!(accepting, connecting)
+            })
+            .await;
+            Pair {
+                server: Link::quic(s.unwrap(), opts.limits),
+                client: Link::quic(c.unwrap(), opts.limits),
+                server_key,
+                client_key,
+                _endpoints: Some((sep, cep)),
+            }
+        }
+        Transport::Tcp => {
+            let (s, c) = tls_pair(&server_key, &client_key, opts).await;
+            Pair {
+                server: Link::Tcp(TcpLink::new(s, opts.limits, &opts.tcp)),
+                client: Link::Tcp(TcpLink::new(c, opts.limits, &opts.tcp)),
+                server_key,
+                client_key,
+                _endpoints: None,
+            }
+        }
+    }
+}
+
+/// A finished TLS-over-TCP handshake: (server side, client side).
+async fn tls_pair(
+    server_key: &Keypair,
+    client_key: &Keypair,
+    opts: &Opts,
+) -> (TlsConnection, TlsConnection) {
+    let tls = Arc::new(transport::tls_server_config(server_key.signing_key()).unwrap());
+    let l = TcpListener::bind(localhost(), tls, opts.tcp.clone()).unwrap();
+    let addr = l.local_addr().unwrap();
+    let ctls = transport::tls_client_config(client_key.signing_key(), server_key.public().0, ALPN)
+        .unwrap();
+    let accepting = async { l.accept().await.unwrap().handshake().await };
+    let (s, c) = within("TLS handshake", async {
+        tokio::join!(accepting, tcp::connect(addr, Arc::new(ctls), &opts.tcp))
+    })
+    .await;
+    (s.unwrap(), c.unwrap())
+}
+
+fn envelope(key: &Keypair, lane: Lane, nonce: u64, payload: Bytes) -> Envelope {
+    let msg = Message::new(key.public(), Destination::Broadcast, payload)
+        .with_lane(lane)
+        .with_timestamp(1_700_000_000_000)
+        .with_nonce(nonce);
+    let mut buf = BytesMut::new();
+    msg.encode_signed(key, &mut buf);
+    Envelope::parse(&mut buf.freeze(), &Limits::default()).unwrap()
+}
+
+/// A batch frame of one message with `payload` bytes, uncompressed.
+fn batch_frame(key: &Keypair, lane: Lane, nonce: u64, payload: usize) -> Bytes {
+    let mut enc = BatchEncoder::new(1, usize::MAX).unwrap();
+    enc.push_envelope(&envelope(key, lane, nonce, Bytes::from(vec![7; payload])));
+    let mut out = BytesMut::new();
+    enc.finish(lane, &mut out);
+    out.freeze()
+}
+
+/// Runs the handshake on both sides; the client's and server's halves.
+async fn handshake(
+    p: &Pair,
+) -> (
+    (
+        relay_client::link::conn::ControlSender,
+        FrameReceiver,
+        relay_client::link::Welcome,
+    ),
+    (
+        relay_client::link::conn::ControlSender,
+        FrameReceiver,
+        relay_client::link::Hello,
+    ),
+) {
+    let server = async {
+        let (mut send, recv, hello) = accept_hello_on(&p.server, WAIT).await.unwrap();
+        send.send(&Frame::Welcome {
+            version: PROTOCOL_VERSION,
+            node: p.server_key.public(),
+            time_ms: 42,
+            max_payload: 1000,
+            max_frame: 2000,
+        })
+        .await
+        .unwrap();
+        (send, recv, hello)
+    };
+    let client = async {
+        hello_on(&p.client, Role::Cell, true, "test/1", WAIT)
+            .await
+            .unwrap()
+    };
+    within("handshake", async { tokio::join!(client, server) }).await
+}
+
+#[tokio::test]
+async fn the_handshake_proves_keys_and_exchanges_hello_and_welcome() {
+    for t in BOTH {
+        let p = pair(t, &Opts::default()).await;
+        assert_eq!(p.client.transport(), t);
+        assert_eq!(p.client.peer_key(), Some(p.server_key.public()), "{t}");
+        assert_eq!(p.server.peer_key(), Some(p.client_key.public()), "{t}");
+        let ((_, _, welcome), (_, _, hello)) = handshake(&p).await;
+        assert_eq!(hello.version, PROTOCOL_VERSION);
+        assert_eq!(hello.role, Role::Cell);
+        assert!(hello.notices);
+        assert_eq!(hello.agent, "test/1");
+        assert_eq!(welcome.node, p.server_key.public());
+        assert_eq!(
+            (welcome.time_ms, welcome.max_payload, welcome.max_frame),
+            (42, 1000, 2000)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_reaches_the_connecting_side_with_its_code_and_reason() {
+    for t in BOTH {
+        let p = pair(t, &Opts::default()).await;
+        let server = async {
+            let (mut send, _recv, _hello) = accept_hello_on(&p.server, WAIT).await.unwrap();
+            close_on(
+                &p.server,
+                Some(&mut send),
+                CloseCode::Unauthorized,
+                "key not allowed",
+            )
+            .await;
+        };
+        let client = hello_on(&p.client, Role::Cell, false, "test/1", WAIT);
+        let (r, ()) = within("refusal", async { tokio::join!(client, server) }).await;
+        match r {
+            Err(ConnError::Refused { code, reason }) => {
+                assert_eq!(code, CloseCode::Unauthorized, "{t}");
+                assert_eq!(reason, "key not allowed", "{t}");
+            }
+            other => panic!("{t}: expected a refusal, got {:?}", other.err()),
+        }
+        let end = within("close", p.client.closed()).await;
+        assert_eq!(
+            end,
+            LinkEnd::Closed {
+                code: CloseCode::Unauthorized,
+                reason: "key not allowed".into()
+            },
+            "{t}"
+        );
+        assert_eq!(p.server.end(), Some(LinkEnd::Local), "{t}");
+    }
+}
+
+#[tokio::test]
+async fn a_hello_that_never_comes_times_out() {
+    for t in BOTH {
+        let p = pair(t, &Opts::default()).await;
+        let r = accept_hello_on(&p.server, Duration::from_millis(50)).await;
+        assert!(
+            matches!(r, Err(ConnError::Timeout("Hello"))),
+            "{t}: {:?}",
+            r.err()
+        );
+        drop(p.client);
+    }
+}
+
+#[tokio::test]
+async fn a_close_tells_the_peer_its_code_and_reason() {
+    for t in BOTH {
+        let p = pair(t, &Opts::default()).await;
+        let ((_c_send, mut c_recv, _), _server_halves) = handshake(&p).await;
+        p.server.close(CloseCode::Shutdown, "relay shutting down");
+        let end = within("close", p.client.closed()).await;
+        assert_eq!(
+            end,
+            LinkEnd::Closed {
+                code: CloseCode::Shutdown,
+                reason: "relay shutting down".into()
+            },
+            "{t}"
+        );
+        // Reading on afterwards says why too (TCP: the Close frame first).
+        let r = loop {
+            match within("read", c_recv.next()).await {
+                Ok(Some(Frame::Close { code, .. })) => assert_eq!(code, CloseCode::Shutdown),
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(
+                &r,
+                Err(ConnError::Ended(LinkEnd::Closed {
+                    code: CloseCode::Shutdown,
+                    ..
+                }))
+            ),
+            "{t}: {r:?}"
+        );
+        assert_eq!(p.server.end(), Some(LinkEnd::Local));
+    }
+}
+
+/// Reads every lane the peer starts until `lanes` of them have ended;
+/// per lane the messages in arrival order.
+async fn receive_lanes(link: Link, lanes: usize) -> [Vec<Envelope>; 4] {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..lanes {
+        let mut recv = link.accept_lane().await.expect("accept a lane");
+        tasks.spawn(async move {
+            let mut decoder = BatchDecoder::new(Limits::default()).unwrap();
+            let mut lane = None;
+            let mut got = Vec::new();
+            while let Some(frame) = recv.next().await.expect("read a frame") {
+                let Frame::Batch(batch) = frame else {
+                    panic!("a lane carried a non-batch frame: {frame:?}");
+                };
+                assert_eq!(*lane.get_or_insert(batch.lane), batch.lane);
+                for env in decoder.messages(&batch).unwrap() {
+                    got.push(env.expect("a valid message"));
+                }
+            }
+            (lane.expect("a lane with no batch"), got)
+        });
+    }
+    let mut by_lane: [Vec<Envelope>; 4] = Default::default();
+    while let Some(r) = tasks.join_next().await {
+        let (lane, got) = r.unwrap();
+        assert!(by_lane[lane.index()].is_empty(), "two channels for {lane}");
+        by_lane[lane.index()] = got;
+    }
+    by_lane
+}
+
+#[tokio::test]
+async fn the_writer_sends_every_lane_in_order_and_ends_the_lanes() {
+    for t in BOTH {
+        let p = pair(t, &Opts::default()).await;
+        const PER_LANE: u64 = 600;
+        let queues = Arc::new(LaneQueues::new(PER_LANE as usize));
+        for n in 0..PER_LANE {
+            for lane in Lane::ALL {
+                let payload = Bytes::from(vec![b'a' + (n % 26) as u8; 10 + (n as usize * 7) % 300]);
+                queues
+                    .push(Outbound {
+                        env: envelope(&p.client_key, lane, n, payload),
+                        queued_at: Instant::now(),
+                    })
+                    .expect("room for every message");
+            }
+        }
+        let receiver = tokio::spawn(receive_lanes(p.server.clone(), 4));
+        let cfg = WriterConfig {
+            batch_bytes: 8 * 1024,
+            max_batch_messages: 50,
+            ..WriterConfig::default()
+        };
+        let writer = tokio::spawn(run_writer_on(
+            p.client.lane_sender(),
+            queues.clone(),
+            cfg,
+            NoObserver,
+        ));
+        queues.close();
+        within("writer", writer)
+            .await
+            .unwrap()
+            .expect("writer succeeded");
+        // The receivers end only because the writer ended each lane.
+        let by_lane = within("receivers", receiver).await.unwrap();
+        for lane in Lane::ALL {
+            let nonces: Vec<u64> = by_lane[lane.index()].iter().map(Envelope::nonce).collect();
+            assert_eq!(
+                nonces,
+                (0..PER_LANE).collect::<Vec<_>>(),
+                "{t}, lane {lane}"
+            );
+        }
+    }
+}
+
+/// Bytes the kernel may buffer for one loopback TCP connection at most:
+/// the sender's and the receiver's socket buffer maxima.
+fn kernel_tcp_buffers() -> usize {
+    let max = |path: &str| -> usize {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.split_whitespace().last()?.parse().ok())
+            .unwrap_or(32 << 20)
+    };
+    max("/proc/sys/net/ipv4/tcp_wmem") + max("/proc/sys/net/ipv4/tcp_rmem")
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_reading_stops_the_writer_within_a_bound() {
+    const FRAME: usize = 64 * 1024;
+    let opts = Opts {
+        quic: TransportTuning {
+            stream_window: 1 << 20,
+            conn_window: 2 << 20,
+            ..TransportTuning::default()
+        },
+        tcp: TcpTuning {
+            send_queue: 256 * 1024,
+            channel_window: 1 << 20,
+            ..TcpTuning::default()
+        },
+        ..Opts::default()
+    };
+    for t in BOTH {
+        let p = pair(t, &opts).await;
+        // What may be in flight between a send returning and the receiver
+        // reading, at most (every buffer on the way, generously).
+        let bound = match t {
+            Transport::Quic => opts.quic.conn_window as usize * 2,
+            Transport::Tcp => {
+                opts.tcp.send_queue
+                    + opts.tcp.channel_window
+                    + opts.limits.max_frame
+                    + 1024 * 1024
+                    + kernel_tcp_buffers()
+            }
+        };
+        let total = 4 * bound / FRAME + 64;
+        let frame = batch_frame(&p.client_key, Lane::Bulk, 0, FRAME);
+        let sent = Arc::new(AtomicUsize::new(0));
+        let progress = Arc::new(tokio::sync::Notify::new());
+        let producer = tokio::spawn({
+            let mut lanes = p.client.lane_sender();
+            let (sent, progress) = (sent.clone(), progress.clone());
+            async move {
+                for _ in 0..total {
+                    lanes.send(Lane::Bulk, frame.clone()).await.unwrap();
+                    sent.fetch_add(1, Ordering::AcqRel);
+                    progress.notify_one();
+                }
+                lanes
+            }
+        });
+        // Let the producer fill what it can before anything is read.
+        within("the producer starts", async {
+            while sent.load(Ordering::Acquire) < 8 {
+                progress.notified().await;
+            }
+        })
+        .await;
+        let mut recv = within("the lane", p.server.accept_lane()).await.unwrap();
+        for read in 1..=total {
+            let f = within("a frame", recv.next()).await.unwrap().unwrap();
+            assert!(matches!(f, Frame::Batch(_)));
+            let ahead = sent.load(Ordering::Acquire).saturating_sub(read);
+            assert!(
+                ahead * FRAME <= bound,
+                "{t}: the writer ran {ahead} frames ahead of the reader (bound {bound} bytes)"
+            );
+            if let Link::Tcp(link) = &p.server {
+                let (_, rx) = link.buffered();
+                assert!(
+                    rx <= opts.tcp.channel_window + FRAME + 4096,
+                    "{t}: {rx} bytes held"
+                );
+            }
+            if let Link::Tcp(link) = &p.client {
+                let (tx, _) = link.buffered();
+                assert!(
+                    tx <= opts.tcp.send_queue + FRAME + 4096,
+                    "{t}: {tx} bytes queued"
+                );
+            }
+        }
+        within("producer", producer).await.unwrap();
+    }
+}
+
+// ---- TCP only: the framing on the wire, bad input, close ----
+
+#[tokio::test]
+async fn on_tcp_a_control_frame_overtakes_a_bulk_frame_already_being_sent() {
+    let opts = Opts {
+        limits: Limits {
+            max_frame: 48 << 20,
+            ..Limits::default()
+        },
+        ..Opts::default()
+    };
+    let (server_key, client_key) = (Keypair::generate(), Keypair::generate());
+    let (mut raw, c) = tls_pair(&server_key, &client_key, &opts).await;
+    let link = Link::Tcp(TcpLink::new(c, opts.limits, &opts.tcp));
+    // One 32 MiB bulk frame, then a control frame. The raw peer reads
+    // nothing until both are queued, so the writer is still inside the
+    // bulk frame (the socket buffers hold far less) when control arrives.
+    const BULK: usize = 32 << 20;
+    let mut bulk = BytesMut::with_capacity(LEN_PREFIX + BULK);
+    bulk.put_u32_le(BULK as u32);
+    bulk.put_u8(0x01);
+    bulk.resize(LEN_PREFIX + BULK, 0xbb);
+    let mut lanes = link.lane_sender();
+    lanes.send(Lane::Bulk, bulk.freeze()).await.unwrap();
+    // Wait until the writer has started on it (its queue shrinks).
+    let Link::Tcp(tcp_link) = &link else {
+        unreachable!()
+    };
+    within("the writer starts", async {
+        while tcp_link.buffered().0 == LEN_PREFIX + BULK {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let (mut control, _recv) = link.open_control().await.unwrap();
+    let ping = Frame::WatchPresence(true);
+    control.send(&ping).await.unwrap();
+
+    let mut demux = Demux::new(&opts.limits);
+    let mut buf = vec![0; 256 * 1024];
+    let mut read = 0usize;
+    let mut order = vec![];
+    while order.len() < 2 {
+        let n = within("read", raw.stream.read(&mut buf)).await.unwrap();
+        assert!(n > 0, "stream ended early");
+        let mut input = &buf[..n];
+        let start = read;
+        read += n;
+        while let Some(ev) = demux.feed(&mut input).unwrap() {
+            if let Event::Frame { channel, frame } = ev {
+                order.push((channel, frame.len(), start));
+            }
+        }
+    }
+    assert_eq!(order[0].0, Channel::Control, "control first: {order:?}");
+    assert_eq!(order[0].1, ping.to_bytes().len());
+    assert_eq!(order[1].0, Channel::Lane(Lane::Bulk));
+    // How much bulk data control waited behind, for the report.
+    eprintln!(
+        "control arrived after {} KiB of a {} KiB bulk frame",
+        order[0].2 / 1024,
+        BULK / 1024
+    );
+}
+
+/// A TCP link's server side, and the raw TLS stream of its client.
+async fn raw_client(opts: &Opts) -> (Link, TlsConnection) {
+    let (server_key, client_key) = (Keypair::generate(), Keypair::generate());
+    let (s, c) = tls_pair(&server_key, &client_key, opts).await;
+    (Link::Tcp(TcpLink::new(s, opts.limits, &opts.tcp)), c)
+}
+
+/// Everything the link sends until it closes: the frames of the control
+/// channel, with the stream ending in `close_notify`.
+async fn control_frames_until_close(raw: &mut TlsConnection) -> Vec<Frame> {
+    let mut demux = Demux::new(&Limits::default());
+    let mut frames = vec![];
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = within("read", raw.stream.read(&mut buf))
+            .await
+            .expect("a clean close_notify");
+        if n == 0 {
+            demux.finish().unwrap();
+            return frames;
+        }
+        let mut input = &buf[..n];
+        while let Some(ev) = demux.feed(&mut input).unwrap() {
+            if let Event::Frame {
+                channel: Channel::Control,
+                frame,
+            } = ev
+            {
+                frames.push(Frame::decode(frame, &Limits::default()).unwrap());
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn on_tcp_bad_chunks_close_the_link_with_the_reason() {
+    let cases: Vec<(Vec<u8>, CloseCode, &str)> = vec![
+        // A chunk for a channel that does not exist.
+        (vec![9, 1, 0, 0xff], CloseCode::Malformed, "channel 9"),
+        // A frame announcing more than max_frame.
+        (
+            [
+                &chunk_header(Channel::Lane(Lane::High), 4)[..],
+                &(64u32 << 20).to_le_bytes(),
+            ]
+            .concat(),
+            CloseCode::Oversize,
+            "over the limit",
+        ),
+        // An empty frame.
+        (
+            [&chunk_header(Channel::Control, 4)[..], &[0, 0, 0, 0]].concat(),
+            CloseCode::Malformed,
+            "empty frame",
+        ),
+        // Data after the channel's end.
+        (
+            [
+                &chunk_header(Channel::Control, 0)[..],
+                &chunk_header(Channel::Control, 1),
+                &[1],
+            ]
+            .concat(),
+            CloseCode::Malformed,
+            "after its end",
+        ),
+    ];
+    for (bytes, want_code, want_text) in cases {
+        let (link, mut raw) = raw_client(&Opts::default()).await;
+        raw.stream.write_all(&bytes).await.unwrap();
+        raw.stream.flush().await.unwrap();
+        let end = within("the link ends", link.closed()).await;
+        assert!(matches!(end, LinkEnd::Mux(_)), "{end:?}");
+        assert!(end.to_string().contains(want_text), "{end}");
+        // The peer is told why, in a Close frame before close_notify.
+        let frames = control_frames_until_close(&mut raw).await;
+        match frames.as_slice() {
+            [Frame::Close { code, reason }] => {
+                assert_eq!(*code, want_code);
+                assert!(reason.contains(want_text), "{reason}");
+            }
+            other => panic!("expected one Close frame, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn on_tcp_a_malformed_frame_is_a_decode_error_on_its_channel() {
+    let (link, mut raw) = raw_client(&Opts::default()).await;
+    // A whole frame of an unknown type on the control channel.
+    let frame = [&2u32.to_le_bytes()[..], &[0x7f, 0]].concat();
+    raw.stream
+        .write_all(
+            &[
+                &chunk_header(Channel::Control, frame.len() as u16)[..],
+                &frame,
+            ]
+            .concat(),
+        )
+        .await
+        .unwrap();
+    raw.stream.flush().await.unwrap();
+    let r = accept_hello_on(&link, WAIT).await;
+    match r {
+        Err(e @ ConnError::Decode(_)) => assert_eq!(e.peer_fault(), Some(CloseCode::Malformed)),
+        other => panic!("expected a decode error, got {:?}", other.err()),
+    }
+}
+
+#[tokio::test]
+async fn on_tcp_a_peer_that_vanishes_without_close_is_lost() {
+    let (link, raw) = raw_client(&Opts::default()).await;
+    drop(raw);
+    assert_eq!(within("end", link.closed()).await, LinkEnd::Lost);
+}
+
+#[tokio::test]
+async fn on_tcp_dropping_every_handle_closes_the_link_normally() {
+    let (link, mut raw) = raw_client(&Opts::default()).await;
+    drop(link);
+    let frames = control_frames_until_close(&mut raw).await;
+    assert!(
+        matches!(
+            frames.as_slice(),
+            [Frame::Close {
+                code: CloseCode::Normal,
+                ..
+            }]
+        ),
+        "{frames:?}"
+    );
+}
