@@ -1,5 +1,5 @@
 //! A flat hash set of 128-bit message ids, for dedup windows: the relay's
-//! (`relay::core::dedup`) and each cell's.
+//! (`relay_core::dedup`) and each cell's.
 //!
 //! Why not `std`'s `HashSet`: at the relay's default capacity a generation
 //! holds half a million ids, and every check lands at a random place in

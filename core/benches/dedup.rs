@@ -14,10 +14,10 @@
 //! case prints the longest single call seen while filling the window and
 //! then over a further 2 M steady-state calls: table growth and rehashes
 //! show up there, not in the mean (on a busy machine, so does a scheduler
-//! tick of a few milliseconds). Run: `cargo bench -p relay --bench dedup`.
+//! tick of a few milliseconds). Run: `cargo bench -p relay-core --bench dedup`.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use relay::core::{DedupVerdict, DedupWindow};
+use relay_core::{DedupVerdict, DedupWindow};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
