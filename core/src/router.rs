@@ -5,10 +5,15 @@
 //! and it answers with what to do (whom to deliver to, which presence
 //! reports to send). It is generic over the link handle `H` the shell uses,
 //! so tests drive it with plain numbers.
+//!
+//! Deterministic: every list it returns is in a fixed order, whatever the
+//! history of the tables: cells by key (broadcast, service members,
+//! discovery) and watchers by link id (presence reports). Its maps are
+//! B-trees, so no hash seed reaches an output, and a run can be replayed.
 
 use relay_codec::frame::PresenceInfo;
 use relay_codec::{PublicKey, ServiceName};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Identifies one link (one QUIC connection) for the lifetime of the process.
 pub type LinkId = u64;
@@ -54,9 +59,9 @@ pub enum Route<'a, H> {
 /// Bounded: at most `max_cells` attached cells (the shell also bounds links),
 /// each with at most the services the codec's limits allow.
 pub struct Router<H> {
-    cells: HashMap<PublicKey, Attached<H>>,
-    services: HashMap<ServiceName, BTreeSet<PublicKey>>,
-    watchers: HashMap<LinkId, H>,
+    cells: BTreeMap<PublicKey, Attached<H>>,
+    services: BTreeMap<ServiceName, BTreeSet<PublicKey>>,
+    watchers: BTreeMap<LinkId, H>,
     max_cells: usize,
 }
 
@@ -64,9 +69,9 @@ impl<H: Clone> Router<H> {
     /// An empty router holding at most `max_cells` attached cells.
     pub fn new(max_cells: usize) -> Self {
         Self {
-            cells: HashMap::new(),
-            services: HashMap::new(),
-            watchers: HashMap::new(),
+            cells: BTreeMap::new(),
+            services: BTreeMap::new(),
+            watchers: BTreeMap::new(),
             max_cells,
         }
     }
@@ -324,6 +329,34 @@ mod tests {
         r.watch(9, "w", false);
         let (_, reports) = r.attach(k(2), 2, "b");
         assert!(reports.is_empty());
+    }
+
+    #[test]
+    fn outputs_are_in_key_and_link_order_whatever_the_history() {
+        let mut r = Router::new(10);
+        // Watchers and cells attached out of order.
+        for (key, link) in [(7, 30), (2, 10), (9, 20), (4, 40)] {
+            r.attach(k(key), link, link);
+            r.announce(k(key), link, String::new(), vec![svc("chat")]);
+            r.watch(link, link, true);
+        }
+        let Route::Many(all) = r.route_broadcast(&k(0)) else {
+            panic!()
+        };
+        assert_eq!(all, vec![&10, &40, &30, &20], "by key: 2, 4, 7, 9");
+        let Route::Many(members) = r.route_service(&svc("chat"), &k(4)) else {
+            panic!()
+        };
+        assert_eq!(members, vec![&10, &30, &20]);
+        let found: Vec<PublicKey> = r
+            .discover(&svc("chat"), 10)
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(found, vec![k(2), k(4), k(7), k(9)]);
+        let (_, reports) = r.attach(k(1), 50, 50);
+        let to: Vec<u64> = reports.iter().map(|p| p.to).collect();
+        assert_eq!(to, vec![10, 20, 30, 40], "by watcher link id");
     }
 
     #[test]
