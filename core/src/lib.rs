@@ -7,6 +7,7 @@
 pub mod dedup;
 pub mod freshness;
 pub mod notices;
+pub mod reason;
 pub mod router;
 pub mod stall;
 pub mod ttl;
@@ -14,5 +15,6 @@ pub mod ttl;
 pub use dedup::{DedupVerdict, DedupWindow};
 pub use freshness::{FreshnessWindow, Staleness};
 pub use notices::{Notice, NoticeAggregator};
+pub use reason::{CloseReason, DropReason};
 pub use router::{LinkId, PresenceReport, Route, Router};
 pub use stall::{STUCK_AFTER_MS, StallGate};
