@@ -4,8 +4,11 @@
 //! which queues are nonempty) with the time it read, and carries out what
 //! they decide; so the mesh can be tested in one process, deterministically.
 
+#![warn(missing_docs)]
+
 pub mod dedup;
 pub mod freshness;
+pub mod node;
 pub mod notices;
 pub mod reason;
 pub mod router;
@@ -14,6 +17,10 @@ pub mod ttl;
 
 pub use dedup::{DedupVerdict, DedupWindow};
 pub use freshness::{FreshnessWindow, Staleness};
+pub use node::{
+    Action, Admission, Departed, LinkInfo, Node, NodeConfig, NodeConfigError, Now, QueueRefusal,
+    Undelivered, Verify,
+};
 pub use notices::{Notice, NoticeAggregator};
 pub use reason::{CloseReason, DropReason};
 pub use router::{LinkId, PresenceReport, Route, Router};

@@ -41,6 +41,8 @@ pub struct Attach<H> {
     /// An older link of the same key, which the shell must close: a cell
     /// that reconnects replaces its stale link.
     pub replaced: Option<H>,
+    /// That older link's id.
+    pub replaced_link: Option<LinkId>,
 }
 
 /// Where a message goes.
@@ -114,13 +116,20 @@ impl<H: Clone> Router<H> {
                 services: Vec::new(),
             },
         );
+        let replaced_link = old.as_ref().map(|o| o.link);
         let replaced = old.map(|o| {
             self.unindex(&key, &o.services);
             self.watchers.remove(&o.link);
             o.handle
         });
         let reports = self.reports(key, true, link);
-        (Attach { replaced }, reports)
+        (
+            Attach {
+                replaced,
+                replaced_link,
+            },
+            reports,
+        )
     }
 
     /// The cell on `link` states its version and services (replacing any
@@ -179,6 +188,35 @@ impl<H: Clone> Router<H> {
             .collect()
     }
 
+    /// The current link of the cell with `key` and its handle, if attached.
+    pub fn cell(&self, key: &PublicKey) -> Option<(LinkId, &H)> {
+        self.cells.get(key).map(|a| (a.link, &a.handle))
+    }
+
+    /// The handles of every attached cell but `from`, by key: a broadcast's
+    /// receivers. Allocates nothing.
+    pub fn broadcast(&self, from: PublicKey) -> impl Iterator<Item = &H> + '_ {
+        self.cells
+            .iter()
+            .filter(move |(k, _)| **k != from)
+            .map(|(_, a)| &a.handle)
+    }
+
+    /// The handles of every cell offering `service` but `from`, by key: a
+    /// service message's receivers. Allocates nothing.
+    pub fn service_members<'a>(
+        &'a self,
+        service: &ServiceName,
+        from: PublicKey,
+    ) -> impl Iterator<Item = &'a H> + 'a {
+        self.services
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter(move |k| **k != from)
+            .filter_map(|k| self.cells.get(k).map(|a| &a.handle))
+    }
+
     /// Where a message from `from` to one cell goes.
     pub fn route_cell(&self, dest: &PublicKey) -> Route<'_, H> {
         match self.cells.get(dest) {
@@ -187,28 +225,15 @@ impl<H: Clone> Router<H> {
         }
     }
 
-    /// Every attached cell but the sender.
+    /// Every attached cell but the sender, by key (as [`broadcast`](Self::broadcast), collected).
     pub fn route_broadcast(&self, from: &PublicKey) -> Route<'_, H> {
-        Route::Many(
-            self.cells
-                .iter()
-                .filter(|(k, _)| *k != from)
-                .map(|(_, a)| &a.handle)
-                .collect(),
-        )
+        Route::Many(self.broadcast(*from).collect())
     }
 
-    /// Every cell offering `service` but the sender.
+    /// Every cell offering `service` but the sender, by key (as
+    /// [`service_members`](Self::service_members), collected).
     pub fn route_service(&self, service: &ServiceName, from: &PublicKey) -> Route<'_, H> {
-        Route::Many(
-            self.services
-                .get(service)
-                .into_iter()
-                .flatten()
-                .filter(|k| *k != from)
-                .filter_map(|k| self.cells.get(k).map(|a| &a.handle))
-                .collect(),
-        )
+        Route::Many(self.service_members(service, *from).collect())
     }
 
     fn unindex(&mut self, key: &PublicKey, services: &[ServiceName]) {
