@@ -567,26 +567,22 @@ fn a_batch_larger_than_a_cell_accepts_goes_message_by_message() {
     let mut r = Relay::standard();
     r.cell(1, 1);
     r.cell(2, 2);
+    let mib = |nonces: std::ops::Range<u64>| -> Vec<Message> {
+        let payload = Bytes::from(vec![1u8; 1 << 20]);
+        nonces
+            .map(|n| {
+                Message::new(key(1), to(2), payload.clone())
+                    .with_timestamp(T0)
+                    .with_nonce(n)
+            })
+            .collect()
+    };
     // Five messages of 1 MiB: the batch is over FORWARD_WHOLE_MAX.
-    let big: Vec<Message> = (0..5)
-        .map(|n| {
-            Message::new(key(1), to(2), Bytes::from(vec![1u8; 1 << 20]))
-                .with_timestamp(T0)
-                .with_nonce(n)
-        })
-        .collect();
-    let a = r.send(at(0), 1, big).to_vec();
+    let a = r.send(at(0), 1, mib(0..5)).to_vec();
     assert!(forwards(&a).is_empty());
     assert_eq!(delivers(&a).len(), 5);
     // Three fit.
-    let fit: Vec<Message> = (10..13)
-        .map(|n| {
-            Message::new(key(1), to(2), Bytes::from(vec![1u8; 1 << 20]))
-                .with_timestamp(T0)
-                .with_nonce(n)
-        })
-        .collect();
-    assert_eq!(forwards(r.send(at(0), 1, fit)).len(), 1);
+    assert_eq!(forwards(r.send(at(0), 1, mib(10..13))).len(), 1);
 }
 
 // ---- admission ----
