@@ -7,9 +7,10 @@
 //! every time is the caller's ([`Now`]), every random choice comes from the
 //! seed the node was made with (the dedup table's hash key, which messages
 //! `Verify::Sampled` checks), and every list it returns is in an order set
-//! by keys and link ids, never by a hash seed. Its dependencies (relay-codec
-//! and a seeded generator without `std`) keep it so: tokio, quinn, rustls
-//! and sockets cannot be reached from here.
+//! by keys and link ids, never by a hash seed. Its dependencies
+//! (relay-codec and a seeded generator without `std`) keep tokio, quinn and
+//! rustls out of reach; what `std` and relay-codec still offer (the clock,
+//! sockets, threads, `IdKey::random`, `Keypair::generate`) is not used here.
 //!
 //! **Why.** The relay's rules can then be tested one by one, without a
 //! network or a runtime (`node` has a unit test per rule), and a simulation
