@@ -1,5 +1,5 @@
 //! A flat hash set of 128-bit message ids, for dedup windows: the relay's
-//! (`relay::core::dedup`) and each cell's.
+//! (`relay_core::dedup`) and each cell's.
 //!
 //! Why not `std`'s `HashSet`: at the relay's default capacity a generation
 //! holds half a million ids, and every check lands at a random place in
@@ -169,6 +169,14 @@ pub struct IdKey {
 }
 
 impl IdKey {
+    /// The key made of `k0` and `k1`: a seeded generator's draws, for a run
+    /// that can be replayed (the relay's pure node takes its randomness
+    /// from a seed), or random ones. The key must be secret from the
+    /// senders whose ids go into the table, or they can grind collisions.
+    pub const fn new(k0: u64, k1: u64) -> Self {
+        Self { k0, k1 }
+    }
+
     /// A fresh random key.
     pub fn random() -> Self {
         // std's RandomState is already seeded from the OS once per thread;

@@ -23,7 +23,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use relay_codec::Limits;
+use relay_codec::{Limits, PublicKey};
+use relay_core::{FreshnessWindow, Verify};
 use serde::{Deserialize, Deserializer, Serialize};
 use toml::de::{DeTable, DeValue};
 
@@ -413,6 +414,31 @@ impl Violation {
 }
 
 impl RelayConfig {
+    /// What the relay's pure node ([`relay_core::Node`]) runs with, for the
+    /// relay `key`: the limits, replay windows, signature policy, notice
+    /// interval and stall bound of this configuration.
+    #[must_use]
+    pub fn node_config(&self, key: PublicKey) -> relay_core::NodeConfig {
+        let s = &self.security;
+        relay_core::NodeConfig {
+            key,
+            limits: self.limits.codec_limits(),
+            max_links: self.limits.max_links,
+            freshness: FreshnessWindow::new(s.timestamp_past_ms, s.timestamp_future_ms),
+            dedup_window_ms: s.dedup_window_ms,
+            dedup_capacity: s.dedup_capacity,
+            verify: match s.verify {
+                VerifyMode::Off => Verify::Off,
+                VerifyMode::Sampled => Verify::Sampled {
+                    rate: s.sample_rate,
+                },
+                VerifyMode::All => Verify::All,
+            },
+            notice_interval_ms: self.link.notice_interval_ms,
+            max_stall_ms: self.link.max_stall_ms,
+        }
+    }
+
     /// Parses TOML text and validates it. `path` only labels errors. The
     /// first broken rule is returned, with its line when the text sets it.
     ///
@@ -746,6 +772,39 @@ fn line_of_key(src: &str, field: &str) -> Option<usize> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_node_runs_with_this_configuration_and_its_defaults_are_the_files() {
+        let key = PublicKey([3; 32]);
+        let defaults = RelayConfig::from_toml_str(EMBEDDED_DEFAULT, None).unwrap();
+        assert_eq!(
+            defaults.node_config(key),
+            relay_core::NodeConfig::new(key),
+            "relay-core's defaults are config/relay.toml's"
+        );
+        let mut cfg = defaults;
+        cfg.limits.max_links = 7;
+        cfg.limits.max_services_per_cell = 3;
+        cfg.security.verify = VerifyMode::Sampled;
+        cfg.security.sample_rate = 0.25;
+        cfg.security.timestamp_past_ms = 9_000;
+        cfg.security.timestamp_future_ms = 1_000;
+        cfg.security.dedup_window_ms = 10_000;
+        cfg.security.dedup_capacity = 2_048;
+        cfg.link.notice_interval_ms = 50;
+        cfg.link.max_stall_ms = 0;
+        let n = cfg.node_config(key);
+        assert_eq!(
+            (n.max_links, n.limits.max_services, n.verify),
+            (7, 3, Verify::Sampled { rate: 0.25 })
+        );
+        assert_eq!(n.freshness, FreshnessWindow::new(9_000, 1_000));
+        assert_eq!((n.dedup_window_ms, n.dedup_capacity), (10_000, 2_048));
+        assert_eq!((n.notice_interval_ms, n.max_stall_ms), (50, 0));
+        cfg.security.verify = VerifyMode::All;
+        assert_eq!(cfg.node_config(key).verify, Verify::All);
+        relay_core::Node::<()>::new(cfg.node_config(key), 0).expect("a valid configuration runs");
+    }
 
     fn parse(src: &str) -> Result<RelayConfig, ConfigError> {
         RelayConfig::from_toml_str(src, Some(Path::new("test.toml")))

@@ -23,7 +23,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use relay_codec::frame::{CloseCode, NoticeCode, Role};
+use relay_codec::frame::{NoticeCode, Role};
 
 /// The `Content-Type` of what [`Metrics::encode`] returns (Prometheus text
 /// format 0.0.4).
@@ -47,168 +47,10 @@ pub const TIME_SIGFIG: u8 = 3;
 /// Quantiles exported for `celluler_time_in_relay_seconds`.
 pub const TIME_QUANTILES: [f64; 5] = [0.5, 0.9, 0.99, 0.999, 1.0];
 
-/// Why a message was dropped; the `reason` label of `celluler_drops_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DropReason {
-    /// It claimed a source other than the link's key.
-    ForgedSource,
-    /// It was over a size bound.
-    Oversize,
-    /// Its bytes did not decode.
-    Malformed,
-    /// It was already seen (dedup window).
-    Duplicate,
-    /// Its timestamp is older than the accepted window.
-    Expired,
-    /// Its timestamp is too far in the future.
-    FromFuture,
-    /// Its signature did not verify.
-    BadSignature,
-    /// The receiver read too slowly for a best-effort lane.
-    SlowReceiver,
-    /// No cell or route for its destination.
-    UnknownDestination,
-    /// It ran out of hops.
-    TtlExpired,
-    /// The link carrying it was refused for lack of link slots.
-    TooManyLinks,
-    /// The relay was shutting down.
-    Shutdown,
-}
-
-impl DropReason {
-    /// Every reason, in label order.
-    pub const ALL: [DropReason; 12] = [
-        DropReason::ForgedSource,
-        DropReason::Oversize,
-        DropReason::Malformed,
-        DropReason::Duplicate,
-        DropReason::Expired,
-        DropReason::FromFuture,
-        DropReason::BadSignature,
-        DropReason::SlowReceiver,
-        DropReason::UnknownDestination,
-        DropReason::TtlExpired,
-        DropReason::TooManyLinks,
-        DropReason::Shutdown,
-    ];
-
-    /// The snake_case label value.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            DropReason::ForgedSource => "forged_source",
-            DropReason::Oversize => "oversize",
-            DropReason::Malformed => "malformed",
-            DropReason::Duplicate => "duplicate",
-            DropReason::Expired => "expired",
-            DropReason::FromFuture => "from_future",
-            DropReason::BadSignature => "bad_signature",
-            DropReason::SlowReceiver => "slow_receiver",
-            DropReason::UnknownDestination => "unknown_destination",
-            DropReason::TtlExpired => "ttl_expired",
-            DropReason::TooManyLinks => "too_many_links",
-            DropReason::Shutdown => "shutdown",
-        }
-    }
-}
-
-/// Why a link closed; the `reason` label of `celluler_links_closed_total`.
-///
-/// The first eleven mirror [`CloseCode`] (what this node or the peer sent in
-/// a Close frame); the rest cover closes without a Close frame.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum CloseReason {
-    /// Orderly close ([`CloseCode::Normal`]).
-    Normal,
-    /// Protocol version mismatch ([`CloseCode::Version`]).
-    Version,
-    /// Key not allowed ([`CloseCode::Unauthorized`]).
-    Unauthorized,
-    /// Forged message source ([`CloseCode::ForgedSource`]).
-    ForgedSource,
-    /// Frame or message over its bound ([`CloseCode::Oversize`]).
-    Oversize,
-    /// Undecodable bytes ([`CloseCode::Malformed`]).
-    Malformed,
-    /// Link limit reached ([`CloseCode::TooManyLinks`]).
-    TooManyLinks,
-    /// Node shutting down ([`CloseCode::Shutdown`]).
-    Shutdown,
-    /// Sent faster than allowed ([`CloseCode::RateLimited`]).
-    RateLimited,
-    /// Silent past the idle timeout ([`CloseCode::Idle`]).
-    Idle,
-    /// Bad signatures ([`CloseCode::BadSignature`]).
-    BadSignature,
-    /// The peer went away (connection closed without a Close frame).
-    PeerClosed,
-    /// The transport timed out.
-    TimedOut,
-    /// A newer link from the same key replaced this one.
-    Replaced,
-    /// The handshake did not complete.
-    HandshakeFailed,
-}
-
-impl CloseReason {
-    /// Every reason, in label order.
-    pub const ALL: [CloseReason; 15] = [
-        CloseReason::Normal,
-        CloseReason::Version,
-        CloseReason::Unauthorized,
-        CloseReason::ForgedSource,
-        CloseReason::Oversize,
-        CloseReason::Malformed,
-        CloseReason::TooManyLinks,
-        CloseReason::Shutdown,
-        CloseReason::RateLimited,
-        CloseReason::Idle,
-        CloseReason::BadSignature,
-        CloseReason::PeerClosed,
-        CloseReason::TimedOut,
-        CloseReason::Replaced,
-        CloseReason::HandshakeFailed,
-    ];
-
-    /// The snake_case label value.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::Normal => "normal",
-            CloseReason::Version => "version",
-            CloseReason::Unauthorized => "unauthorized",
-            CloseReason::ForgedSource => "forged_source",
-            CloseReason::Oversize => "oversize",
-            CloseReason::Malformed => "malformed",
-            CloseReason::TooManyLinks => "too_many_links",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::RateLimited => "rate_limited",
-            CloseReason::Idle => "idle",
-            CloseReason::BadSignature => "bad_signature",
-            CloseReason::PeerClosed => "peer_closed",
-            CloseReason::TimedOut => "timed_out",
-            CloseReason::Replaced => "replaced",
-            CloseReason::HandshakeFailed => "handshake_failed",
-        }
-    }
-}
-
-impl From<CloseCode> for CloseReason {
-    fn from(code: CloseCode) -> Self {
-        match code {
-            CloseCode::Normal => CloseReason::Normal,
-            CloseCode::Version => CloseReason::Version,
-            CloseCode::Unauthorized => CloseReason::Unauthorized,
-            CloseCode::ForgedSource => CloseReason::ForgedSource,
-            CloseCode::Oversize => CloseReason::Oversize,
-            CloseCode::Malformed => CloseReason::Malformed,
-            CloseCode::TooManyLinks => CloseReason::TooManyLinks,
-            CloseCode::Shutdown => CloseReason::Shutdown,
-            CloseCode::RateLimited => CloseReason::RateLimited,
-            CloseCode::Idle => CloseReason::Idle,
-            CloseCode::BadSignature => CloseReason::BadSignature,
-        }
-    }
-}
+/// Why a message was dropped, and why a link closed: the `reason` labels
+/// of `celluler_drops_total` and `celluler_links_closed_total`, decided by
+/// the pure node and counted here.
+pub use relay_core::{CloseReason, DropReason};
 
 /// Per-lane counters: one handle per lane, indexed by lane wire value.
 type LaneCounters = [Counter; 4];
@@ -663,6 +505,7 @@ fn write_float(out: &mut String, v: f64) -> std::fmt::Result {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use relay_codec::frame::CloseCode;
 
     /// The value of the sample line `series` (name plus labels) in `text`.
     fn sample(text: &str, series: &str) -> Option<f64> {

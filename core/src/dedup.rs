@@ -147,14 +147,18 @@ impl DedupWindow {
     /// rate times the window (see [`DedupWindow`]); `window_ms` should be at
     /// least the freshness window's replay horizon.
     ///
+    /// `key` places ids in the tables (it changes no verdict): the caller
+    /// draws it, from a seeded generator where runs must replay (the
+    /// pure node does) or at random, and keeps it secret from
+    /// senders.
+    ///
     /// # Panics
     ///
     /// If `capacity` is 0: a window that remembers nothing would let every
     /// replay through.
-    pub fn new(window_ms: u64, capacity: usize) -> Self {
+    pub fn new(window_ms: u64, capacity: usize, key: IdKey) -> Self {
         assert!(capacity > 0, "dedup window capacity must be at least 1");
         let generation_capacity = (capacity / 2).max(1);
-        let key = IdKey::random();
         Self {
             window_ms,
             capacity,
@@ -309,11 +313,14 @@ impl DedupWindow {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Any fixed key: it changes where ids sit, never a verdict.
+    const KEY: IdKey = IdKey::new(0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210);
     use std::collections::HashMap;
 
     #[test]
     fn repeated_id_is_a_duplicate_and_others_are_fresh() {
-        let mut window = DedupWindow::new(1_000, 16);
+        let mut window = DedupWindow::new(1_000, 16, KEY);
         assert_eq!(window.check_and_insert(7, 100), DedupVerdict::Fresh);
         assert_eq!(window.check_and_insert(7, 100), DedupVerdict::Duplicate);
         assert_eq!(window.check_and_insert(7, 900), DedupVerdict::Duplicate);
@@ -329,7 +336,7 @@ mod tests {
 
     #[test]
     fn id_is_remembered_through_the_last_millisecond_of_its_window() {
-        let mut window = DedupWindow::new(100, 16);
+        let mut window = DedupWindow::new(100, 16, KEY);
         assert_eq!(window.check_and_insert(1, 1_000), DedupVerdict::Fresh);
         assert_eq!(window.check_and_insert(1, 1_100), DedupVerdict::Duplicate);
         // The duplicate at 1_100 did not extend the id's life, and a
@@ -340,7 +347,7 @@ mod tests {
 
     #[test]
     fn a_generation_rotated_by_time_still_answers_for_its_window() {
-        let mut window = DedupWindow::new(100, 16);
+        let mut window = DedupWindow::new(100, 16, KEY);
         assert_eq!(window.check_and_insert(1, 1_000), DedupVerdict::Fresh);
         assert_eq!(window.check_and_insert(2, 1_050), DedupVerdict::Fresh);
         // At 1_101 the generation started at 1_000 rotates to `previous`;
@@ -359,7 +366,7 @@ mod tests {
 
     #[test]
     fn ids_are_forgotten_by_twice_the_window() {
-        let mut window = DedupWindow::new(100, 16);
+        let mut window = DedupWindow::new(100, 16, KEY);
         assert_eq!(window.check_and_insert(1, 0), DedupVerdict::Fresh);
         // Id 2 keeps id 1's generation alive past id 1's window.
         assert_eq!(window.check_and_insert(2, 100), DedupVerdict::Fresh);
@@ -372,7 +379,7 @@ mod tests {
 
     #[test]
     fn a_zero_window_remembers_only_the_same_millisecond() {
-        let mut window = DedupWindow::new(0, 16);
+        let mut window = DedupWindow::new(0, 16, KEY);
         assert_eq!(window.check_and_insert(1, 10), DedupVerdict::Fresh);
         assert_eq!(window.check_and_insert(2, 10), DedupVerdict::Fresh);
         assert_eq!(window.check_and_insert(1, 10), DedupVerdict::Duplicate);
@@ -383,7 +390,7 @@ mod tests {
 
     #[test]
     fn expire_forgets_old_generations_without_a_check() {
-        let mut window = DedupWindow::new(100, 16);
+        let mut window = DedupWindow::new(100, 16, KEY);
         for id in 0..10 {
             assert_eq!(
                 window.check_and_insert(id, id as u64 * 10),
@@ -403,7 +410,7 @@ mod tests {
 
     #[test]
     fn rotation_by_size_keeps_the_newest_half_and_counts_what_it_drops() {
-        let mut window = DedupWindow::new(u64::MAX, 8);
+        let mut window = DedupWindow::new(u64::MAX, 8, KEY);
         for id in 0..8 {
             assert_eq!(window.check_and_insert(id, 5), DedupVerdict::Fresh);
         }
@@ -428,7 +435,7 @@ mod tests {
     #[test]
     fn capacity_holds_under_ten_times_as_many_ids() {
         let capacity = 100;
-        let mut window = DedupWindow::new(u64::MAX, capacity);
+        let mut window = DedupWindow::new(u64::MAX, capacity, KEY);
         for id in 0..(10 * capacity as u128) {
             assert_eq!(window.check_and_insert(id, 5), DedupVerdict::Fresh);
             assert!(window.len() <= capacity);
@@ -452,7 +459,7 @@ mod tests {
 
     #[test]
     fn capacity_one_keeps_only_the_last_id() {
-        let mut window = DedupWindow::new(u64::MAX, 1);
+        let mut window = DedupWindow::new(u64::MAX, 1, KEY);
         assert_eq!(window.check_and_insert(1, 0), DedupVerdict::Fresh);
         assert_eq!(window.check_and_insert(1, 0), DedupVerdict::Duplicate);
         assert_eq!(window.check_and_insert(2, 0), DedupVerdict::Fresh);
@@ -465,7 +472,7 @@ mod tests {
 
     #[test]
     fn expiry_frees_room_without_counting_early_evictions() {
-        let mut window = DedupWindow::new(100, 4);
+        let mut window = DedupWindow::new(100, 4, KEY);
         for id in 0..4 {
             assert_eq!(window.check_and_insert(id, 0), DedupVerdict::Fresh);
         }
@@ -479,7 +486,7 @@ mod tests {
     #[test]
     fn steady_traffic_within_capacity_is_bounded_by_time_alone() {
         // One id every 10 ms: 10 per window, far below the room of 500.
-        let mut window = DedupWindow::new(100, 1_000);
+        let mut window = DedupWindow::new(100, 1_000, KEY);
         for k in 0..1_000u64 {
             let now = 10 * k;
             assert_eq!(
@@ -501,7 +508,7 @@ mod tests {
 
     #[test]
     fn a_clock_going_backwards_forgets_nothing_early() {
-        let mut window = DedupWindow::new(100, 16);
+        let mut window = DedupWindow::new(100, 16, KEY);
         assert_eq!(window.check_and_insert(1, 1_000), DedupVerdict::Fresh);
         assert_eq!(window.check_and_insert(2, 500), DedupVerdict::Fresh);
         assert_eq!(window.check_and_insert(1, 500), DedupVerdict::Duplicate);
@@ -519,7 +526,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "capacity")]
     fn zero_capacity_is_refused() {
-        let _ = DedupWindow::new(100, 0);
+        let _ = DedupWindow::new(100, 0, KEY);
     }
 
     /// Inserts `n` fresh ids at `now_ms`, numbered on from `next`.
@@ -533,7 +540,7 @@ mod tests {
     #[test]
     fn tables_reach_full_size_without_rehashing_and_are_reused() {
         let capacity = 200_000; // generations of 100 000 ids
-        let mut window = DedupWindow::new(u64::MAX, capacity);
+        let mut window = DedupWindow::new(u64::MAX, capacity, KEY);
         let mut next = 0;
         // Doubling would still be under 4 × ONE_STEP_FROM slots here;
         // instead the first generation moved into the other table, which
@@ -566,7 +573,7 @@ mod tests {
     #[test]
     fn a_surge_after_a_quiet_window_grows_the_table_in_one_step() {
         let capacity = 200_000;
-        let mut window = DedupWindow::new(100, capacity);
+        let mut window = DedupWindow::new(100, capacity, KEY);
         let mut next = 0;
         insert_fresh(&mut window, &mut next, ONE_STEP_FROM / 2 - 1, 0);
         insert_fresh(&mut window, &mut next, 1, 60);
@@ -602,7 +609,7 @@ mod tests {
             // is sometimes negative)
             ops in prop::collection::vec((0u128..24, -5i64..20), 1..400),
         ) {
-            let mut window = DedupWindow::new(window_ms, capacity);
+            let mut window = DedupWindow::new(window_ms, capacity, KEY);
             let mut inserted: HashMap<u128, Inserted> = HashMap::new();
             let mut inserts = 0u64;
             let mut latest = 0u64;

@@ -5,10 +5,15 @@
 //! and it answers with what to do (whom to deliver to, which presence
 //! reports to send). It is generic over the link handle `H` the shell uses,
 //! so tests drive it with plain numbers.
+//!
+//! Deterministic: every list it returns is in a fixed order, whatever the
+//! history of the tables: cells by key (broadcast, service members,
+//! discovery) and watchers by link id (presence reports). Its maps are
+//! B-trees, so no hash seed reaches an output, and a run can be replayed.
 
 use relay_codec::frame::PresenceInfo;
 use relay_codec::{PublicKey, ServiceName};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Identifies one link (one QUIC connection) for the lifetime of the process.
 pub type LinkId = u64;
@@ -36,6 +41,8 @@ pub struct Attach<H> {
     /// An older link of the same key, which the shell must close: a cell
     /// that reconnects replaces its stale link.
     pub replaced: Option<H>,
+    /// That older link's id.
+    pub replaced_link: Option<LinkId>,
 }
 
 /// Where a message goes.
@@ -54,9 +61,9 @@ pub enum Route<'a, H> {
 /// Bounded: at most `max_cells` attached cells (the shell also bounds links),
 /// each with at most the services the codec's limits allow.
 pub struct Router<H> {
-    cells: HashMap<PublicKey, Attached<H>>,
-    services: HashMap<ServiceName, BTreeSet<PublicKey>>,
-    watchers: HashMap<LinkId, H>,
+    cells: BTreeMap<PublicKey, Attached<H>>,
+    services: BTreeMap<ServiceName, BTreeSet<PublicKey>>,
+    watchers: BTreeMap<LinkId, H>,
     max_cells: usize,
 }
 
@@ -64,9 +71,9 @@ impl<H: Clone> Router<H> {
     /// An empty router holding at most `max_cells` attached cells.
     pub fn new(max_cells: usize) -> Self {
         Self {
-            cells: HashMap::new(),
-            services: HashMap::new(),
-            watchers: HashMap::new(),
+            cells: BTreeMap::new(),
+            services: BTreeMap::new(),
+            watchers: BTreeMap::new(),
             max_cells,
         }
     }
@@ -109,13 +116,20 @@ impl<H: Clone> Router<H> {
                 services: Vec::new(),
             },
         );
+        let replaced_link = old.as_ref().map(|o| o.link);
         let replaced = old.map(|o| {
             self.unindex(&key, &o.services);
             self.watchers.remove(&o.link);
             o.handle
         });
         let reports = self.reports(key, true, link);
-        (Attach { replaced }, reports)
+        (
+            Attach {
+                replaced,
+                replaced_link,
+            },
+            reports,
+        )
     }
 
     /// The cell on `link` states its version and services (replacing any
@@ -174,6 +188,35 @@ impl<H: Clone> Router<H> {
             .collect()
     }
 
+    /// The current link of the cell with `key` and its handle, if attached.
+    pub fn cell(&self, key: &PublicKey) -> Option<(LinkId, &H)> {
+        self.cells.get(key).map(|a| (a.link, &a.handle))
+    }
+
+    /// The handles of every attached cell but `from`, by key: a broadcast's
+    /// receivers. Allocates nothing.
+    pub fn broadcast(&self, from: PublicKey) -> impl Iterator<Item = &H> + '_ {
+        self.cells
+            .iter()
+            .filter(move |(k, _)| **k != from)
+            .map(|(_, a)| &a.handle)
+    }
+
+    /// The handles of every cell offering `service` but `from`, by key: a
+    /// service message's receivers. Allocates nothing.
+    pub fn service_members<'a>(
+        &'a self,
+        service: &ServiceName,
+        from: PublicKey,
+    ) -> impl Iterator<Item = &'a H> + 'a {
+        self.services
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter(move |k| **k != from)
+            .filter_map(|k| self.cells.get(k).map(|a| &a.handle))
+    }
+
     /// Where a message from `from` to one cell goes.
     pub fn route_cell(&self, dest: &PublicKey) -> Route<'_, H> {
         match self.cells.get(dest) {
@@ -182,28 +225,15 @@ impl<H: Clone> Router<H> {
         }
     }
 
-    /// Every attached cell but the sender.
+    /// Every attached cell but the sender, by key (as [`broadcast`](Self::broadcast), collected).
     pub fn route_broadcast(&self, from: &PublicKey) -> Route<'_, H> {
-        Route::Many(
-            self.cells
-                .iter()
-                .filter(|(k, _)| *k != from)
-                .map(|(_, a)| &a.handle)
-                .collect(),
-        )
+        Route::Many(self.broadcast(*from).collect())
     }
 
-    /// Every cell offering `service` but the sender.
+    /// Every cell offering `service` but the sender, by key (as
+    /// [`service_members`](Self::service_members), collected).
     pub fn route_service(&self, service: &ServiceName, from: &PublicKey) -> Route<'_, H> {
-        Route::Many(
-            self.services
-                .get(service)
-                .into_iter()
-                .flatten()
-                .filter(|k| *k != from)
-                .filter_map(|k| self.cells.get(k).map(|a| &a.handle))
-                .collect(),
-        )
+        Route::Many(self.service_members(service, *from).collect())
     }
 
     fn unindex(&mut self, key: &PublicKey, services: &[ServiceName]) {
@@ -324,6 +354,34 @@ mod tests {
         r.watch(9, "w", false);
         let (_, reports) = r.attach(k(2), 2, "b");
         assert!(reports.is_empty());
+    }
+
+    #[test]
+    fn outputs_are_in_key_and_link_order_whatever_the_history() {
+        let mut r = Router::new(10);
+        // Watchers and cells attached out of order.
+        for (key, link) in [(7, 30), (2, 10), (9, 20), (4, 40)] {
+            r.attach(k(key), link, link);
+            r.announce(k(key), link, String::new(), vec![svc("chat")]);
+            r.watch(link, link, true);
+        }
+        let Route::Many(all) = r.route_broadcast(&k(0)) else {
+            panic!()
+        };
+        assert_eq!(all, vec![&10, &40, &30, &20], "by key: 2, 4, 7, 9");
+        let Route::Many(members) = r.route_service(&svc("chat"), &k(4)) else {
+            panic!()
+        };
+        assert_eq!(members, vec![&10, &30, &20]);
+        let found: Vec<PublicKey> = r
+            .discover(&svc("chat"), 10)
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(found, vec![k(2), k(4), k(7), k(9)]);
+        let (_, reports) = r.attach(k(1), 50, 50);
+        let to: Vec<u64> = reports.iter().map(|p| p.to).collect();
+        assert_eq!(to, vec![10, 20, 30, 40], "by watcher link id");
     }
 
     #[test]
