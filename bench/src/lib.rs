@@ -33,6 +33,7 @@ pub mod target;
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use cli::{Broker, Cli, Cmd, TargetArgs};
+use relay_client::Transport;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -170,18 +171,20 @@ fn open_target(t: &TargetArgs) -> Result<Target> {
         ))
         .into());
     }
+    let transport = t.transport.map_or(Transport::Quic, Transport::from);
     if t.spawn {
         Target::spawn(
             t.relay_bin.as_deref(),
             t.relay_config.as_deref(),
             &t.relay_log,
+            transport,
         )
     } else {
         let addr = t
             .relay
             .clone()
             .context("--relay KEY@HOST:PORT or --spawn is required")?;
-        Target::attach(addr, t.relay_pid)
+        Target::attach(addr, t.relay_pid, transport)
     }
 }
 

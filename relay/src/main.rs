@@ -113,7 +113,7 @@ fn run(cli: Cli) -> Result<()> {
         None => {}
     }
     let cfg = load_config(&cli)?;
-    relay_client::logging::init("info");
+    relay_link::logging::init("info");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.node.worker_threads)
         .enable_all()

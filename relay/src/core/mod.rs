@@ -14,9 +14,5 @@ pub mod ttl;
 pub use dedup::{DedupVerdict, DedupWindow};
 pub use freshness::{FreshnessWindow, Staleness};
 pub use notices::{Notice, NoticeAggregator};
-/// The lane scheduler lives in the client crate because cells and relays
-/// share the link writer that uses it.
-pub use relay_client::lanes;
-pub use relay_client::lanes::{DEFAULT_LANE_WEIGHTS, LANES, LaneScheduler, MAX_LANE_WEIGHT};
 pub use router::{LinkId, PresenceReport, Route, Router};
 pub use stall::{STUCK_AFTER_MS, StallGate};

@@ -13,11 +13,12 @@ use crate::admin::{self, AdminState};
 use crate::config::RelayConfig;
 use crate::core::{DedupWindow, FreshnessWindow, LinkId, Router};
 use crate::metrics::Metrics;
-use relay_client::link::WriterConfig;
-use relay_client::transport::{self, TransportTuning};
 use relay_codec::frame::CloseCode;
 use relay_codec::keyfile::{KeyFileError, load_or_create_keyfile, read_keyfile};
 use relay_codec::{Keypair, Limits, PublicKey};
+use relay_link::WriterConfig;
+use relay_link::quic::{self, TransportTuning};
+use relay_link::tcp::TcpTuning;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,7 +34,7 @@ mod connection;
 mod ingest;
 
 pub use connection::LinkHandle;
-use connection::handle_connection;
+use connection::{Incoming, handle_connection};
 
 /// The file in a data directory that the relay using it holds locked
 /// (`flock`, released by the kernel when the holder exits however it
@@ -98,7 +99,7 @@ pub enum NodeError {
     },
     /// The QUIC endpoint could not be set up.
     #[error("QUIC endpoint: {0}")]
-    Transport(transport::TransportError),
+    Transport(relay_link::TransportError),
     /// The admin address could not be bound.
     #[error(
         "admin address {addr}: {error}{}",
@@ -156,6 +157,8 @@ struct Shared {
     cfg: RelayConfig,
     key: PublicKey,
     limits: Limits,
+    /// Socket and buffer settings of TCP links.
+    tcp: TcpTuning,
     core: Mutex<Core>,
     metrics: Arc<Metrics>,
     links: Mutex<HashMap<LinkId, LinkEntry>>,
@@ -201,17 +204,16 @@ impl Node {
             idle_timeout: cfg.link.idle_timeout(),
             ..TransportTuning::default()
         };
-        let server = transport::server_config(keypair.signing_key(), &tuning)
-            .map_err(NodeError::Transport)?;
+        let server =
+            quic::server_config(keypair.signing_key(), &tuning).map_err(NodeError::Transport)?;
         let not_quic = Arc::new(AtomicU64::new(0));
-        let endpoint =
-            transport::server_endpoint_counting(cfg.node.listen, server, not_quic.clone())
-                .map_err(|e| match e {
-                    transport::TransportError::Bind { addr, error } => {
-                        NodeError::Listen { addr, error }
-                    }
-                    e => NodeError::Transport(e),
-                })?;
+        let endpoint = quic::server_endpoint_counting(cfg.node.listen, server, not_quic.clone())
+            .map_err(|e| match e {
+                relay_link::TransportError::Bind { addr, error } => {
+                    NodeError::Listen { addr, error }
+                }
+                e => NodeError::Transport(e),
+            })?;
         let quic_addr = endpoint.local_addr().map_err(|error| NodeError::Listen {
             addr: cfg.node.listen,
             error,
@@ -238,6 +240,11 @@ impl Node {
         let shared = Arc::new(Shared {
             key: keypair.public(),
             limits,
+            tcp: TcpTuning {
+                keepalive: cfg.link.keep_alive(),
+                user_timeout: cfg.link.idle_timeout(),
+                ..TcpTuning::default()
+            },
             core: Mutex::new(core),
             metrics: Arc::new(Metrics::new()),
             links: Mutex::new(HashMap::new()),
@@ -310,7 +317,7 @@ impl Node {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    connections.spawn(handle_connection(shared.clone(), incoming));
+                    connections.spawn(handle_connection(shared.clone(), Incoming::Quic(incoming)));
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 _ = &mut shutdown => break,
@@ -356,7 +363,7 @@ impl Node {
         }
         // Each link closed as `shutdown` (not as a peer's close), then the
         // endpoint, for connections still in their handshake.
-        for h in handles.iter().filter(|h| h.conn.close_reason().is_none()) {
+        for h in handles.iter().filter(|h| h.link.end().is_none()) {
             h.close(CloseCode::Shutdown, "relay shutting down");
         }
         self.endpoint.close(

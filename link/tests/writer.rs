@@ -1,72 +1,23 @@
-//! The link layer over real QUIC on loopback, without a relay: a small
-//! accepting side written here against `link` and `transport`.
+//! The lane queues and the lane writer over real links on loopback
+//! (QUIC and TLS over TCP), without a relay: what producers see (room,
+//! waiting, closing) and what the writer puts on the lanes (order, batch
+//! bounds, weighted shares, forwarded batches).
+
+mod common;
 
 use bytes::{Bytes, BytesMut};
-use relay_client::link::{
-    self, FrameReader, LaneQueues, LinkError, NoObserver, Outbound, WriterConfig,
-};
-use relay_client::transport::{self, TransportTuning};
-use relay_codec::frame::{CloseCode, PROTOCOL_VERSION, Role};
+use common::*;
 use relay_codec::{BatchDecoder, Destination, Envelope, Frame, Keypair, Lane, Limits, Message};
-use std::net::SocketAddr;
+use relay_link::quic::TransportTuning;
+use relay_link::tcp::TcpTuning;
+use relay_link::{
+    BatchReader, ForwardedBatch, LaneQueues, Link, LinkError, NoObserver, Outbound, Transport,
+    WriterConfig, run_writer,
+};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
-
-const WAIT: Duration = Duration::from_secs(10);
-
-struct Pair {
-    /// The accepting side's connection.
-    server: quinn::Connection,
-    /// The connecting side's connection.
-    client: quinn::Connection,
-    _endpoints: (quinn::Endpoint, quinn::Endpoint),
-}
-
-/// A QUIC connection over loopback between two fresh keys.
-async fn connect(server_key: &Keypair, client_key: &Keypair) -> Pair {
-    connect_with(server_key, client_key, &TransportTuning::default()).await
-}
-
-/// Like [`connect`], the accepting side with `server_tuning` (its receive
-/// windows bound what the connecting side can have in flight).
-async fn connect_with(
-    server_key: &Keypair,
-    client_key: &Keypair,
-    server_tuning: &TransportTuning,
-) -> Pair {
-    let tuning = TransportTuning::default();
-    let scfg = transport::server_config(server_key.signing_key(), server_tuning).unwrap();
-    let sep = transport::server_endpoint("127.0.0.1:0".parse().unwrap(), scfg).unwrap();
-    let addr: SocketAddr = sep.local_addr().unwrap();
-    let ccfg =
-        transport::client_config(client_key.signing_key(), server_key.public().0, &tuning).unwrap();
-    let cep = transport::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-    let connecting = cep
-        .connect_with(ccfg, addr, transport::SERVER_NAME)
-        .unwrap();
-    let accepting = async { sep.accept().await.expect("endpoint open").await };
-    let (server, client) =
-        tokio::time::timeout(WAIT, async { tokio::join!(accepting, connecting) })
-            .await
-            .expect("QUIC handshake timed out");
-    Pair {
-        server: server.expect("server side of the handshake"),
-        client: client.expect("client side of the handshake"),
-        _endpoints: (sep, cep),
-    }
-}
-
-fn envelope(key: &Keypair, lane: Lane, nonce: u64, payload: Bytes) -> Envelope {
-    let msg = Message::new(key.public(), Destination::Broadcast, payload)
-        .with_lane(lane)
-        .with_timestamp(1_700_000_000_000)
-        .with_nonce(nonce);
-    let mut buf = BytesMut::new();
-    msg.encode_signed(key, &mut buf);
-    Envelope::parse(&mut buf.freeze(), &Limits::default()).unwrap()
-}
 
 /// Polls `f` once: its output if it is ready, `None` if it waits (having
 /// registered for the wake-up it waits for, which a later `.await` of the
@@ -86,14 +37,14 @@ fn outbound(env: Envelope) -> Outbound {
     }
 }
 
-/// Starts a link writer draining `queues` over `conn`.
+/// Starts a link writer draining `queues` over `link`.
 fn spawn_writer(
-    conn: &quinn::Connection,
+    link: &Link,
     queues: &Arc<LaneQueues>,
     cfg: WriterConfig,
 ) -> tokio::task::JoinHandle<Result<(), LinkError>> {
-    tokio::spawn(link::run_writer(
-        conn.clone(),
+    tokio::spawn(run_writer(
+        link.lane_sender(),
         queues.clone(),
         cfg,
         NoObserver,
@@ -113,213 +64,34 @@ async fn close_and_join(
         .expect("writer succeeded");
 }
 
-/// Reads every uni stream the peer opens until `streams` of them have
-/// ended, returning per lane the messages in arrival order.
-async fn receive_all(conn: quinn::Connection, streams: usize) -> [Vec<Envelope>; 4] {
+/// Reads every lane the peer starts until `lanes` of them have ended,
+/// returning per lane the messages in arrival order.
+async fn receive_all(link: Link, lanes: usize) -> [Vec<Envelope>; 4] {
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..streams {
-        let recv = conn.accept_uni().await.expect("accept a data stream");
+    for _ in 0..lanes {
+        let recv = link.accept_lane().await.expect("accept a lane");
         tasks.spawn(async move {
-            let mut reader = FrameReader::new(recv, Limits::default());
-            let mut decoder = BatchDecoder::new(Limits::default()).unwrap();
-            let mut lane_of_stream = None;
+            let mut reader = BatchReader::new(recv, Limits::default()).unwrap();
+            let mut envs = Vec::new();
             let mut got = Vec::new();
-            while let Some(frame) = reader.next().await.expect("read a frame") {
-                let Frame::Batch(batch) = frame else {
-                    panic!("a data stream carried a non-batch frame: {frame:?}");
-                };
-                // One stream per lane.
-                assert_eq!(*lane_of_stream.get_or_insert(batch.lane), batch.lane);
-                for env in decoder.messages(&batch).unwrap() {
-                    got.push(env.expect("a valid message"));
-                }
+            while reader
+                .next(&mut envs)
+                .await
+                .expect("read a batch")
+                .is_some()
+            {
+                got.append(&mut envs);
             }
-            (lane_of_stream.expect("a stream with no batch"), got)
+            (reader.lane().expect("a lane with no batch"), got)
         });
     }
     let mut by_lane: [Vec<Envelope>; 4] = Default::default();
     while let Some(r) = tasks.join_next().await {
         let (lane, got) = r.unwrap();
-        assert!(by_lane[lane.index()].is_empty(), "two streams for {lane}");
+        assert!(by_lane[lane.index()].is_empty(), "two channels for {lane}");
         by_lane[lane.index()] = got;
     }
     by_lane
-}
-
-#[tokio::test]
-async fn handshake_exchanges_hello_and_welcome() {
-    let relay = Keypair::generate();
-    let cell = Keypair::generate();
-    let pair = connect(&relay, &cell).await;
-    assert_eq!(
-        transport::peer_key(&pair.server),
-        Some(cell.public().0),
-        "the accepting side learns the cell's proven key"
-    );
-    let relay_pub = relay.public();
-    let server = pair.server.clone();
-    let accept = tokio::spawn(async move {
-        let (mut send, _reader, hello) = link::accept_hello(&server, Limits::default(), WAIT)
-            .await
-            .expect("a Hello");
-        link::write_frame(
-            &mut send,
-            &Frame::Welcome {
-                version: PROTOCOL_VERSION,
-                node: relay_pub,
-                time_ms: 1_700_000_000_123,
-                max_payload: 65_536,
-                max_frame: 1 << 20,
-            },
-        )
-        .await
-        .unwrap();
-        (hello, send)
-    });
-    let (_send, _reader, welcome) = link::hello(
-        &pair.client,
-        Role::Cell,
-        true,
-        "link-test/1",
-        Limits::default(),
-        WAIT,
-    )
-    .await
-    .expect("a Welcome");
-    let (hello, _server_send) = accept.await.unwrap();
-    assert_eq!(hello.version, PROTOCOL_VERSION);
-    assert_eq!(hello.role, Role::Cell);
-    assert!(hello.notices);
-    assert_eq!(hello.agent, "link-test/1");
-    assert_eq!(welcome.version, PROTOCOL_VERSION);
-    assert_eq!(welcome.node, relay.public());
-    assert_eq!(welcome.time_ms, 1_700_000_000_123);
-    assert_eq!(welcome.max_payload, 65_536);
-    assert_eq!(welcome.max_frame, 1 << 20);
-}
-
-#[tokio::test]
-async fn refused_handshake_surfaces_the_reason() {
-    let relay = Keypair::generate();
-    let cell = Keypair::generate();
-    let pair = connect(&relay, &cell).await;
-    let server = pair.server.clone();
-    let refuse = tokio::spawn(async move {
-        let (mut send, _reader, hello) = link::accept_hello(&server, Limits::default(), WAIT)
-            .await
-            .unwrap();
-        assert_eq!(hello.role, Role::Cell);
-        link::close_with(
-            &server,
-            Some(&mut send),
-            CloseCode::Version,
-            "this relay speaks link version 9 only",
-        )
-        .await;
-    });
-    let err = link::hello(
-        &pair.client,
-        Role::Cell,
-        false,
-        "link-test/1",
-        Limits::default(),
-        WAIT,
-    )
-    .await
-    .err()
-    .expect("the handshake must fail");
-    refuse.await.unwrap();
-    match err {
-        LinkError::Refused { code, reason } => {
-            assert_eq!(code, CloseCode::Version);
-            assert_eq!(reason, "this relay speaks link version 9 only");
-        }
-        other => panic!("expected Refused, got {other:?}"),
-    }
-    // The connection ends with the same code.
-    let closed = tokio::time::timeout(WAIT, pair.client.closed())
-        .await
-        .unwrap();
-    match closed {
-        quinn::ConnectionError::ApplicationClosed(c) => {
-            assert_eq!(
-                c.error_code,
-                quinn::VarInt::from_u32(CloseCode::Version as u32)
-            );
-        }
-        other => panic!("expected an application close, got {other:?}"),
-    }
-}
-
-#[tokio::test]
-async fn handshake_times_out_when_nobody_answers() {
-    let relay = Keypair::generate();
-    let cell = Keypair::generate();
-    let pair = connect(&relay, &cell).await;
-    let err = link::hello(
-        &pair.client,
-        Role::Cell,
-        false,
-        "link-test/1",
-        Limits::default(),
-        Duration::from_millis(300),
-    )
-    .await
-    .err()
-    .expect("nobody answers");
-    // Our own timeout, not the connection's idle timeout (30 s).
-    assert!(matches!(err, LinkError::Timeout(_)), "{err:?}");
-}
-
-#[tokio::test]
-async fn writer_sends_every_lane_in_order() {
-    let relay = Keypair::generate();
-    let cell = Keypair::generate();
-    let pair = connect(&relay, &cell).await;
-    const PER_LANE: u64 = 700;
-    let queues = Arc::new(LaneQueues::new(PER_LANE as usize));
-    // Interleave lanes; payloads vary in size and compress well, so the
-    // writer makes many batches, some of them zstd.
-    for n in 0..PER_LANE {
-        for lane in Lane::ALL {
-            let payload = Bytes::from(vec![b'a' + (n % 26) as u8; 10 + (n as usize * 7) % 300]);
-            queues
-                .push(outbound(envelope(&cell, lane, n, payload)))
-                .expect("room for every message");
-        }
-    }
-    assert_eq!(queues.len(), 4 * PER_LANE as usize);
-    let receiver = tokio::spawn(receive_all(pair.server.clone(), 4));
-    let cfg = WriterConfig {
-        batch_bytes: 8 * 1024,
-        max_batch_messages: 50,
-        ..WriterConfig::default()
-    };
-    let writer = spawn_writer(&pair.client, &queues, cfg);
-    close_and_join(&queues, writer).await;
-    assert!(queues.is_empty());
-    let by_lane = tokio::time::timeout(WAIT, receiver)
-        .await
-        .expect("receiver finished")
-        .unwrap();
-    for lane in Lane::ALL {
-        let got = &by_lane[lane.index()];
-        let nonces: Vec<u64> = got.iter().map(Envelope::nonce).collect();
-        assert_eq!(
-            nonces,
-            (0..PER_LANE).collect::<Vec<_>>(),
-            "lane {lane}: every message, in order"
-        );
-        assert!(
-            got.iter()
-                .all(|e| e.lane() == lane && e.source() == cell.public())
-        );
-        // A cell's writer leaves TTL alone.
-        assert!(
-            got.iter()
-                .all(|e| e.ttl() == relay_codec::message::DEFAULT_TTL)
-        );
-    }
 }
 
 /// The writer's lane weights under test: not the default, so a writer that
@@ -327,17 +99,35 @@ async fn writer_sends_every_lane_in_order() {
 const SHARE_WEIGHTS: [u32; 4] = [16, 4, 2, 1];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writer_gives_each_lane_its_weighted_share_under_saturation() {
-    // Small receive windows on the accepting side: QUIC can hold only a few
-    // dozen messages in flight, so arrival order is the writer's pick
-    // order up to that (within its buffers QUIC sends higher lanes first).
-    let tuning = TransportTuning {
-        stream_window: 16 * 1024,
-        conn_window: 32 * 1024,
-        ..TransportTuning::default()
+async fn over_quic_the_writer_gives_each_lane_its_weighted_share_under_saturation() {
+    weighted_share(Transport::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tcp_the_writer_gives_each_lane_its_weighted_share_under_saturation() {
+    weighted_share(Transport::Tcp).await;
+}
+
+async fn weighted_share(t: Transport) {
+    // Small receive windows: QUIC can hold only a few dozen messages in
+    // flight, so arrival order is the writer's pick order up to that
+    // (within its buffers QUIC sends higher lanes first). TCP: send queues
+    // of one frame, so the link's own chunk interleaving (by the same
+    // weights, see transports.rs) follows the writer's picks.
+    let opts = Opts {
+        quic: TransportTuning {
+            stream_window: 16 * 1024,
+            conn_window: 32 * 1024,
+            ..TransportTuning::default()
+        },
+        tcp: TcpTuning {
+            send_queue: 1,
+            ..TcpTuning::default()
+        },
+        ..Opts::default()
     };
-    let (relay, cell) = (Keypair::generate(), Keypair::generate());
-    let pair = connect_with(&relay, &cell, &tuning).await;
+    let pair = pair(t, &opts).await;
+    let cell = &pair.client_key;
     const PER_LANE: usize = 1_500;
     // Arrivals skipped (the streams are accepted one after the other) and
     // counted; control, with 16 of 23 picks, keeps a backlog for
@@ -367,14 +157,14 @@ async fn writer_gives_each_lane_its_weighted_share_under_saturation() {
     let receiver = tokio::spawn(async move {
         let mut readers = tokio::task::JoinSet::new();
         for _ in 0..4 {
-            let recv = server.accept_uni().await.expect("a data stream");
+            let recv = server.accept_lane().await.expect("a lane");
             let tx = tx.clone();
             readers.spawn(async move {
-                let mut reader = FrameReader::new(recv, Limits::default());
-                let mut decoder = BatchDecoder::new(Limits::default()).unwrap();
-                while let Some(Frame::Batch(b)) = reader.next().await.expect("a frame") {
-                    for env in decoder.messages(&b).unwrap() {
-                        tx.send(env.unwrap().lane()).await.unwrap();
+                let mut reader = BatchReader::new(recv, Limits::default()).unwrap();
+                let mut envs = Vec::new();
+                while reader.next(&mut envs).await.expect("a batch").is_some() {
+                    for env in envs.drain(..) {
+                        tx.send(env.lane()).await.unwrap();
                     }
                 }
             });
@@ -398,7 +188,7 @@ async fn writer_gives_each_lane_its_weighted_share_under_saturation() {
     let sum: u32 = SHARE_WEIGHTS.iter().sum();
     let want = SHARE_WEIGHTS.map(|w| COUNTED * w as usize / sum as usize);
     println!(
-        "arrivals {SKIP}..{} per lane: {got:?}; weights {SHARE_WEIGHTS:?} give {want:?}",
+        "{t}: arrivals {SKIP}..{} per lane: {got:?}; weights {SHARE_WEIGHTS:?} give {want:?}",
         SKIP + COUNTED
     );
     // Exact over every cycle of 23 picks, up to what QUIC and the four
@@ -410,7 +200,7 @@ async fn writer_gives_each_lane_its_weighted_share_under_saturation() {
     for (i, lane) in Lane::ALL.iter().enumerate() {
         assert!(
             got[i].abs_diff(want[i]) <= tolerance,
-            "{lane} got {} of {COUNTED} arrivals, its weight {} of {sum} gives {}; all: {got:?}",
+            "{t}: {lane} got {} of {COUNTED} arrivals, its weight {} of {sum} gives {}; all: {got:?}",
             got[i],
             SHARE_WEIGHTS[i],
             want[i]
@@ -426,9 +216,14 @@ async fn writer_gives_each_lane_its_weighted_share_under_saturation() {
 
 #[tokio::test]
 async fn push_wait_blocks_while_a_lane_is_full_and_resumes_when_drained() {
-    let relay = Keypair::generate();
-    let cell = Keypair::generate();
-    let pair = connect(&relay, &cell).await;
+    for t in BOTH {
+        push_wait_blocks_while_a_lane_is_full_and_resumes_when_drained_over(t).await;
+    }
+}
+
+async fn push_wait_blocks_while_a_lane_is_full_and_resumes_when_drained_over(t: Transport) {
+    let pair = pair(t, &Opts::default()).await;
+    let cell = &pair.client_key;
     let queues = Arc::new(LaneQueues::new(2));
     let msg = |n| outbound(envelope(&cell, Lane::Normal, n, Bytes::from_static(b"x")));
     queues.push(msg(0)).unwrap();
@@ -473,9 +268,14 @@ async fn push_wait_blocks_while_a_lane_is_full_and_resumes_when_drained() {
 
 #[tokio::test]
 async fn wait_for_room_returns_once_a_lane_drains_to_half_or_at_the_deadline() {
-    let relay = Keypair::generate();
-    let cell = Keypair::generate();
-    let pair = connect(&relay, &cell).await;
+    for t in BOTH {
+        wait_for_room_returns_once_a_lane_drains_to_half_or_at_the_deadline_over(t).await;
+    }
+}
+
+async fn wait_for_room_returns_once_a_lane_drains_to_half_or_at_the_deadline_over(t: Transport) {
+    let pair = pair(t, &Opts::default()).await;
+    let cell = &pair.client_key;
     let queues = Arc::new(LaneQueues::new(4));
     let msg = |n| outbound(envelope(&cell, Lane::Normal, n, Bytes::from_static(b"x")));
     for n in 0..2 {
@@ -520,11 +320,16 @@ async fn wait_for_room_returns_once_a_lane_drains_to_half_or_at_the_deadline() {
 
 #[tokio::test]
 async fn staged_messages_leave_whole_in_order_and_within_the_batch_limits() {
-    let relay = Keypair::generate();
-    let cell = Keypair::generate();
-    let pair = connect(&relay, &cell).await;
+    for t in BOTH {
+        staged_messages_leave_whole_in_order_and_within_the_batch_limits_over(t).await;
+    }
+}
+
+async fn staged_messages_leave_whole_in_order_and_within_the_batch_limits_over(t: Transport) {
+    let pair = pair(t, &Opts::default()).await;
+    let cell = &pair.client_key;
     let queues = Arc::new(LaneQueues::new(40));
-    let key = &cell;
+    let key = cell;
     let stage = |n: u64| {
         let msg = Message::new(key.public(), Destination::Broadcast, vec![7u8; 100].into())
             .with_lane(Lane::Bulk)
@@ -549,13 +354,12 @@ async fn staged_messages_leave_whole_in_order_and_within_the_batch_limits() {
     };
     let server = pair.server.clone();
     let receiver = tokio::spawn(async move {
-        let recv = server.accept_uni().await.expect("a data stream");
-        let mut reader = FrameReader::new(recv, Limits::default());
-        let mut decoder = BatchDecoder::new(Limits::default()).unwrap();
+        let recv = server.accept_lane().await.expect("a lane");
+        let mut reader = BatchReader::new(recv, Limits::default()).unwrap();
+        let mut envs = Vec::new();
         let mut batches = Vec::new();
-        while let Some(Frame::Batch(b)) = reader.next().await.expect("a frame") {
-            let msgs: Vec<Envelope> = decoder.messages(&b).unwrap().map(Result::unwrap).collect();
-            batches.push((b.raw_len as usize, msgs));
+        while let Some(b) = reader.next(&mut envs).await.expect("a batch") {
+            batches.push((b.raw_len as usize, std::mem::take(&mut envs)));
         }
         batches
     });
@@ -610,9 +414,14 @@ async fn closed_queues_give_messages_back() {
 
 #[tokio::test]
 async fn a_forwarded_batch_goes_out_unchanged_and_in_lane_order() {
-    let relay = Keypair::generate();
-    let cell = Keypair::generate();
-    let pair = connect(&relay, &cell).await;
+    for t in BOTH {
+        a_forwarded_batch_goes_out_unchanged_and_in_lane_order_over(t).await;
+    }
+}
+
+async fn a_forwarded_batch_goes_out_unchanged_and_in_lane_order_over(t: Transport) {
+    let pair = pair(t, &Opts::default()).await;
+    let cell = &pair.client_key;
     let queues = Arc::new(LaneQueues::new(1000));
     // Messages 0..10, then a compressed batch holding 10..60, then 60..70.
     for n in 0..10 {
@@ -643,14 +452,14 @@ async fn a_forwarded_batch_goes_out_unchanged_and_in_lane_order() {
     // Counted as its 50 messages against the lane's bound.
     assert!(
         LaneQueues::new(49)
-            .push_batch(link::ForwardedBatch {
+            .push_batch(ForwardedBatch {
                 batch: batch.clone(),
                 queued_at: Instant::now(),
             })
             .is_err()
     );
     queues
-        .push_batch(link::ForwardedBatch {
+        .push_batch(ForwardedBatch {
             batch,
             queued_at: Instant::now(),
         })
@@ -666,12 +475,21 @@ async fn a_forwarded_batch_goes_out_unchanged_and_in_lane_order() {
             )))
             .unwrap();
     }
-    // Read the raw stream to see the forwarded frame's bytes as they go out.
+    // Every frame of the lane as it arrived, to see the forwarded one's
+    // bytes as they went out.
     let receiver = tokio::spawn({
-        let conn = pair.server.clone();
+        let link = pair.server.clone();
         async move {
-            let mut recv = conn.accept_uni().await.unwrap();
-            recv.read_to_end(1 << 20).await.unwrap()
+            let mut recv = link.accept_lane().await.unwrap();
+            let mut raw = BytesMut::new();
+            while let Some(f) = recv.next().await.unwrap() {
+                let Frame::Batch(b) = f else {
+                    panic!("not a batch: {f:?}")
+                };
+                raw.extend_from_slice(&b.frame_header());
+                raw.extend_from_slice(&b.data);
+            }
+            raw
         }
     });
     let writer = spawn_writer(
