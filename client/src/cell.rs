@@ -1410,6 +1410,10 @@ async fn open_link(
                     addr,
                     reason: format!("{e}{KEY_HINT}"),
                 }),
+                Err(HandshakeError::Connect { source, .. }) => Err(CellError::Connect {
+                    addr,
+                    reason: format!("TCP connect failed: {source}"),
+                }),
                 Err(e) => Err(CellError::Connect {
                     addr,
                     reason: e.to_string(),

@@ -225,13 +225,13 @@ async fn push_wait_blocks_while_a_lane_is_full_and_resumes_when_drained_over(t: 
     let pair = pair(t, &Opts::default()).await;
     let cell = &pair.client_key;
     let queues = Arc::new(LaneQueues::new(2));
-    let msg = |n| outbound(envelope(&cell, Lane::Normal, n, Bytes::from_static(b"x")));
+    let msg = |n| outbound(envelope(cell, Lane::Normal, n, Bytes::from_static(b"x")));
     queues.push(msg(0)).unwrap();
     queues.push(msg(1)).unwrap();
     assert!(queues.push(msg(2)).is_err(), "a full lane refuses push");
     // Lanes are independent: a full normal lane does not block high.
     queues
-        .push(outbound(envelope(&cell, Lane::High, 100, Bytes::new())))
+        .push(outbound(envelope(cell, Lane::High, 100, Bytes::new())))
         .expect("room on another lane");
 
     // Polled once, push_wait finds the lane full and waits.
@@ -250,7 +250,7 @@ async fn push_wait_blocks_while_a_lane_is_full_and_resumes_when_drained_over(t: 
         .expect("push_wait resumed once the lane drained");
     assert!(pushed.is_ok());
     // Everything, including the waiting message, reaches the other side.
-    let more = outbound(envelope(&cell, Lane::Normal, 3, Bytes::from_static(b"y")));
+    let more = outbound(envelope(cell, Lane::Normal, 3, Bytes::from_static(b"y")));
     queues.push_wait(more).await.unwrap();
     close_and_join(&queues, writer).await;
     let by_lane = tokio::time::timeout(WAIT, receiver).await.unwrap().unwrap();
@@ -277,7 +277,7 @@ async fn wait_for_room_returns_once_a_lane_drains_to_half_or_at_the_deadline_ove
     let pair = pair(t, &Opts::default()).await;
     let cell = &pair.client_key;
     let queues = Arc::new(LaneQueues::new(4));
-    let msg = |n| outbound(envelope(&cell, Lane::Normal, n, Bytes::from_static(b"x")));
+    let msg = |n| outbound(envelope(cell, Lane::Normal, n, Bytes::from_static(b"x")));
     for n in 0..2 {
         queues.push(msg(n)).unwrap();
     }
@@ -427,7 +427,7 @@ async fn a_forwarded_batch_goes_out_unchanged_and_in_lane_order_over(t: Transpor
     for n in 0..10 {
         queues
             .push(outbound(envelope(
-                &cell,
+                cell,
                 Lane::High,
                 n,
                 Bytes::from("before"),
@@ -436,12 +436,7 @@ async fn a_forwarded_batch_goes_out_unchanged_and_in_lane_order_over(t: Transpor
     }
     let mut enc = relay_codec::BatchEncoder::new(1, 0).unwrap();
     for n in 10..60 {
-        enc.push_envelope(&envelope(
-            &cell,
-            Lane::High,
-            n,
-            Bytes::from("x".repeat(200)),
-        ));
+        enc.push_envelope(&envelope(cell, Lane::High, n, Bytes::from("x".repeat(200))));
     }
     let mut frame = BytesMut::new();
     assert!(enc.finish(Lane::High, &mut frame).compressed);
@@ -468,7 +463,7 @@ async fn a_forwarded_batch_goes_out_unchanged_and_in_lane_order_over(t: Transpor
     for n in 60..70 {
         queues
             .push(outbound(envelope(
-                &cell,
+                cell,
                 Lane::High,
                 n,
                 Bytes::from("after"),

@@ -155,7 +155,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: Incoming) {
     let link = match incoming.establish(&shared).await {
         Ok(l) => l,
         Err(e) => {
-            m.link_closed(Role::Cell, CloseReason::HandshakeFailed);
+            m.link_refused(CloseReason::HandshakeFailed);
             if tcp {
                 // Counted by the listener and reported once a second: a
                 // flood of garbage must not cost a log line per socket.
@@ -168,6 +168,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: Incoming) {
     };
     let transport = link.transport();
     let Some(key) = link.peer_key() else {
+        m.link_refused(CloseReason::HandshakeFailed);
         warn!(%remote, "link without a proven key; closing");
         link.close(CloseCode::Unauthorized, "no proven key");
         return;
@@ -181,7 +182,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: Incoming) {
                     e => e.peer_fault().unwrap_or(CloseCode::Malformed),
                 };
                 let reason = e.to_string();
-                m.link_closed(Role::Cell, CloseReason::HandshakeFailed);
+                m.link_refused(CloseReason::HandshakeFailed);
                 warn!(%remote, %transport, peer = %key, "link refused at Hello: {reason}");
                 link.close(code, &reason);
                 return;
@@ -215,7 +216,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: Incoming) {
         None
     };
     if let Some((code, reason)) = refusal {
-        m.link_closed(hello.role, CloseReason::HandshakeFailed);
+        m.link_refused(CloseReason::HandshakeFailed);
         warn!(%remote, %transport, peer = %key, agent = %hello.agent, "link refused: {reason}");
         relay_link::close(&link, Some(&mut ctl_send), code, &reason).await;
         return;
