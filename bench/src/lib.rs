@@ -119,6 +119,14 @@ fn dispatch(cli: Cli) -> Result<()> {
                 )
                 .into());
             }
+            if a.target.transport == Some(cli::TransportArg::Tcp) && a.endpoints != 1 {
+                return Err(BadArgs(
+                    "--endpoints spreads QUIC connections over UDP sockets: over --transport \
+                     tcp each cell has a connection of its own; leave --endpoints out"
+                        .into(),
+                )
+                .into());
+            }
             let plan = mode::connections::Plan {
                 cells: a.cells,
                 concurrency: a.concurrency,

@@ -981,6 +981,10 @@ pub async fn run(server: &Server, common: &Common, plan: &Plan) -> Result<Outcom
         broker: server.broker().into(),
         target: server.kind().into(),
         relay: server.address(),
+        transport: match server {
+            Server::Relay(t) => Some(t.transport.to_string()),
+            Server::Nats(_) => None,
+        },
         server_version,
         size: common.size,
         senders: plan.senders,

@@ -9,7 +9,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use common::*;
 use relay_codec::frame::{CloseCode, LEN_PREFIX, PROTOCOL_VERSION, Role};
 use relay_codec::mux::{Channel, Demux, Event, chunk_header};
-use relay_codec::{BatchDecoder, Envelope, Frame, Keypair, Lane, Limits};
+use relay_codec::{Envelope, Frame, Keypair, Lane, Limits};
 use relay_link::quic::TransportTuning;
 use relay_link::tcp::{TcpLink, TcpTuning, TlsConnection};
 use relay_link::{
@@ -153,37 +153,6 @@ async fn a_close_tells_the_peer_its_code_and_reason() {
         );
         assert_eq!(p.server.end(), Some(LinkEnd::Local));
     }
-}
-
-/// Reads every lane the peer starts until `lanes` of them have ended;
-/// per lane the messages in arrival order.
-async fn receive_lanes(link: Link, lanes: usize) -> [Vec<Envelope>; 4] {
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..lanes {
-        let mut recv = link.accept_lane().await.expect("accept a lane");
-        tasks.spawn(async move {
-            let mut decoder = BatchDecoder::new(Limits::default()).unwrap();
-            let mut lane = None;
-            let mut got = Vec::new();
-            while let Some(frame) = recv.next().await.expect("read a frame") {
-                let Frame::Batch(batch) = frame else {
-                    panic!("a lane carried a non-batch frame: {frame:?}");
-                };
-                assert_eq!(*lane.get_or_insert(batch.lane), batch.lane);
-                for env in decoder.messages(&batch).unwrap() {
-                    got.push(env.expect("a valid message"));
-                }
-            }
-            (lane.expect("a lane with no batch"), got)
-        });
-    }
-    let mut by_lane: [Vec<Envelope>; 4] = Default::default();
-    while let Some(r) = tasks.join_next().await {
-        let (lane, got) = r.unwrap();
-        assert!(by_lane[lane.index()].is_empty(), "two channels for {lane}");
-        by_lane[lane.index()] = got;
-    }
-    by_lane
 }
 
 #[tokio::test]

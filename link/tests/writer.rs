@@ -64,36 +64,6 @@ async fn close_and_join(
         .expect("writer succeeded");
 }
 
-/// Reads every lane the peer starts until `lanes` of them have ended,
-/// returning per lane the messages in arrival order.
-async fn receive_all(link: Link, lanes: usize) -> [Vec<Envelope>; 4] {
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..lanes {
-        let recv = link.accept_lane().await.expect("accept a lane");
-        tasks.spawn(async move {
-            let mut reader = BatchReader::new(recv, Limits::default()).unwrap();
-            let mut envs = Vec::new();
-            let mut got = Vec::new();
-            while reader
-                .next(&mut envs)
-                .await
-                .expect("read a batch")
-                .is_some()
-            {
-                got.append(&mut envs);
-            }
-            (reader.lane().expect("a lane with no batch"), got)
-        });
-    }
-    let mut by_lane: [Vec<Envelope>; 4] = Default::default();
-    while let Some(r) = tasks.join_next().await {
-        let (lane, got) = r.unwrap();
-        assert!(by_lane[lane.index()].is_empty(), "two channels for {lane}");
-        by_lane[lane.index()] = got;
-    }
-    by_lane
-}
-
 /// The writer's lane weights under test: not the default, so a writer that
 /// ignored its configuration fails too.
 const SHARE_WEIGHTS: [u32; 4] = [16, 4, 2, 1];
@@ -243,7 +213,7 @@ async fn push_wait_blocks_while_a_lane_is_full_and_resumes_when_drained_over(t: 
     assert_eq!(queues.lane_len(Lane::Normal), 2);
 
     // Draining the lane (a writer) lets it in.
-    let receiver = tokio::spawn(receive_all(pair.server.clone(), 2));
+    let receiver = tokio::spawn(receive_lanes(pair.server.clone(), 2));
     let writer = spawn_writer(&pair.client, &queues, WriterConfig::default());
     let pushed = tokio::time::timeout(WAIT, waiting)
         .await
@@ -298,7 +268,7 @@ async fn wait_for_room_returns_once_a_lane_drains_to_half_or_at_the_deadline_ove
     assert_eq!(queues.lane_len(Lane::Normal), 3);
 
     // A writer drains the lane: the wait ends well before its deadline.
-    let receiver = tokio::spawn(receive_all(pair.server.clone(), 1));
+    let receiver = tokio::spawn(receive_lanes(pair.server.clone(), 1));
     let waiting = {
         let queues = queues.clone();
         tokio::spawn(async move {

@@ -250,6 +250,7 @@ pub async fn run(target: &Target, plan: &Plan) -> Result<(Report, Vec<String>)> 
         broker: "relay".into(),
         target: target.kind().into(),
         relay: target.addr.to_string(),
+        transport: Some(target.transport.to_string()),
         auth: "link".into(),
         secs: (attach_secs * 1e6).round() / 1e6,
         relay_cpu_pct: relay_cpu,

@@ -8,7 +8,7 @@ use relay_codec::{BatchEncoder, Destination, Envelope, Keypair, Lane, Limits, Me
 use relay_link::quic::{self, TransportTuning};
 use relay_link::tcp::{self, TcpLink, TcpListener, TcpTuning, TlsConnection};
 use relay_link::tls::{self, ALPN};
-use relay_link::{Link, Transport};
+use relay_link::{BatchReader, Link, Transport};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,4 +121,34 @@ pub fn batch_frame(key: &Keypair, lane: Lane, nonce: u64, payload: usize) -> Byt
     let mut out = BytesMut::new();
     enc.finish(lane, &mut out);
     out.freeze()
+}
+
+/// Reads every lane the peer starts until `lanes` of them have ended,
+/// returning per lane the messages in arrival order.
+pub async fn receive_lanes(link: Link, lanes: usize) -> [Vec<Envelope>; 4] {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..lanes {
+        let recv = link.accept_lane().await.expect("accept a lane");
+        tasks.spawn(async move {
+            let mut reader = BatchReader::new(recv, Limits::default()).unwrap();
+            let mut envs = Vec::new();
+            let mut got = Vec::new();
+            while reader
+                .next(&mut envs)
+                .await
+                .expect("read a batch")
+                .is_some()
+            {
+                got.append(&mut envs);
+            }
+            (reader.lane().expect("a lane with no batch"), got)
+        });
+    }
+    let mut by_lane: [Vec<Envelope>; 4] = Default::default();
+    while let Some(r) = tasks.join_next().await {
+        let (lane, got) = r.unwrap();
+        assert!(by_lane[lane.index()].is_empty(), "two channels for {lane}");
+        by_lane[lane.index()] = got;
+    }
+    by_lane
 }
