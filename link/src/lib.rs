@@ -25,6 +25,8 @@
 //!
 //! Nothing in this crate knows whether it serves a cell or a relay.
 
+#![warn(missing_docs)]
+
 pub mod conn;
 pub mod error;
 pub mod handshake;
