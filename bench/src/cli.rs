@@ -133,8 +133,14 @@ pub struct TargetArgs {
     #[arg(long, value_name = "N", default_value_t = crate::nats::DEFAULT_SUB_CAPACITY,
           value_parser = parse_count_usize)]
     pub nats_sub_capacity: usize,
-    /// Seconds a cell may take to reach the relay (QUIC handshake, then
-    /// Hello/Welcome) before the run fails.
+    /// How cells (and --client raw links) reach the relay: quic (UDP, the
+    /// default) or tcp (TLS 1.3 over TCP, at the relay's TCP address:
+    /// with --spawn the one on its ready line, with --relay the same
+    /// HOST:PORT, where a relay listens by default). Not with --broker nats.
+    #[arg(long, value_enum, value_name = "TRANSPORT")]
+    pub transport: Option<TransportArg>,
+    /// Seconds a cell may take to reach the relay (QUIC or TCP and TLS
+    /// handshake, then Hello/Welcome) before the run fails.
     #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_pos_secs)]
     pub connect_timeout: f64,
     /// Worker threads of relay-bench's async runtime (default: one per
@@ -150,6 +156,24 @@ pub enum Broker {
     Relay,
     /// nats-server (`--nats-addr` or `--spawn`), through async-nats.
     Nats,
+}
+
+/// How cells reach the relay (`--transport`).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportArg {
+    /// QUIC over UDP.
+    Quic,
+    /// TLS 1.3 over TCP.
+    Tcp,
+}
+
+impl From<TransportArg> for relay_client::Transport {
+    fn from(t: TransportArg) -> Self {
+        match t {
+            TransportArg::Quic => relay_client::Transport::Quic,
+            TransportArg::Tcp => relay_client::Transport::Tcp,
+        }
+    }
 }
 
 /// How spawned relays would be linked.
@@ -342,6 +366,7 @@ pub struct ConnectionsArgs {
     pub concurrency: usize,
     /// Client UDP sockets to spread the connections over (one carries any
     /// number; more than ~64 raises the open-file limit to its maximum).
+    /// QUIC only: over TCP each cell has a connection of its own.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_count_usize)]
     pub endpoints: usize,
     /// Seconds to hold the attached cells before measuring the relay's

@@ -33,6 +33,7 @@ pub mod target;
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use cli::{Broker, Cli, Cmd, TargetArgs};
+use relay_client::Transport;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -118,6 +119,14 @@ fn dispatch(cli: Cli) -> Result<()> {
                 )
                 .into());
             }
+            if a.target.transport == Some(cli::TransportArg::Tcp) && a.endpoints != 1 {
+                return Err(BadArgs(
+                    "--endpoints spreads QUIC connections over UDP sockets: over --transport \
+                     tcp each cell has a connection of its own; leave --endpoints out"
+                        .into(),
+                )
+                .into());
+            }
             let plan = mode::connections::Plan {
                 cells: a.cells,
                 concurrency: a.concurrency,
@@ -170,18 +179,20 @@ fn open_target(t: &TargetArgs) -> Result<Target> {
         ))
         .into());
     }
+    let transport = t.transport.map_or(Transport::Quic, Transport::from);
     if t.spawn {
         Target::spawn(
             t.relay_bin.as_deref(),
             t.relay_config.as_deref(),
             &t.relay_log,
+            transport,
         )
     } else {
         let addr = t
             .relay
             .clone()
             .context("--relay KEY@HOST:PORT or --spawn is required")?;
-        Target::attach(addr, t.relay_pid)
+        Target::attach(addr, t.relay_pid, transport)
     }
 }
 

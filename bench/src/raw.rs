@@ -1,7 +1,7 @@
-//! Lean senders and receivers for `--client raw`: a bare link (the QUIC
-//! connection and Hello/Welcome a `Cell` sets up, from
-//! `relay_client::transport` and `relay_client::link`), the way a load
-//! generator can speak a broker's protocol without its client library.
+//! Lean senders and receivers for `--client raw`: a bare link (the QUIC or
+//! TCP connection and Hello/Welcome a `Cell` sets up, from the link layer
+//! `relay_client::link`), the way a load generator can speak a broker's
+//! protocol without its client library.
 //!
 //! A `Cell` hands messages to the application through an event queue after
 //! end-to-end checks (id hash, dedup set, a `Received` per message, one
@@ -16,14 +16,16 @@ use crate::cells::Progress;
 use crate::tally::Tally;
 use anyhow::{Context as _, Result, anyhow, bail};
 use bytes::{Bytes, BytesMut};
-use quinn::{Connection, Endpoint, SendStream};
-use relay_client::lanes::LANES;
-use relay_client::link::{self, FrameReader};
-use relay_client::transport::{self, TransportTuning};
-use relay_codec::frame::Role;
+use quinn::Endpoint;
+use relay_client::link::quic::{self, TransportTuning};
+use relay_client::link::tcp::{self, TcpLink, TcpTuning};
+use relay_client::link::{
+    BatchReader, ControlSender, FrameReceiver, LaneSender, Link, Transport, WriterConfig, tls,
+};
+use relay_codec::frame::{CloseCode, Role};
 use relay_codec::{
-    BatchDecoder, BatchEncoder, Destination, Frame, Keypair, Lane, Limits, Message, NodeAddr,
-    PublicKey, ServiceName,
+    BatchEncoder, Destination, Frame, Keypair, Lane, Limits, Message, NodeAddr, PublicKey,
+    ServiceName,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,42 +38,58 @@ use tokio::task::JoinSet;
 pub struct RawReceiver {
     /// Its key (the destination senders use).
     pub key: PublicKey,
-    conn: Connection,
-    endpoint: Endpoint,
-    _control: SendStream,
-    _reader: FrameReader,
+    link: RawLink,
 }
 
 /// A bare link, attached: what a `Cell` sets up, without the `Cell`.
 struct RawLink {
     key: Keypair,
-    conn: Connection,
-    endpoint: Endpoint,
-    control: SendStream,
-    reader: FrameReader,
+    link: Link,
+    /// The QUIC endpoint, over QUIC.
+    endpoint: Option<Endpoint>,
+    /// Held so the control channel stays open.
+    _control: ControlSender,
+    _reader: FrameReceiver,
+}
+
+impl RawLink {
+    /// Closes the link and waits (bounded) until the close has left.
+    async fn close(&self) {
+        self.link.close(CloseCode::Normal, "relay-bench done");
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            self.link.close_sent().await;
+            if let Some(ep) = &self.endpoint {
+                ep.wait_idle().await;
+            }
+        })
+        .await;
+    }
 }
 
 /// Connects a raw receiver, announces `services`, and waits (one discover
 /// round trip) until the relay has attached it.
 pub async fn connect(
     relay: &NodeAddr,
+    transport: Transport,
     services: Vec<ServiceName>,
     timeout: Duration,
 ) -> Result<RawReceiver> {
-    let l = dial(relay, services, timeout).await?;
+    let link = dial(relay, transport, services, timeout).await?;
     Ok(RawReceiver {
-        key: l.key.public(),
-        conn: l.conn,
-        endpoint: l.endpoint,
-        _control: l.control,
-        _reader: l.reader,
+        key: link.key.public(),
+        link,
     })
 }
 
-/// Dials the relay with a fresh key, as a cell, announces `services`, and
-/// waits (one discover round trip) until the relay has attached the link
-/// and registered the services.
-async fn dial(relay: &NodeAddr, services: Vec<ServiceName>, timeout: Duration) -> Result<RawLink> {
+/// Dials the relay over `transport` with a fresh key, as a cell, announces
+/// `services`, and waits (one discover round trip) until the relay has
+/// attached the link and registered the services.
+async fn dial(
+    relay: &NodeAddr,
+    transport: Transport,
+    services: Vec<ServiceName>,
+    timeout: Duration,
+) -> Result<RawLink> {
     let addr: SocketAddr = tokio::net::lookup_host(relay.host_port())
         .await
         .with_context(|| format!("resolving {}", relay.host_port()))?
@@ -82,49 +100,64 @@ async fn dial(relay: &NodeAddr, services: Vec<ServiceName>, timeout: Duration) -
     } else {
         "[::]:0".parse().expect("valid")
     };
-    let endpoint = transport::client_endpoint(bind)?;
     let key = Keypair::generate();
-    let cfg =
-        transport::client_config(key.signing_key(), relay.key.0, &TransportTuning::default())?;
     let fail = |e: &dyn std::fmt::Display| {
         anyhow!(
-            "a raw link could not connect to the relay {relay}: {e}\ncheck that a relay runs \
-             there and that KEY is its key, or use --spawn"
+            "a raw link could not connect to the relay {relay} over {transport}: {e}\ncheck \
+             that a relay runs there and that KEY is its key, or use --spawn"
         )
     };
-    let connecting = endpoint
-        .connect_with(cfg, addr, transport::SERVER_NAME)
-        .map_err(|e| fail(&e))?;
-    let conn = tokio::time::timeout(timeout, connecting)
-        .await
-        .map_err(|_| fail(&format!("no QUIC handshake within {timeout:?}")))?
-        .map_err(|e| fail(&e))?;
+    let (endpoint, link) = match transport {
+        Transport::Quic => {
+            let endpoint = quic::client_endpoint(bind)?;
+            let cfg =
+                quic::client_config(key.signing_key(), relay.key.0, &TransportTuning::default())?;
+            let connecting = endpoint
+                .connect_with(cfg, addr, tls::SERVER_NAME)
+                .map_err(|e| fail(&e))?;
+            let conn = tokio::time::timeout(timeout, connecting)
+                .await
+                .map_err(|_| fail(&format!("no QUIC handshake within {timeout:?}")))?
+                .map_err(|e| fail(&e))?;
+            (Some(endpoint), Link::quic(conn, Limits::default()))
+        }
+        Transport::Tcp => {
+            let cfg = tls::tls_client_config(key.signing_key(), relay.key.0, tls::ALPN)?;
+            let tuning = TcpTuning {
+                handshake_timeout: timeout,
+                ..TcpTuning::default()
+            };
+            let conn = tcp::connect(addr, Arc::new(cfg), &tuning)
+                .await
+                .map_err(|e| fail(&e))?;
+            (
+                None,
+                Link::Tcp(TcpLink::new(conn, Limits::default(), &tuning)),
+            )
+        }
+    };
     let agent = format!("relay-bench/{} raw", env!("CARGO_PKG_VERSION"));
     let (mut control, mut reader, _welcome) =
-        link::hello(&conn, Role::Cell, false, &agent, Limits::default(), timeout)
+        relay_client::link::hello(&link, Role::Cell, false, &agent, timeout)
             .await
             .map_err(|e| fail(&e))?;
     if !services.is_empty() {
-        link::write_frame(
-            &mut control,
-            &Frame::Announce {
+        control
+            .send(&Frame::Announce {
                 app_version: String::new(),
                 services,
-            },
-        )
-        .await?;
+            })
+            .await?;
     }
-    // The relay serves the control stream only once the link is attached,
+    // The relay serves the control channel only once the link is attached,
     // and in order: the reply also means the announcement is registered.
     let probe = ServiceName::new("relay-bench-probe").expect("valid service name");
-    link::write_frame(
-        &mut control,
-        &Frame::Discover {
+    control
+        .send(&Frame::Discover {
             request: 1,
             service: probe,
-        },
-    )
-    .await?;
+        })
+        .await?;
     tokio::time::timeout(timeout, async {
         loop {
             match reader.next().await? {
@@ -138,16 +171,16 @@ async fn dial(relay: &NodeAddr, services: Vec<ServiceName>, timeout: Duration) -
     .map_err(|_| anyhow!("the relay did not answer a discover within {timeout:?}"))??;
     Ok(RawLink {
         key,
-        conn,
+        link,
         endpoint,
-        control,
-        reader,
+        _control: control,
+        _reader: reader,
     })
 }
 
 /// A bare sending link for `--client raw`: each message is encoded straight
 /// into the open batch frame (zstd and the 20 % rule as a `Cell`'s writer
-/// applies them), and a full batch is written to its lane's stream, as a
+/// applies them), and a full batch is written to its lane, as a
 /// protocol-level load generator writes prebuilt frames. No queue, task hand-off or allocation
 /// per message; what is left is encoding each message and compressing
 /// each batch.
@@ -158,7 +191,7 @@ pub struct RawSender {
     /// The lane of the open batch.
     lane: Lane,
     out: BytesMut,
-    streams: [Option<SendStream>; LANES],
+    lanes: LaneSender,
     nonce: u64,
 }
 
@@ -170,19 +203,20 @@ const BATCH_MESSAGES: usize = 4096;
 /// Connects a raw sender; `signed` signs every message (`--auth signed`).
 pub async fn connect_sender(
     relay: &NodeAddr,
+    transport: Transport,
     signed: bool,
     timeout: Duration,
 ) -> Result<RawSender> {
-    let link = dial(relay, Vec::new(), timeout).await?;
-    let defaults = relay_client::link::WriterConfig::default();
+    let link = dial(relay, transport, Vec::new(), timeout).await?;
+    let defaults = WriterConfig::default();
     Ok(RawSender {
+        lanes: link.link.lane_sender(),
         link,
         signed,
         enc: BatchEncoder::new(defaults.zstd_level, defaults.compress_min)
             .context("creating a zstd encoder")?,
         lane: Lane::Normal,
         out: BytesMut::new(),
-        streams: Default::default(),
         nonce: 1,
     })
 }
@@ -217,25 +251,21 @@ impl RawSender {
             return Ok(());
         }
         self.enc.finish(self.lane, &mut self.out);
-        let stream =
-            link::lane_stream(&self.link.conn, &mut self.streams, self.lane.index()).await?;
-        stream
-            .write_chunk(self.out.split().freeze())
+        self.lanes
+            .send(self.lane, self.out.split().freeze())
             .await
             .map_err(|e| anyhow!("sending failed: {e}"))?;
         Ok(())
     }
 
-    /// Writes what is open, finishes the streams and closes the link once
+    /// Writes what is open, finishes the lanes and closes the link once
     /// the relay has read them (or after 3 s).
     pub async fn close(mut self) {
         let _ = self.flush().await;
-        for s in self.streams.iter_mut().flatten() {
-            let _ = s.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(3), s.stopped()).await;
-        }
-        self.link.conn.close(0u32.into(), b"relay-bench done");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.link.endpoint.wait_idle()).await;
+        self.lanes
+            .finish(tokio::time::Instant::now() + Duration::from_secs(3))
+            .await;
+        self.link.close().await;
     }
 }
 
@@ -251,7 +281,8 @@ pub struct RawReceived {
     pub tally: Tally,
     /// Why the link was lost, if it was.
     pub lost_link: Option<String>,
-    /// QUIC statistics of the relay -> receiver link at the end.
+    /// QUIC statistics of the relay -> receiver link at the end (none over
+    /// TCP).
     pub link: Option<LinkStats>,
 }
 
@@ -272,13 +303,13 @@ pub struct LinkStats {
     pub udp_tx_datagrams: u64,
 }
 
-/// Counts of one data stream.
+/// Counts of one lane.
 struct StreamSeen {
     tally: Tally,
     error: Option<String>,
 }
 
-/// Receives until `stop`: one task per data stream (lane) the relay opens.
+/// Receives until `stop`: one task per lane the relay starts.
 pub async fn receive(
     rx: RawReceiver,
     measure_from: Arc<AtomicU64>,
@@ -290,10 +321,10 @@ pub async fn receive(
     let stream_stop = stop.clone();
     loop {
         tokio::select! {
-            s = rx.conn.accept_uni() => match s {
+            s = rx.link.link.accept_lane() => match s {
                 Ok(recv) => {
                     streams.spawn(read_stream(
-                        FrameReader::new(recv, Limits::default()),
+                        recv,
                         measure_from.clone(),
                         progress.clone(),
                         stream_stop.clone(),
@@ -319,22 +350,24 @@ pub async fn receive(
             out.lost_link = s.error;
         }
     }
-    let st = rx.conn.stats();
-    out.link = Some(LinkStats {
-        rtt_us: rx.conn.rtt().as_micros() as u64,
-        cwnd: st.path.cwnd,
-        lost_packets: st.path.lost_packets,
-        congestion_events: st.path.congestion_events,
-        udp_rx_datagrams: st.udp_rx.datagrams,
-        udp_tx_datagrams: st.udp_tx.datagrams,
-    });
-    rx.conn.close(0u32.into(), b"relay-bench done");
-    let _ = tokio::time::timeout(Duration::from_secs(2), rx.endpoint.wait_idle()).await;
+    if let Link::Quic(q) = &rx.link.link {
+        let conn = q.connection();
+        let st = conn.stats();
+        out.link = Some(LinkStats {
+            rtt_us: conn.rtt().as_micros() as u64,
+            cwnd: st.path.cwnd,
+            lost_packets: st.path.lost_packets,
+            congestion_events: st.path.congestion_events,
+            udp_rx_datagrams: st.udp_rx.datagrams,
+            udp_tx_datagrams: st.udp_tx.datagrams,
+        });
+    }
+    rx.link.close().await;
     out
 }
 
 async fn read_stream(
-    mut reader: FrameReader,
+    recv: FrameReceiver,
     measure_from: Arc<AtomicU64>,
     progress: Arc<Progress>,
     mut stop: watch::Receiver<bool>,
@@ -343,45 +376,34 @@ async fn read_stream(
         tally: Tally::default(),
         error: None,
     };
-    let mut decoder = match BatchDecoder::new(Limits::default()) {
-        Ok(d) => d,
+    let mut reader = match BatchReader::new(recv, Limits::default()) {
+        Ok(r) => r,
         Err(e) => {
-            s.error = Some(format!("cannot create a zstd decoder: {e}"));
+            s.error = Some(e.to_string());
             return s;
         }
     };
+    let mut envs = Vec::new();
     loop {
-        let frame = tokio::select! {
+        let batch = tokio::select! {
             biased;
-            f = reader.next() => f,
+            b = reader.next(&mut envs) => b,
             _ = stop.wait_for(|s| *s) => break,
         };
-        let batch = match frame {
-            Ok(Some(Frame::Batch(b))) => b,
-            Ok(Some(_)) => continue,
+        match batch {
+            Ok(Some(_)) => {}
             Ok(None) => break,
             Err(e) => {
-                s.error = Some(format!("reading a data stream: {e}"));
+                s.error = Some(format!("bad data from the relay: {e}"));
                 break;
             }
-        };
-        let msgs = match decoder.messages(&batch) {
-            Ok(m) => m,
-            Err(e) => {
-                s.error = Some(format!("bad batch from the relay: {e}"));
-                break;
-            }
-        };
+        }
         let from = measure_from.load(Ordering::Relaxed);
         let (received, seen) = (s.tally.received, s.tally.received + s.tally.warmup);
-        for env in msgs {
-            let Ok(env) = env else {
-                s.error = Some("bad message in a batch from the relay".into());
-                break;
-            };
+        for env in &envs {
             s.tally.take(&env.payload(), from);
         }
-        // The receiver's streams share one `Progress`: add what this batch
+        // The receiver's lanes share one `Progress`: add what this batch
         // brought.
         progress
             .received
@@ -389,9 +411,6 @@ async fn read_stream(
         progress
             .seen
             .fetch_add(s.tally.received + s.tally.warmup - seen, Ordering::Relaxed);
-        if s.error.is_some() {
-            break;
-        }
     }
     s
 }

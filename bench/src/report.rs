@@ -23,6 +23,10 @@ pub struct Report {
     /// The server's address: the relay's `KEY@HOST:PORT`, or nats-server's
     /// `HOST:PORT`.
     pub relay: String,
+    /// How the senders and receivers reached the relay: `quic` or `tcp`
+    /// (none with `--broker nats`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
     /// The server's version, where it says (nats-server does).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_version: Option<String>,
@@ -294,9 +298,10 @@ pub fn table(r: &Report, notes: &[String]) -> String {
         );
         let _ = writeln!(
             s,
-            "relay: {} ({}); senders and receivers: {}",
+            "relay: {} ({}, over {}); senders and receivers: {}",
             r.relay,
             r.target,
+            r.transport.as_deref().unwrap_or("quic"),
             match r.client.as_deref() {
                 Some("raw") => "raw links (no Cell)",
                 _ => "client Cells",
@@ -459,7 +464,13 @@ pub fn connections_table(r: &Report, notes: &[String]) -> String {
         "relay-bench connections: {} idle cells",
         r.cells.unwrap_or(0)
     );
-    let _ = writeln!(s, "relay: {} ({})", r.relay, r.target);
+    let _ = writeln!(
+        s,
+        "relay: {} ({}, over {})",
+        r.relay,
+        r.target,
+        r.transport.as_deref().unwrap_or("quic")
+    );
     let _ = writeln!(s);
     let per_cell = r.relay_rss_per_cell_bytes.flatten();
     let rows: Vec<(&str, String)> = vec![

@@ -170,8 +170,9 @@ async fn connect_raw(
 ) -> Result<Vec<crate::raw::RawReceiver>> {
     connect_all(n, |i| {
         let (addr, services) = (target.addr.clone(), services.clone());
+        let transport = target.transport;
         async move {
-            crate::raw::connect(&addr, services, timeout)
+            crate::raw::connect(&addr, transport, services, timeout)
                 .await
                 .with_context(|| format!("receiver {i}"))
         }
@@ -188,8 +189,9 @@ async fn connect_raw_senders(
 ) -> Result<Vec<crate::raw::RawSender>> {
     connect_all(n, |i| {
         let addr = target.addr.clone();
+        let transport = target.transport;
         async move {
-            crate::raw::connect_sender(&addr, signed, timeout)
+            crate::raw::connect_sender(&addr, transport, signed, timeout)
                 .await
                 .with_context(|| format!("sender {i}"))
         }
@@ -508,13 +510,18 @@ fn run_seed() -> u64 {
     t ^ u64::from(std::process::id()).rotate_left(32)
 }
 
-/// Connects `n` cells concurrently, each probed until attached.
+/// Connects `n` cells concurrently over the target's transport, each
+/// probed until attached.
 async fn connect_many(
     target: &Target,
     n: usize,
     opts: relay_client::CellOptions,
     what: &str,
 ) -> Result<Vec<Cell>> {
+    let opts = relay_client::CellOptions {
+        transport: target.transport,
+        ..opts
+    };
     connect_all(n, |i| {
         let (addr, opts) = (target.addr.clone(), opts.clone());
         let what = format!("{what} {i}");
@@ -974,6 +981,10 @@ pub async fn run(server: &Server, common: &Common, plan: &Plan) -> Result<Outcom
         broker: server.broker().into(),
         target: server.kind().into(),
         relay: server.address(),
+        transport: match server {
+            Server::Relay(t) => Some(t.transport.to_string()),
+            Server::Nats(_) => None,
+        },
         server_version,
         size: common.size,
         senders: plan.senders,

@@ -5,6 +5,7 @@
 //! nats-server attached to (`--nats-addr`) or started the same way.
 
 use anyhow::{Context as _, Result, bail};
+use relay_client::Transport;
 use relay_codec::NodeAddr;
 use std::collections::VecDeque;
 use std::io::{BufRead as _, BufReader};
@@ -24,8 +25,10 @@ const LOG_LINES: usize = 40;
 
 /// The relay a run measures.
 pub struct Target {
-    /// Where cells reach it.
+    /// Where cells reach it, over [`transport`](Self::transport).
     pub addr: NodeAddr,
+    /// How cells reach it (`--transport`).
+    pub transport: Transport,
     /// Its process, for CPU and memory; `None` if unknown.
     pub pid: Option<u32>,
     /// Its admin HTTP address, if known.
@@ -34,11 +37,12 @@ pub struct Target {
 }
 
 impl Target {
-    /// An already running relay.
-    pub fn attach(addr: NodeAddr, pid: Option<u32>) -> Result<Self> {
+    /// An already running relay, reached at `addr` over `transport`.
+    pub fn attach(addr: NodeAddr, pid: Option<u32>, transport: Transport) -> Result<Self> {
         check_pid("--relay-pid", pid, "relay")?;
         Ok(Self {
             addr,
+            transport,
             pid,
             admin: None,
             spawned: None,
@@ -47,8 +51,14 @@ impl Target {
 
     /// Starts the `relay` binary (`bin`, or the one beside this executable,
     /// else on PATH) on 127.0.0.1 with free ports and a temporary data
-    /// directory, and waits for its ready line.
-    pub fn spawn(bin: Option<&Path>, config: Option<&Path>, log: &str) -> Result<Self> {
+    /// directory, and waits for its ready line; cells reach it over
+    /// `transport` at the address that line gives for it.
+    pub fn spawn(
+        bin: Option<&Path>,
+        config: Option<&Path>,
+        log: &str,
+        transport: Transport,
+    ) -> Result<Self> {
         let bin = match bin {
             Some(b) if b.is_file() => b.to_path_buf(),
             Some(b) => bail!(
@@ -79,9 +89,10 @@ impl Target {
             l.starts_with("relay ready:").then(|| l.to_owned())
         })?;
         let pid = spawned.child.id();
-        let (addr, admin) = parse_ready(&line)?;
+        let (addr, admin) = parse_ready(&line, transport)?;
         Ok(Self {
             addr,
+            transport,
             pid: Some(pid),
             admin,
             spawned: Some(spawned),
@@ -571,17 +582,28 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The relay's address and admin address from its ready line
-/// (`relay ready: key=KEY quic=ADDR admin=http://ADDR data=DIR ...`).
-pub fn parse_ready(line: &str) -> Result<(NodeAddr, Option<SocketAddr>)> {
+/// The relay's address for `transport` and its admin address, from its
+/// ready line (`relay ready: key=KEY quic=ADDR tcp=ADDR admin=http://ADDR
+/// data=DIR ...`; `tcp=off` when it does not listen on TCP).
+pub fn parse_ready(line: &str, transport: Transport) -> Result<(NodeAddr, Option<SocketAddr>)> {
     let field = |name: &str| line.split_whitespace().find_map(|w| w.strip_prefix(name));
-    let (Some(key), Some(quic)) = (field("key="), field("quic=")) else {
-        bail!("the relay's ready line has no key= or quic=: {line:?}");
+    let which = match transport {
+        Transport::Quic => "quic=",
+        Transport::Tcp => "tcp=",
     };
-    let quic: SocketAddr = quic
+    let (Some(key), Some(at)) = (field("key="), field(which)) else {
+        bail!("the relay's ready line has no key= or {which}: {line:?}");
+    };
+    if at == "off" {
+        bail!(
+            "the relay does not listen on TCP (tcp=off on its ready line): leave node.listen_tcp \
+             out of --relay-config, or use --transport quic"
+        );
+    }
+    let at: SocketAddr = at
         .parse()
-        .with_context(|| format!("bad quic= address in the relay's ready line {line:?}"))?;
-    let addr: NodeAddr = format!("{key}@{quic}")
+        .with_context(|| format!("bad {which} address in the relay's ready line {line:?}"))?;
+    let addr: NodeAddr = format!("{key}@{at}")
         .parse()
         .with_context(|| format!("bad key in the relay's ready line {line:?}"))?;
     let admin = field("admin=http://").and_then(|a| a.parse().ok());
@@ -621,13 +643,19 @@ mod tests {
     fn reads_the_ready_line() {
         let key = relay_codec::Keypair::from_secret_bytes(&[9; 32]).public();
         let line = format!(
-            "relay ready: key={key} quic=127.0.0.1:4433 admin=http://127.0.0.1:9433 data=x | next: y"
+            "relay ready: key={key} quic=127.0.0.1:4433 tcp=127.0.0.1:4434 \
+             admin=http://127.0.0.1:9433 data=x | next: y"
         );
-        let (addr, admin) = parse_ready(&line).unwrap();
+        let (addr, admin) = parse_ready(&line, Transport::Quic).unwrap();
         assert_eq!(addr.key, key);
         assert_eq!(addr.port, 4433);
         assert_eq!(admin, Some("127.0.0.1:9433".parse().unwrap()));
-        assert!(parse_ready("relay ready: nothing").is_err());
+        let (addr, _) = parse_ready(&line, Transport::Tcp).unwrap();
+        assert_eq!(addr.port, 4434);
+        assert!(parse_ready("relay ready: nothing", Transport::Quic).is_err());
+        let off = line.replace("tcp=127.0.0.1:4434", "tcp=off");
+        let err = parse_ready(&off, Transport::Tcp).unwrap_err().to_string();
+        assert!(err.contains("does not listen on TCP"), "{err}");
     }
 
     #[test]

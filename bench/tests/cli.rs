@@ -849,3 +849,99 @@ fn nats_arguments_are_checked() {
         "apt-get install nats-server",
     );
 }
+
+/// Every mode that talks to a relay runs over TLS on TCP too, cells and
+/// raw links alike, and says so in its report.
+#[test]
+fn every_relay_mode_runs_over_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("t.json");
+    let runs: [&[&str]; 4] = [
+        &["throughput", "--count", "5000", "--window", "1000"],
+        &[
+            "throughput",
+            "--client",
+            "raw",
+            "--senders",
+            "2",
+            "--count",
+            "5000",
+        ],
+        &[
+            "latency",
+            "--rate",
+            "1000",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        &["fanout", "--receivers", "2", "--count", "500"],
+    ];
+    for run in runs {
+        let mut args = run.to_vec();
+        args.extend([
+            "--spawn",
+            "--transport",
+            "tcp",
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        let v = measure(&args, &json, Duration::from_secs(30));
+        assert_eq!(v["transport"], "tcp", "{run:?}: {v:#}");
+        assert!(u(&v, "sent") > 0, "{run:?}: {v:#}");
+        let copies = if run[0] == "fanout" { 2 } else { 1 };
+        assert_eq!(u(&v, "received"), copies * u(&v, "sent"), "{run:?}: {v:#}");
+        assert_eq!(u(&v, "lost"), 0, "{run:?}: {v:#}");
+    }
+    let v = measure(
+        &[
+            "connections",
+            "--spawn",
+            "--transport",
+            "tcp",
+            "--cells",
+            "100",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &json,
+        Duration::from_secs(30),
+    );
+    assert_eq!(v["transport"], "tcp", "{v:#}");
+    assert_eq!(u(&v, "cells"), 100, "{v:#}");
+    assert_eq!(u(&v, "attach_failed"), 0, "{v:#}");
+}
+
+#[test]
+fn transport_is_for_relays_and_endpoints_for_quic() {
+    fails_with(
+        &[
+            "throughput",
+            "--spawn",
+            "--broker",
+            "nats",
+            "--transport",
+            "tcp",
+        ],
+        2,
+        "leave --transport out with --broker nats",
+    );
+    fails_with(
+        &[
+            "connections",
+            "--spawn",
+            "--transport",
+            "tcp",
+            "--endpoints",
+            "4",
+        ],
+        2,
+        "leave --endpoints out",
+    );
+    fails_with(
+        &["throughput", "--spawn", "--transport", "udp"],
+        2,
+        "possible values: quic, tcp",
+    );
+}

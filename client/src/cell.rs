@@ -1,11 +1,12 @@
 //! The cell side of a link: what an application links to use a relay as its
 //! hop.
 //!
-//! A [`Cell`] holds one QUIC link to one relay (see docs/ARCHITECTURE.md, "Identity and
-//! links"): the first bidirectional stream carries control frames both ways
-//! (Hello/Welcome, Announce, Discover, presence, notices, Close), and each
-//! side sends its messages in batch frames on unidirectional streams it
-//! opens, one per lane.
+//! A [`Cell`] holds one link to one relay (see docs/ARCHITECTURE.md, "Identity and
+//! links"), over QUIC or TLS over TCP ([`CellOptions::transport`]): a
+//! control channel carries control frames both ways (Hello/Welcome,
+//! Announce, Discover, presence, notices, Close), and each side sends its
+//! messages in batch frames on its lanes (QUIC: a unidirectional stream per
+//! lane; TCP: chunks interleaved on the one connection).
 //!
 //! What the cell checks ("What is checked where"): the relay proved its key
 //! during the TLS handshake (pinned from [`NodeAddr::key`]); every received
@@ -28,17 +29,14 @@
 //! Many cells can share one QUIC endpoint (one UDP socket): see
 //! [`CellOptions::endpoint`].
 
-use crate::lanes::LANES;
-use crate::link::{self, FrameReader, LaneQueues, LinkError, NoObserver, WriterConfig};
-use crate::transport::{self, TransportError, TransportTuning};
 use bytes::{Bytes, BytesMut};
-use quinn::{Connection, ConnectionError, SendStream};
-use relay_codec::frame::{CloseCode, MAX_AGENT, NoticeCode, PROTOCOL_VERSION, PresenceInfo, Role};
+use quinn::ConnectionError;
+use relay_codec::frame::{CloseCode, MAX_AGENT, NoticeCode, PresenceInfo, Role};
 use relay_codec::id_table::{IdKey, IdTable};
 use relay_codec::message::{SIGNATURE_LEN, encoded_layout};
 use relay_codec::{
-    Authenticator, BatchDecoder, Destination, Envelope, Frame, KeyError, Keypair, Kind, Lane,
-    Limits, Message, MessageId, NodeAddr, PublicKey, ServiceName,
+    Authenticator, Destination, Envelope, Frame, KeyError, Keypair, Kind, Lane, Limits, Message,
+    MessageId, NodeAddr, PublicKey, ServiceName,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -49,6 +47,14 @@ use thiserror::Error;
 use tokio::sync::{Notify, OwnedMutexGuard, Semaphore, mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
+
+use relay_link::lanes::LANES;
+use relay_link::quic::{self, TransportTuning};
+use relay_link::tcp::{self, HandshakeError, TcpLink, TcpTuning};
+use relay_link::{
+    BatchReader, ControlSender, FrameReceiver, LaneQueues, Link, LinkEnd, LinkError, NoObserver,
+    Transport, TransportError, WriterConfig, tls,
+};
 
 /// Signed messages in one batch above which verification leaves the async
 /// worker for the blocking pool (about 25 µs each).
@@ -98,8 +104,12 @@ pub struct CellOptions {
     pub notices: bool,
     /// How sent messages are authenticated.
     pub auth: AuthMode,
-    /// Bound on reaching the relay: name resolution, QUIC handshake, and
-    /// separately the Hello/Welcome exchange.
+    /// How to reach the relay: QUIC over UDP (the default) or TLS 1.3 over
+    /// TCP, at the relay's host and port. A relay serves both on one port
+    /// number by default (`node.listen_tcp` in its config).
+    pub transport: Transport,
+    /// Bound on reaching the relay: name resolution, the QUIC or TCP and
+    /// TLS handshake, and separately the Hello/Welcome exchange.
     pub connect_timeout: Duration,
     /// Whether to reconnect (with backoff) after the link is lost. The first
     /// connection is never retried: [`Cell::connect`] returns its error.
@@ -134,12 +144,15 @@ pub struct CellOptions {
     /// connection; let the endpoint go idle
     /// ([`quinn::Endpoint::wait_idle`]) before dropping it, so the last
     /// closes reach their relays. Make one with
-    /// [`transport::client_endpoint`].
+    /// [`quic::client_endpoint`]. Used only over QUIC.
     pub endpoint: Option<quinn::Endpoint>,
     /// How long [`Cell::discover`] waits for the relay's answer.
     pub request_timeout: Duration,
     /// QUIC windows, keep-alive and idle timeout.
     pub tuning: TransportTuning,
+    /// TCP socket, chunking and buffer settings, over TCP (its
+    /// `handshake_timeout` is replaced by [`connect_timeout`](Self::connect_timeout)).
+    pub tcp: TcpTuning,
     /// Bounds on what this cell sends and accepts.
     pub limits: Limits,
     /// How outbound messages are batched.
@@ -147,10 +160,10 @@ pub struct CellOptions {
 }
 
 impl Default for CellOptions {
-    /// Signed messages, notices on, reconnect on with 100 ms to 5 s backoff,
-    /// a 5 s connect timeout, 4096 messages per lane, 65 536 queued events
-    /// and remembered ids, an endpoint of its own, default tuning, limits
-    /// and batching.
+    /// Signed messages, notices on, QUIC, reconnect on with 100 ms to 5 s
+    /// backoff, a 5 s connect timeout, 4096 messages per lane, 65 536
+    /// queued events and remembered ids, an endpoint of its own, default
+    /// tuning, limits and batching.
     fn default() -> Self {
         Self {
             agent: format!("relay-client/{}", env!("CARGO_PKG_VERSION")),
@@ -158,6 +171,7 @@ impl Default for CellOptions {
             services: Vec::new(),
             notices: true,
             auth: AuthMode::Signed,
+            transport: Transport::Quic,
             connect_timeout: Duration::from_secs(5),
             reconnect: true,
             backoff_initial: Duration::from_millis(100),
@@ -168,6 +182,7 @@ impl Default for CellOptions {
             endpoint: None,
             request_timeout: Duration::from_secs(5),
             tuning: TransportTuning::default(),
+            tcp: TcpTuning::default(),
             limits: Limits::default(),
             writer: WriterConfig::default(),
         }
@@ -339,7 +354,7 @@ pub enum CellError {
     /// The QUIC endpoint or TLS configuration could not be built.
     #[error(transparent)]
     Transport(#[from] TransportError),
-    /// The QUIC connection to the relay could not be set up.
+    /// The QUIC or TCP connection to the relay could not be set up.
     #[error("could not connect to the relay at {addr}: {reason}")]
     Connect {
         /// The relay's address.
@@ -394,6 +409,10 @@ pub enum CellError {
     /// A key or address is not valid.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The task that runs the cell's link panicked or was cancelled (a
+    /// bug: please report it with the log).
+    #[error("the cell's link task failed: {0}")]
+    TaskFailed(tokio::task::JoinError),
 }
 
 impl From<LinkError> for CellError {
@@ -630,7 +649,8 @@ impl Shared {
 
 impl Cell {
     /// Connects to `relay` as `key` and sets up the link: resolves the host,
-    /// dials it over QUIC (pinning the relay's key), exchanges Hello and
+    /// dials it over [`CellOptions::transport`] (pinning the relay's key in
+    /// the TLS handshake), exchanges Hello and
     /// Welcome, and announces [`CellOptions::services`] and
     /// [`CellOptions::app_version`] if set.
     ///
@@ -901,9 +921,7 @@ impl Cell {
         };
         match supervisor.await {
             Ok(r) => r,
-            Err(e) => Err(CellError::Link(LinkError::Local(format!(
-                "link task failed: {e}"
-            )))),
+            Err(e) => Err(CellError::TaskFailed(e)),
         }
     }
 }
@@ -1190,14 +1208,15 @@ fn check_announcement(
 }
 
 /// Client endpoints, one per address family, reused across reconnects; or
-/// the endpoint shared with other cells ([`CellOptions::endpoint`]).
+/// the endpoint shared with other cells ([`CellOptions::endpoint`]). Over
+/// TCP there are none: each link is a connection of its own.
 struct Dialer {
     shared: Option<quinn::Endpoint>,
     v4: Option<quinn::Endpoint>,
     v6: Option<quinn::Endpoint>,
-    /// The last connection that completed its QUIC handshake: whether it
+    /// The last link that completed its transport handshake: whether it
     /// was this cell that closed it decides what `close` waits for.
-    last: Option<Connection>,
+    last: Option<Link>,
 }
 
 impl Dialer {
@@ -1222,26 +1241,29 @@ impl Dialer {
         if let Some(ep) = slot {
             return Ok(ep.clone());
         }
-        let ep = transport::client_endpoint(bind)?;
+        let ep = quic::client_endpoint(bind)?;
         *slot = Some(ep.clone());
         Ok(ep)
     }
 
     /// Closes the endpoints this cell owns. If this cell closed its last
-    /// connection itself, it waits (bounded) until they are idle, so the
-    /// close reaches the relay. If the relay closed it first (as it does
-    /// on a Close frame) or no connection was made, nothing of this cell's
-    /// is in flight: waiting would only sit out QUIC's draining period or
-    /// an abandoned dial, so it returns at once. A shared endpoint is left
-    /// alone: it carries other cells, and sends this cell's close on its own.
+    /// link itself, it waits (bounded) until the close has left (QUIC: the
+    /// endpoints are idle; TCP: the Close frame and `close_notify` are
+    /// written), so the close reaches the relay. If the relay closed it
+    /// first (as it does on a Close frame) or no link was made, nothing of
+    /// this cell's is in flight: waiting would only sit out QUIC's draining
+    /// period or an abandoned dial, so it returns at once. A shared
+    /// endpoint is left alone: it carries other cells, and sends this
+    /// cell's close on its own.
     async fn close(&mut self) {
         self.shared = None;
-        let ours = self.last.take().is_some_and(|c| {
-            matches!(
-                c.close_reason(),
-                None | Some(ConnectionError::LocallyClosed)
-            )
-        });
+        let last = self.last.take();
+        let ours = last
+            .as_ref()
+            .is_some_and(|l| matches!(l.end(), None | Some(LinkEnd::Local)));
+        if ours && let Some(link) = &last {
+            let _ = tokio::time::timeout(CLOSE_GRACE, link.close_sent()).await;
+        }
         for ep in [self.v4.take(), self.v6.take()].into_iter().flatten() {
             if ours {
                 let _ = tokio::time::timeout(CLOSE_GRACE, ep.wait_idle()).await;
@@ -1252,11 +1274,17 @@ impl Dialer {
 
 /// A link that passed the handshake.
 struct Established {
-    conn: Connection,
-    control: SendStream,
-    reader: FrameReader,
+    link: Link,
+    control: ControlSender,
+    reader: FrameReceiver,
     /// The writer's batch size, fitted to the relay's largest frame.
     batch_bytes: usize,
+}
+
+/// How to open a transport connection to the relay, built once per dial.
+enum DialConfig {
+    Quic(quinn::ClientConfig),
+    Tcp(Arc<rustls::ClientConfig>),
 }
 
 /// Bytes a message adds beyond its payload at most (header, longest
@@ -1307,12 +1335,20 @@ async fn dial(shared: &Shared, dialer: &mut Dialer) -> Result<Established, CellE
             reason: "no addresses".into(),
         });
     }
-    let cfg = transport::client_config(shared.key.signing_key(), relay.key.0, &opts.tuning)?;
+    let key = shared.key.signing_key();
+    let cfg = match opts.transport {
+        Transport::Quic => DialConfig::Quic(quic::client_config(key, relay.key.0, &opts.tuning)?),
+        Transport::Tcp => DialConfig::Tcp(Arc::new(tls::tls_client_config(
+            key,
+            relay.key.0,
+            tls::ALPN,
+        )?)),
+    };
     let mut last = None;
     for (i, &addr) in addrs.iter().enumerate() {
         let left = deadline.saturating_duration_since(Instant::now());
         let share = left / (addrs.len() - i) as u32;
-        match attempt(shared, dialer, cfg.clone(), addr, share).await {
+        match attempt(shared, dialer, &cfg, addr, share).await {
             Ok(e) => return Ok(e),
             // Another address may answer; anything else is the relay's word.
             Err(e @ (CellError::Timeout(_) | CellError::Connect { .. })) => {
@@ -1325,65 +1361,102 @@ async fn dial(shared: &Shared, dialer: &mut Dialer) -> Result<Established, CellE
     Err(last.expect("at least one address was tried"))
 }
 
+/// The hint after a handshake the relay's key or protocol failed.
+const KEY_HINT: &str = "; check that the KEY in KEY@HOST:PORT is the relay's public key and that \
+                        it is a Celluler relay";
+
+/// Opens a QUIC connection or a TLS-over-TCP connection to `addr`, within
+/// `timeout`.
+async fn open_link(
+    shared: &Shared,
+    dialer: &mut Dialer,
+    cfg: &DialConfig,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Link, CellError> {
+    let opts = &shared.opts;
+    let unreachable = |proto: &str| {
+        CellError::Timeout(format!(
+            "could not reach the relay at {addr} within {:.1}s; check that it runs there \
+             and that {proto} port {} is reachable",
+            opts.connect_timeout.as_secs_f64(),
+            addr.port()
+        ))
+    };
+    match cfg {
+        DialConfig::Quic(cfg) => {
+            let ep = dialer.endpoint_for(addr)?;
+            let connecting = ep
+                .connect_with(cfg.clone(), addr, tls::SERVER_NAME)
+                .map_err(|e| CellError::Connect {
+                    addr,
+                    reason: e.to_string(),
+                })?;
+            match tokio::time::timeout(timeout, connecting).await {
+                Err(_) => Err(unreachable("UDP")),
+                Ok(Err(e)) => Err(handshake_error(addr, e)),
+                Ok(Ok(c)) => Ok(Link::quic(c, opts.limits)),
+            }
+        }
+        DialConfig::Tcp(tls) => {
+            let tuning = TcpTuning {
+                handshake_timeout: timeout,
+                ..opts.tcp.clone()
+            };
+            match tcp::connect(addr, tls.clone(), &tuning).await {
+                Ok(c) => Ok(Link::Tcp(TcpLink::new(c, opts.limits, &opts.tcp))),
+                Err(HandshakeError::Timeout(_)) => Err(unreachable("TCP")),
+                Err(e @ HandshakeError::Tls(_)) => Err(CellError::Connect {
+                    addr,
+                    reason: format!("{e}{KEY_HINT}"),
+                }),
+                Err(HandshakeError::Connect { source, .. }) => Err(CellError::Connect {
+                    addr,
+                    reason: format!("TCP connect failed: {source}"),
+                }),
+                Err(e) => Err(CellError::Connect {
+                    addr,
+                    reason: e.to_string(),
+                }),
+            }
+        }
+    }
+}
+
 async fn attempt(
     shared: &Shared,
     dialer: &mut Dialer,
-    cfg: quinn::ClientConfig,
+    cfg: &DialConfig,
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<Established, CellError> {
     let opts = &shared.opts;
-    let ep = dialer.endpoint_for(addr)?;
-    let connecting = ep
-        .connect_with(cfg, addr, transport::SERVER_NAME)
-        .map_err(|e| CellError::Connect {
-            addr,
-            reason: e.to_string(),
-        })?;
-    let conn = match tokio::time::timeout(timeout, connecting).await {
-        Err(_) => {
-            return Err(CellError::Timeout(format!(
-                "could not reach the relay at {addr} within {:.1}s; check that it runs there \
-                 and that UDP port {} is reachable",
-                opts.connect_timeout.as_secs_f64(),
-                addr.port()
-            )));
-        }
-        Ok(Err(e)) => return Err(handshake_error(addr, e)),
-        Ok(Ok(c)) => c,
-    };
-    dialer.last = Some(conn.clone());
-    let hello = link::hello(
-        &conn,
+    let link = open_link(shared, dialer, cfg, addr, timeout).await?;
+    dialer.last = Some(link.clone());
+    let hello = relay_link::hello(
+        &link,
         Role::Cell,
         opts.notices,
         &opts.agent,
-        opts.limits,
         opts.connect_timeout,
     )
     .await;
     let (mut control, reader, welcome) = match hello {
         Ok(v) => v,
         Err(LinkError::Timeout(_)) => {
-            conn.close(code(CloseCode::Normal), b"no Welcome");
+            link.close(CloseCode::Normal, "no Welcome");
             return Err(CellError::Timeout(format!(
                 "the relay at {addr} accepted the connection but did not answer Hello within {:?}",
                 opts.connect_timeout
             )));
         }
+        // Closed with the Version code already.
+        Err(e @ LinkError::Version { .. }) => return Err(e.into()),
         Err(e) => {
-            conn.close(code(CloseCode::Normal), b"handshake failed");
+            link.close(CloseCode::Normal, "handshake failed");
             return Err(e.into());
         }
     };
-    if welcome.version == 0 || welcome.version > PROTOCOL_VERSION {
-        let reason = format!(
-            "relay answered with protocol version {}; this cell speaks up to {PROTOCOL_VERSION}",
-            welcome.version
-        );
-        link::close_with(&conn, Some(&mut control), CloseCode::Version, &reason).await;
-        return Err(CellError::Link(LinkError::Protocol(reason)));
-    }
     let (max_payload, batch_bytes) = sizes(
         opts.limits.max_payload,
         opts.writer.batch_bytes,
@@ -1408,41 +1481,34 @@ async fn attempt(
         frames.push(Frame::WatchPresence(true));
     }
     for f in &frames {
-        if let Err(e) = link::write_frame(&mut control, f).await {
-            conn.close(code(CloseCode::Normal), b"announce failed");
+        if let Err(e) = control.send(f).await {
+            link.close(CloseCode::Normal, "announce failed");
             return Err(e.into());
         }
     }
-    tracing::debug!(%addr, relay = %shared.relay.key.short(), "linked to relay");
+    tracing::debug!(%addr, relay = %shared.relay.key.short(), transport = %link.transport(), "linked to relay");
     shared.set_up();
     Ok(Established {
-        conn,
+        link,
         control,
         reader,
         batch_bytes,
     })
 }
 
-fn code(c: CloseCode) -> quinn::VarInt {
-    quinn::VarInt::from_u32(c as u32)
-}
-
-/// Closes `conn` as [`CloseCode::Normal`] unless it is closed already: a
+/// Closes `link` as [`CloseCode::Normal`] unless it is closed already: a
 /// second close sends nothing but would record the close as this cell's
-/// (`LocallyClosed`), and `Dialer::close` reads that to decide whether a
-/// close of ours is still in flight.
-fn close_if_open(conn: &Connection, reason: &[u8]) {
-    if conn.close_reason().is_none() {
-        conn.close(code(CloseCode::Normal), reason);
+/// ([`LinkEnd::Local`]), and `Dialer::close` reads that to decide whether
+/// a close of ours is still in flight.
+fn close_if_open(link: &Link, reason: &str) {
+    if link.end().is_none() {
+        link.close(CloseCode::Normal, reason);
     }
 }
 
 fn handshake_error(addr: SocketAddr, e: ConnectionError) -> CellError {
     let hint = match &e {
-        ConnectionError::TransportError(_) | ConnectionError::ConnectionClosed(_) => {
-            "; check that the KEY in KEY@HOST:PORT is the relay's public key and that it is a \
-             Celluler relay"
-        }
+        ConnectionError::TransportError(_) | ConnectionError::ConnectionClosed(_) => KEY_HINT,
         _ => "",
     };
     if let ConnectionError::ApplicationClosed(c) = &e {
@@ -1583,7 +1649,7 @@ async fn serve(
     events: &mpsc::Sender<Delivery>,
 ) -> End {
     let Established {
-        conn,
+        link,
         mut control,
         reader,
         batch_bytes,
@@ -1593,50 +1659,50 @@ async fn serve(
         batch_bytes,
         ..shared.opts.writer.clone()
     };
-    let mut writer = tokio::spawn(link::run_writer(
-        conn.clone(),
+    let mut writer = tokio::spawn(relay_link::run_writer(
+        link.lane_sender(),
         shared.queues.clone(),
         writer_cfg.clone(),
         NoObserver,
     ));
     tokio::spawn(read_control(
-        conn.clone(),
+        link.clone(),
         reader,
         shared.clone(),
         events.clone(),
         state.clone(),
     ));
-    tokio::spawn(accept_data(conn.clone(), shared.clone(), events.clone()));
+    tokio::spawn(accept_data(link.clone(), shared.clone(), events.clone()));
     shared.set_up();
     let end = loop {
         tokio::select! {
             _ = stopping(shutdown) => {
-                let r = graceful_close(shared, &conn, &mut control, &mut writer, &writer_cfg, &state).await;
+                let r = graceful_close(shared, &link, &mut control, &mut writer, &writer_cfg, &state).await;
                 break End::Shutdown(r);
             }
-            e = conn.closed() => break End::Lost(describe_close(&e, &state)),
+            e = link.closed() => break End::Lost(describe_close(&e, &state)),
             frame = control_rx.recv() => {
                 // The sender lives in `shared`, so the channel never ends here.
                 let Some(frame) = frame else { continue };
-                if let Err(e) = link::write_frame(&mut control, &frame).await {
-                    let reason = conn
-                        .close_reason()
+                if let Err(e) = control.send(&frame).await {
+                    let reason = link
+                        .end()
                         .map(|e| describe_close(&e, &state))
                         .unwrap_or_else(|| format!("writing to the control stream failed: {e}"));
-                    close_if_open(&conn, b"control stream failed");
+                    close_if_open(&link, "control stream failed");
                     break End::Lost(reason);
                 }
             }
             r = &mut writer => {
                 let reason = match r {
                     Ok(Ok(())) => "the writer stopped".to_owned(),
-                    Ok(Err(e)) => conn
-                        .close_reason()
+                    Ok(Err(e)) => link
+                        .end()
                         .map(|e| describe_close(&e, &state))
                         .unwrap_or_else(|| format!("sending failed: {e}")),
                     Err(e) => format!("the writer failed: {e}"),
                 };
-                close_if_open(&conn, b"data stream failed");
+                close_if_open(&link, "data stream failed");
                 break End::Lost(reason);
             }
         }
@@ -1651,14 +1717,15 @@ async fn serve(
 /// first (bounded), then closes.
 async fn graceful_close(
     shared: &Shared,
-    conn: &Connection,
-    control: &mut SendStream,
+    link: &Link,
+    control: &mut ControlSender,
     writer: &mut JoinHandle<Result<(), LinkError>>,
     writer_cfg: &WriterConfig,
     state: &ConnState,
 ) -> Result<(), CellError> {
     shared.queues.close();
-    // run_writer waits up to drain_timeout for each lane's stream.
+    // Sending what is queued, then run_writer's wait (up to drain_timeout)
+    // for the lanes to be delivered.
     let bound = writer_cfg.drain_timeout * LANES as u32 + Duration::from_secs(1);
     let flushed = match tokio::time::timeout(bound, &mut *writer).await {
         Ok(Ok(Ok(()))) => Ok(()),
@@ -1679,12 +1746,8 @@ async fn graceful_close(
         code: CloseCode::Normal,
         reason: "cell closing".into(),
     };
-    let _ = tokio::time::timeout(
-        Duration::from_millis(500),
-        link::write_frame(control, &close),
-    )
-    .await;
-    let _ = control.finish();
+    let _ = tokio::time::timeout(Duration::from_millis(500), control.send(&close)).await;
+    control.finish();
     // The relay answers Close by reading our data streams to their end,
     // then sends its last notices and its own Close on the control stream
     // and waits for us to close the connection: closing first could discard
@@ -1692,7 +1755,7 @@ async fn graceful_close(
     // means every notice has been read. Bounded, in case it never answers.
     let _ = tokio::time::timeout(DRAIN_GRACE, async {
         tokio::select! {
-            _ = conn.closed() => {}
+            _ = link.closed() => {}
             _ = state.peer_done.notified() => {}
         }
     })
@@ -1701,41 +1764,41 @@ async fn graceful_close(
     if answered && shared.counters.reconnects.load(Ordering::Relaxed) == 0 {
         lock(&shared.undelivered).complete = true;
     }
-    close_if_open(conn, b"cell closing");
+    close_if_open(link, "cell closing");
     shared.set_down("the cell closed");
     result
 }
 
-fn describe_close(e: &ConnectionError, state: &ConnState) -> String {
+fn describe_close(e: &LinkEnd, state: &ConnState) -> String {
     match e {
-        ConnectionError::ApplicationClosed(c) => {
-            let code =
-                CloseCode::from_u16(u16::try_from(c.error_code.into_inner()).unwrap_or(u16::MAX));
+        LinkEnd::Closed { code, reason } => {
+            // The Close frame's reason, where the relay sent one: on QUIC
+            // it is not cut to fit a packet.
             let reason = lock(&state.close)
                 .as_ref()
                 .map(|(_, r)| r.clone())
-                .unwrap_or_else(|| String::from_utf8_lossy(&c.reason).into_owned());
+                .unwrap_or_else(|| reason.clone());
             format!("the relay closed the link ({code:?}): {reason}")
         }
-        ConnectionError::TimedOut => "the relay stopped answering (idle timeout)".into(),
-        ConnectionError::Reset => "the relay reset the connection (did it restart?)".into(),
-        ConnectionError::LocallyClosed => "closed by this cell".into(),
+        LinkEnd::TimedOut => "the relay stopped answering (idle timeout)".into(),
+        LinkEnd::Lost => "the relay reset the connection (did it restart?)".into(),
+        LinkEnd::Local => "closed by this cell".into(),
         e => format!("connection lost: {e}"),
     }
 }
 
 /// Closes the link because the relay broke the protocol.
-fn violation(conn: &Connection, c: CloseCode, reason: String) {
+fn violation(link: &Link, code: CloseCode, reason: String) {
     tracing::warn!("closing the link: {reason}");
-    conn.close(code(c), reason.as_bytes());
+    link.close(code, &reason);
 }
 
 /// Reads the relay's control frames. Never waits on the application: a
 /// full event queue drops presence and notice events (counted), so discovery
 /// answers keep flowing.
 async fn read_control(
-    conn: Connection,
-    mut reader: FrameReader,
+    link: Link,
+    mut reader: FrameReceiver,
     shared: Arc<Shared>,
     events: mpsc::Sender<Delivery>,
     state: Arc<ConnState>,
@@ -1777,7 +1840,7 @@ async fn read_control(
                 }
                 other => {
                     violation(
-                        &conn,
+                        &link,
                         CloseCode::Malformed,
                         format!(
                             "the relay sent a {} frame on the control stream",
@@ -1788,29 +1851,31 @@ async fn read_control(
                 }
             },
             Ok(None) => break,
-            Err(LinkError::Decode(e)) => {
-                violation(
-                    &conn,
-                    e.close_code(),
-                    format!("bad control frame from the relay: {e}"),
-                );
+            Err(e) => {
+                if let Some(code) = e.peer_fault() {
+                    violation(
+                        &link,
+                        code,
+                        format!("bad control frame from the relay: {e}"),
+                    );
+                }
                 break;
             }
-            Err(_) => break,
         }
     }
     state.peer_done.notify_one();
 }
 
-/// Accepts the relay's data streams (one per lane) and reads each in its
-/// own task, so lanes do not wait on each other and each stays in order.
-async fn accept_data(conn: Connection, shared: Arc<Shared>, events: mpsc::Sender<Delivery>) {
+/// Accepts the relay's lanes (a data stream each on QUIC, a channel each
+/// on TCP) and reads each in its own task, so lanes do not wait on each
+/// other and each stays in order.
+async fn accept_data(link: Link, shared: Arc<Shared>, events: mpsc::Sender<Delivery>) {
     let mut readers = JoinSet::new();
     loop {
         tokio::select! {
-            s = conn.accept_uni() => match s {
+            s = link.accept_lane() => match s {
                 Ok(recv) => {
-                    readers.spawn(read_data(conn.clone(), recv, shared.clone(), events.clone()));
+                    readers.spawn(read_data(link.clone(), recv, shared.clone(), events.clone()));
                 }
                 Err(_) => break,
             },
@@ -1822,21 +1887,15 @@ async fn accept_data(conn: Connection, shared: Arc<Shared>, events: mpsc::Sender
 }
 
 async fn read_data(
-    conn: Connection,
-    recv: quinn::RecvStream,
+    link: Link,
+    recv: FrameReceiver,
     shared: Arc<Shared>,
     events: mpsc::Sender<Delivery>,
 ) {
-    let limits = shared.opts.limits;
-    let mut reader = FrameReader::new(recv, limits);
-    let mut decoder = match BatchDecoder::new(limits) {
-        Ok(d) => d,
+    let mut reader = match BatchReader::new(recv, shared.opts.limits) {
+        Ok(r) => r,
         Err(e) => {
-            violation(
-                &conn,
-                CloseCode::Shutdown,
-                format!("cannot create a zstd decoder: {e}"),
-            );
+            violation(&link, CloseCode::Shutdown, e.to_string());
             return;
         }
     };
@@ -1845,45 +1904,16 @@ async fn read_data(
     // The dedup state of the lane being read, held while reading it.
     let mut dedup: Option<(Lane, OwnedMutexGuard<Dedup>)> = None;
     loop {
-        let batch = match reader.next().await {
-            Ok(Some(Frame::Batch(b))) => b,
-            Ok(Some(other)) => {
-                violation(
-                    &conn,
-                    CloseCode::Malformed,
-                    format!(
-                        "the relay sent a {} frame on a data stream; only batches belong there",
-                        other.name()
-                    ),
-                );
-                return;
-            }
+        let batch = match reader.next(&mut envs).await {
+            Ok(Some(b)) => b,
             Ok(None) => return,
-            Err(LinkError::Decode(e)) => {
-                violation(
-                    &conn,
-                    e.close_code(),
-                    format!("bad data frame from the relay: {e}"),
-                );
+            Err(e) => {
+                if let Some(code) = e.peer_fault() {
+                    violation(&link, code, format!("bad data from the relay: {e}"));
+                }
                 return;
             }
-            Err(_) => return,
         };
-        envs.clear();
-        let decoded = decoder.messages(&batch).and_then(|it| {
-            for env in it {
-                envs.push(env?);
-            }
-            Ok(())
-        });
-        if let Err(e) = decoded {
-            violation(
-                &conn,
-                e.close_code(),
-                format!("bad batch from the relay: {e}"),
-            );
-            return;
-        }
         // Every message of a batch is on the batch's lane (the decoder
         // checks), and the relay keeps one stream per lane: the lock is
         // taken once per stream.

@@ -832,7 +832,7 @@ async fn duplicates_are_dropped_across_a_dedup_rotation() {
 async fn cells_can_share_one_endpoint() {
     let relay = StandIn::start(RelayBehaviour::default()).await;
     let endpoint =
-        relay_client::transport::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        relay_client::link::quic::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
     let shared = CellOptions {
         endpoint: Some(endpoint.clone()),
         ..CellOptions::default()
@@ -841,7 +841,7 @@ async fn cells_can_share_one_endpoint() {
     let (mut b, b_key) = connect(&relay, shared).await;
     let (mut c, c_key) = connect(&relay, CellOptions::default()).await;
     // One UDP socket for a and b; c has its own.
-    let port = |k: PublicKey| relay.hub.lock().unwrap().cells[&k].conn.remote_address();
+    let port = |k: PublicKey| relay.hub.lock().unwrap().cells[&k].link.remote_address();
     let local = endpoint.local_addr().unwrap();
     assert_eq!(port(a_key.public()), local);
     assert_eq!(port(b_key.public()), local);

@@ -34,7 +34,7 @@ pub const MAX_CHUNK: usize = u16::MAX as usize;
 /// The payload size a writer cuts frames into unless told otherwise: a
 /// chunk and its header fill exactly one 16 KiB TLS record, so no record
 /// is split, and control waits behind at most one record of bulk data
-/// in the writer (the choice is measured in `client/examples/link_probe.rs`).
+/// in the writer (the choice is measured in `link/examples/link_probe.rs`).
 pub const DEFAULT_CHUNK: usize = 16 * 1024 - CHUNK_HEADER;
 /// Number of channels: the control channel and the four lanes.
 pub const CHANNELS: usize = 5;

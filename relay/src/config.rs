@@ -62,6 +62,9 @@ pub struct NodeConfig {
     /// [`resolve_socket_addr`]).
     #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
+    /// Where the TLS-over-TCP listener binds, beside QUIC. Default
+    /// [`ListenTcp::Same`]: the host and port of `listen`.
+    pub listen_tcp: ListenTcp,
     /// TCP address of the HTTP admin endpoint. Default `127.0.0.1:9433`.
     /// A host name is resolved as for `listen`.
     #[serde(deserialize_with = "socket_addr")]
@@ -77,10 +80,73 @@ impl Default for NodeConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 4433)),
+            listen_tcp: ListenTcp::Same,
             admin: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9433)),
             data_dir: PathBuf::from("relay-data"),
             worker_threads: 2,
         }
+    }
+}
+
+/// Where a relay listens for links over TLS on TCP (`node.listen_tcp`,
+/// `relay --listen-tcp`): written `"same"`, `"off"` or `HOST:PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ListenTcp {
+    /// The host and port of `node.listen` (QUIC on UDP, TLS on TCP, one
+    /// address for cells). With port 0 the TCP port is the one QUIC got.
+    #[default]
+    Same,
+    /// No TCP listener: QUIC only.
+    Off,
+    /// This address (`HOST:PORT`, as `node.listen` takes it).
+    At(SocketAddr),
+}
+
+impl ListenTcp {
+    /// Parses `same`, `off` or `HOST:PORT` ([`resolve_socket_addr`]).
+    ///
+    /// # Errors
+    /// What is wrong, in words for the operator.
+    ///
+    /// ```
+    /// use relay::config::ListenTcp;
+    ///
+    /// assert_eq!(ListenTcp::parse("off"), Ok(ListenTcp::Off));
+    /// assert_eq!(ListenTcp::parse("same"), Ok(ListenTcp::Same));
+    /// assert_eq!(ListenTcp::parse("127.0.0.1:4434"), Ok(ListenTcp::At("127.0.0.1:4434".parse().unwrap())));
+    /// assert!(ListenTcp::parse("tcp").unwrap_err().contains("\"off\""));
+    /// ```
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "same" => Ok(ListenTcp::Same),
+            "off" => Ok(ListenTcp::Off),
+            addr => resolve_socket_addr(addr).map(ListenTcp::At).map_err(|e| {
+                format!("{e}; or \"same\" (the address of node.listen) or \"off\" (no TCP)")
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for ListenTcp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenTcp::Same => f.write_str("same"),
+            ListenTcp::Off => f.write_str("off"),
+            ListenTcp::At(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+impl Serialize for ListenTcp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenTcp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        ListenTcp::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 
@@ -665,6 +731,7 @@ fn field_order(field: &str) -> usize {
 /// Every setting, dotted, in file order.
 const FIELDS: &[&str] = &[
     "node.listen",
+    "node.listen_tcp",
     "node.admin",
     "node.data_dir",
     "node.worker_threads",
@@ -1074,6 +1141,41 @@ sample_rate = 0.5
         );
         let err = RelayConfig::from_toml_str("[node]\nworker_threads = 0\n", None).unwrap_err();
         assert!(err.to_string().starts_with("<config>:2: invalid"), "{err}");
+    }
+
+    #[test]
+    fn listen_tcp_is_same_off_or_an_address_and_a_bad_one_names_its_line() {
+        assert_eq!(RelayConfig::default().node.listen_tcp, ListenTcp::Same);
+        let at = |src: &str| parse(src).unwrap().node.listen_tcp;
+        assert_eq!(at("[node]\nlisten_tcp = \"off\"\n"), ListenTcp::Off);
+        assert_eq!(at("[node]\nlisten_tcp = \"same\"\n"), ListenTcp::Same);
+        assert_eq!(
+            at("[node]\nlisten_tcp = \"127.0.0.1:4434\"\n"),
+            ListenTcp::At("127.0.0.1:4434".parse().unwrap())
+        );
+        let shown = assert_parse_error(
+            "[node]\nlisten = \"127.0.0.1:1\"\nlisten_tcp = \"no\"\n",
+            3,
+            &["node.listen_tcp", "\"off\"", "\"same\""],
+        );
+        assert!(shown.starts_with("test.toml:3"), "{shown}");
+        assert_parse_error(
+            "[node]\nlisten_tcp = \"127.0.0.1:70000\"\n",
+            2,
+            &["node.listen_tcp", "out of range"],
+        );
+        assert_parse_error("[node]\nlisten_tcp = false\n", 2, &["node.listen_tcp"]);
+        // Written back as it is read.
+        let cfg = RelayConfig {
+            node: NodeConfig {
+                listen_tcp: ListenTcp::At("[::1]:5".parse().unwrap()),
+                ..NodeConfig::default()
+            },
+            ..RelayConfig::default()
+        };
+        let text = toml::to_string(&cfg).unwrap();
+        assert!(text.contains("listen_tcp = \"[::1]:5\""), "{text}");
+        assert_eq!(RelayConfig::from_toml_str(&text, None).unwrap(), cfg);
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The Celluler relay node.
 //!
 //! - [`core`]: pure state machines (router and presence table, dedup window,
-//!   freshness window, lane scheduler) that take events and the time as
-//!   values and return decisions;
-//! - [`node`]: the tokio/quinn shell that owns sockets, tasks and the clock;
+//!   freshness window, notices, stall gate, TTL) that take events and the
+//!   time as values and return decisions;
+//! - [`node`]: the tokio shell that owns the listeners (QUIC and TLS over
+//!   TCP, through `relay-link`), the link tasks and the clock;
 //! - [`config`]: the TOML configuration and its validation;
 //! - [`metrics`] and [`admin`]: Prometheus counters and the admin HTTP endpoint.
 

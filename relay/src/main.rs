@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use relay::config::{ConfigError, RelayConfig, resolve_socket_addr};
+use relay::config::{ConfigError, ListenTcp, RelayConfig, resolve_socket_addr};
 use relay::node::{KEY_FILE, Node, node_key};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,7 +14,7 @@ use std::path::PathBuf;
 #[command(
     name = "relay",
     version,
-    about = "Celluler relay: forwards signed cell messages over QUIC"
+    about = "Celluler relay: forwards signed cell messages over QUIC and TLS over TCP"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -25,6 +25,11 @@ struct Cli {
     /// QUIC listen address, IP:PORT or HOST:PORT (overrides node.listen).
     #[arg(long, value_name = "HOST:PORT", value_parser = resolve_socket_addr)]
     listen: Option<SocketAddr>,
+    /// TLS-over-TCP listen address, HOST:PORT as --listen; `same` for the
+    /// address of --listen (the default), `off` for QUIC only (overrides
+    /// node.listen_tcp).
+    #[arg(long, value_name = "HOST:PORT|same|off", value_parser = ListenTcp::parse)]
+    listen_tcp: Option<ListenTcp>,
     /// Admin HTTP address for /metrics and /health, as --listen (overrides
     /// node.admin).
     #[arg(long, value_name = "HOST:PORT", value_parser = resolve_socket_addr)]
@@ -61,6 +66,9 @@ fn load_config(cli: &Cli) -> Result<RelayConfig, ConfigError> {
     };
     if let Some(a) = cli.listen {
         cfg.node.listen = a;
+    }
+    if let Some(t) = cli.listen_tcp {
+        cfg.node.listen_tcp = t;
     }
     if let Some(a) = cli.admin {
         cfg.node.admin = a;
@@ -113,7 +121,7 @@ fn run(cli: Cli) -> Result<()> {
         None => {}
     }
     let cfg = load_config(&cli)?;
-    relay_client::logging::init("info");
+    relay_link::logging::init("info");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.node.worker_threads)
         .enable_all()
@@ -124,6 +132,9 @@ fn run(cli: Cli) -> Result<()> {
         let node = Node::bind(cfg).await?;
         let key = node.key();
         let quic = node.quic_addr();
+        let tcp = node
+            .tcp_addr()
+            .map_or_else(|| "off".to_owned(), |a| a.to_string());
         // Before the ready line: a supervisor may stop the relay as soon
         // as it reads it.
         let shutdown = shutdown_signal()?;
@@ -132,7 +143,7 @@ fn run(cli: Cli) -> Result<()> {
         // committed by accident.
         let cell_key = "~/.config/celluler/me.key";
         println!(
-            "relay ready: key={key} quic={quic} admin=http://{admin} data={dir}{created} | next: \
+            "relay ready: key={key} quic={quic} tcp={tcp} admin=http://{admin} data={dir}{created} | next: \
              {cell} keygen --out {cell_key} && {cell} listen --relay {key}@{quic} --key {cell_key}{where_cell}",
             admin = node.admin_addr(),
             dir = data_dir.display(),

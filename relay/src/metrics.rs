@@ -52,6 +52,36 @@ pub const TIME_QUANTILES: [f64; 5] = [0.5, 0.9, 0.99, 0.999, 1.0];
 /// the pure node and counted here.
 pub use relay_core::{CloseReason, DropReason};
 
+/// Why the TCP listener turned a connection away before it became a link;
+/// the `reason` label of `celluler_tcp_handshakes_refused_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TcpRefusal {
+    /// Closed at once: `max_handshakes` TLS handshakes were already running.
+    OverLimit,
+    /// The TLS handshake failed (garbage, a wrong ALPN, no raw key, reset).
+    Failed,
+    /// The TLS handshake did not finish within its deadline.
+    TimedOut,
+}
+
+impl TcpRefusal {
+    /// Every reason, in label order.
+    pub const ALL: [TcpRefusal; 3] = [
+        TcpRefusal::OverLimit,
+        TcpRefusal::Failed,
+        TcpRefusal::TimedOut,
+    ];
+
+    /// The snake_case label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TcpRefusal::OverLimit => "over_limit",
+            TcpRefusal::Failed => "failed",
+            TcpRefusal::TimedOut => "timed_out",
+        }
+    }
+}
+
 /// Per-lane counters: one handle per lane, indexed by lane wire value.
 type LaneCounters = [Counter; 4];
 
@@ -68,6 +98,7 @@ pub struct Metrics {
     notices_sent: [Counter; NoticeCode::ALL.len()],
     dedup_hits: Counter,
     not_quic: Counter,
+    tcp_refused: [Counter; TcpRefusal::ALL.len()],
     stalls: Counter,
     stall_timeouts: Counter,
     stall_seconds: Counter<f64, AtomicU64>,
@@ -165,6 +196,15 @@ impl Metrics {
             not_quic.clone(),
         );
 
+        let tcp_refused = family_children::<Counter, { TcpRefusal::ALL.len() }>(
+            &mut r,
+            "celluler_tcp_handshakes_refused",
+            "TCP connections closed before they became links: over the listener's bound on \
+             TLS handshakes in progress, a failed TLS handshake, or one past its deadline",
+            "reason",
+            TcpRefusal::ALL.map(TcpRefusal::as_str),
+        );
+
         let stalls = Counter::default();
         r.register(
             "celluler_sender_stalls",
@@ -257,6 +297,7 @@ impl Metrics {
             notices_sent,
             dedup_hits,
             not_quic,
+            tcp_refused,
             stalls,
             stall_timeouts,
             stall_seconds,
@@ -323,6 +364,11 @@ impl Metrics {
         self.not_quic.inc_by(n);
     }
 
+    /// Counts `n` TCP connections turned away for `why`.
+    pub fn tcp_refused(&self, why: TcpRefusal, n: u64) {
+        self.tcp_refused[why as usize].inc_by(n);
+    }
+
     /// Counts one pause of a sender's lane that lasted `seconds`, and
     /// whether it ended because a receiver did not drain in time.
     pub fn stalled(&self, seconds: f64, timed_out: bool) {
@@ -345,6 +391,14 @@ impl Metrics {
     pub fn link_opened(&self, role: Role) {
         self.links_opened[role as usize].inc();
         self.links[role as usize].inc();
+    }
+
+    /// Counts a connection refused before it became a link (its handshake
+    /// failed, or admission refused it) under `reason`; the open-link gauge
+    /// never counted it.
+    #[inline]
+    pub fn link_refused(&self, reason: CloseReason) {
+        self.links_closed[reason as usize].inc();
     }
 
     /// Counts a link to a peer of `role` closed for `reason` and lowers the
@@ -540,6 +594,7 @@ mod tests {
             "celluler_notices_sent_total",
             "celluler_dedup_hits_total",
             "celluler_not_quic_datagrams_total",
+            "celluler_tcp_handshakes_refused_total",
             "celluler_sender_stalls_total",
             "celluler_sender_stall_timeouts_total",
             "celluler_sender_stall_seconds_total",
@@ -576,6 +631,13 @@ mod tests {
             let series = format!("celluler_notices_sent_total{{reason=\"{}\"}}", c.as_str());
             assert!(sample(&text, &series).is_some(), "missing {series}");
         }
+        for r in TcpRefusal::ALL {
+            let series = format!(
+                "celluler_tcp_handshakes_refused_total{{reason=\"{}\"}}",
+                r.as_str()
+            );
+            assert!(sample(&text, &series).is_some(), "missing {series}");
+        }
     }
 
     #[test]
@@ -592,10 +654,13 @@ mod tests {
         m.link_opened(Role::Relay);
         m.link_opened(Role::Cell);
         m.link_closed(Role::Relay, CloseCode::Idle.into());
+        m.link_refused(CloseReason::HandshakeFailed);
         m.batch_out(1, 1000, 250);
         m.batch_out(100, 3000, 750);
         m.signatures(10, 0);
         m.signatures(5, 2);
+        m.tcp_refused(TcpRefusal::TimedOut, 3);
+        m.tcp_refused(TcpRefusal::OverLimit, 1);
 
         let t = m.encode();
         let s = |series: &str| sample(&t, series).unwrap_or_else(|| panic!("no {series}:\n{t}"));
@@ -612,6 +677,10 @@ mod tests {
         assert_eq!(s("celluler_links{role=\"cell\"}"), 1.0);
         assert_eq!(s("celluler_links_opened_total{role=\"relay\"}"), 2.0);
         assert_eq!(s("celluler_links_closed_total{reason=\"idle\"}"), 1.0);
+        assert_eq!(
+            s("celluler_links_closed_total{reason=\"handshake_failed\"}"),
+            1.0
+        );
         assert_eq!(s("celluler_batches_out_total"), 2.0);
         assert_eq!(s("celluler_batch_messages_count"), 2.0);
         assert_eq!(s("celluler_batch_messages_sum"), 101.0);
@@ -625,6 +694,19 @@ mod tests {
         assert_eq!(s("celluler_compression_ratio"), 4.0);
         assert_eq!(s("celluler_signatures_checked_total"), 15.0);
         assert_eq!(s("celluler_signatures_failed_total"), 2.0);
+        let refused = |r: &str| {
+            s(&format!(
+                "celluler_tcp_handshakes_refused_total{{reason=\"{r}\"}}"
+            ))
+        };
+        assert_eq!(
+            (
+                refused("over_limit"),
+                refused("failed"),
+                refused("timed_out")
+            ),
+            (1.0, 0.0, 3.0)
+        );
     }
 
     #[test]

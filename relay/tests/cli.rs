@@ -217,8 +217,18 @@ fn check_config_accepts_the_example_and_names_bad_fields() {
     assert_eq!(code, 0, "{out}");
 
     // (text, words the error must hold, beside the file:line it starts with)
-    let cases: [(&str, &[&str], usize); 5] = [
+    let cases: [(&str, &[&str], usize); 7] = [
         ("[node]\nlisten = 5\n", &["node.listen"], 2),
+        (
+            "[node]\nlisten = \"127.0.0.1:4433\"\n\nlisten_tcp = \"udp\"\n",
+            &["node.listen_tcp", "\"off\"", "\"same\""],
+            4,
+        ),
+        (
+            "[node]\nlisten_tcp = \"127.0.0.1:70000\"\n",
+            &["node.listen_tcp", "port 70000 is out of range (0-65535)"],
+            2,
+        ),
         ("[node]\nbogus = 1\n", &["bogus"], 2),
         (
             "[limits]\nmax_payload = 1048576\nmax_frame = 1024\n",
@@ -271,6 +281,15 @@ fn a_bad_config_is_refused_at_start_with_the_field_named() {
     std::fs::write(&f, "[security]\nverify = \"sometimes\"\n").unwrap();
     let err = refused(&["--config", f.to_str().unwrap()], dir.path());
     assert!(err.contains("security.verify"), "{err}");
+    std::fs::write(&f, "[node]\nlisten_tcp = \"sometimes\"\n").unwrap();
+    let err = refused(&["--config", f.to_str().unwrap()], dir.path());
+    let place = format!("relay: {}:2:", f.display());
+    assert!(err.starts_with(&place), "{err} should start {place}");
+    assert!(err.contains("node.listen_tcp"), "{err}");
+    // The flag takes the same words, and says what it takes.
+    let (code, _, err) = run(&["--listen-tcp", "sometimes"], dir.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("\"off\"") && err.contains("\"same\""), "{err}");
 }
 
 #[test]
@@ -282,11 +301,14 @@ fn addresses_take_host_names_and_name_a_port_out_of_range() {
     );
     let quic: std::net::SocketAddr = relay.field("quic=").parse().unwrap();
     assert!(quic.ip().is_loopback() && quic.port() != 0, "{quic}");
+    // TCP at the same address by default, port included.
+    let tcp: std::net::SocketAddr = relay.field("tcp=").parse().unwrap();
+    assert_eq!(tcp, quic);
     let admin: std::net::SocketAddr = relay.field("admin=http://").parse().unwrap();
     assert!(admin.ip().is_loopback() && admin.port() != 0, "{admin}");
     assert!(relay.stop().0.success());
 
-    for flag in ["--listen", "--admin"] {
+    for flag in ["--listen", "--admin", "--listen-tcp"] {
         let (code, _, err) = run(&[flag, "127.0.0.1:99999"], dir.path());
         assert_eq!(code, 2, "{err}");
         assert!(
@@ -320,6 +342,36 @@ fn errors_name_their_cause_once_and_say_what_to_do() {
         err.contains(&busy) && err.contains("another relay") && err.contains("--admin HOST:PORT"),
         "{err}"
     );
+
+    // TCP: by default the address of --listen, here taken on TCP only.
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = tcp.local_addr().unwrap().to_string();
+    let err = refused(&["--listen", &busy, "--admin", "127.0.0.1:0"], d);
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("TCP listen address {busy}"))
+            && err.contains("the address of node.listen")
+            && err.contains("--listen-tcp HOST:PORT")
+            && err.contains("--listen-tcp off"),
+        "{err}"
+    );
+    let err = refused(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--listen-tcp",
+            &busy,
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        d,
+    );
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+    assert!(
+        err.contains(&busy) && !err.contains("node.listen)") && err.contains("--listen-tcp off"),
+        "{err}"
+    );
+    drop(tcp);
 
     let err = refused(&["--config", "absent.toml"], d);
     assert_eq!(err.matches("No such file").count(), 1, "{err}");

@@ -4,6 +4,7 @@
 use crate::RelayProcess;
 use relay_client::cell::{Cell, CellOptions, Event, Received, ReceivedAuth};
 use relay_codec::{Destination, Keypair, Lane, ServiceName};
+use relay_link::Transport;
 use std::future::Future;
 use std::time::Duration;
 
@@ -34,8 +35,14 @@ pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() ->
 /// the relay closes shows up as a failure instead of being repaired
 /// silently.
 pub fn options() -> CellOptions {
+    options_over(Transport::Quic)
+}
+
+/// [`options`] over `transport`.
+pub fn options_over(transport: Transport) -> CellOptions {
     CellOptions {
         reconnect: false,
+        transport,
         ..CellOptions::default()
     }
 }
@@ -62,11 +69,13 @@ pub async fn connect(relay: &RelayProcess, key: Keypair, opts: CellOptions) -> C
 }
 
 /// `Cell::connect`, nothing more, or a panic with the error.
+///
+/// The relay's address is the one for `opts.transport`.
 pub async fn connect_only(relay: &RelayProcess, key: Keypair, opts: CellOptions) -> Cell {
     match within(
         "cell connects",
         WAIT,
-        Cell::connect(&relay.addr(), key, opts),
+        Cell::connect(&relay.addr_over(opts.transport), key, opts),
     )
     .await
     {
@@ -114,10 +123,16 @@ pub struct HonestPair {
 }
 
 impl HonestPair {
-    /// Connects both cells and checks a first exchange.
+    /// Connects both cells (over QUIC) and checks a first exchange.
     pub async fn start(relay: &RelayProcess) -> Self {
-        let a = connect(relay, Keypair::generate(), options()).await;
-        let b = connect(relay, Keypair::generate(), options()).await;
+        Self::start_over(relay, Transport::Quic, Transport::Quic).await
+    }
+
+    /// Connects cell `a` over `ta` and `b` over `tb`, and checks a first
+    /// exchange.
+    pub async fn start_over(relay: &RelayProcess, ta: Transport, tb: Transport) -> Self {
+        let a = connect(relay, Keypair::generate(), options_over(ta)).await;
+        let b = connect(relay, Keypair::generate(), options_over(tb)).await;
         let mut pair = HonestPair { a, b, round: 0 };
         pair.exchange("at start").await;
         pair

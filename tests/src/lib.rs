@@ -16,6 +16,7 @@ pub mod cells;
 pub mod raw;
 
 use relay_codec::{NodeAddr, PublicKey};
+use relay_link::Transport;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -53,6 +54,9 @@ pub struct RelayProcess {
     pub key: PublicKey,
     /// Its QUIC address.
     pub quic: SocketAddr,
+    /// Its TCP address; `None` when it does not listen on TCP
+    /// (`--listen-tcp off`).
+    pub tcp: Option<SocketAddr>,
     /// Its admin HTTP address.
     pub admin: SocketAddr,
     /// Its data directory (removed when the test ends).
@@ -69,6 +73,13 @@ impl RelayProcess {
     /// A relay with `toml` as its config file (ports and data directory are
     /// still set by flags).
     pub fn start_with_config(toml: &str) -> Self {
+        Self::start_with(toml, &[])
+    }
+
+    /// A relay with `toml` as its config file (empty: none) and `args`
+    /// after the flags that set free ports and the data directory (so
+    /// `args` may override them, e.g. `["--listen-tcp", "off"]`).
+    pub fn start_with(toml: &str, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut cmd = Command::new(bin_path("relay"));
         if !toml.is_empty() {
@@ -84,6 +95,7 @@ impl RelayProcess {
             "--data-dir",
         ])
         .arg(dir.path().join("data"))
+        .args(args)
         .env("RUST_LOG", "info,quinn=warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -126,22 +138,38 @@ impl RelayProcess {
         let key: PublicKey = field("key=").parse().expect("key in ready line");
         let quic: SocketAddr = field("quic=").parse().expect("quic address");
         let admin: SocketAddr = field("admin=http://").parse().expect("admin address");
+        let tcp = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("tcp="))
+            .filter(|a| *a != "off")
+            .map(|a| a.parse().expect("tcp address"));
         RelayProcess {
             child,
             key,
             quic,
+            tcp,
             admin,
             dir,
             log,
         }
     }
 
-    /// `KEY@HOST:PORT` of this relay, for cells.
+    /// `KEY@HOST:PORT` of this relay, for cells over QUIC.
     pub fn addr(&self) -> NodeAddr {
+        self.addr_over(Transport::Quic)
+    }
+
+    /// `KEY@HOST:PORT` of this relay for cells over `transport`; panics
+    /// for TCP if it does not listen on TCP.
+    pub fn addr_over(&self, transport: Transport) -> NodeAddr {
+        let at = match transport {
+            Transport::Quic => self.quic,
+            Transport::Tcp => self.tcp.expect("the relay listens on TCP"),
+        };
         NodeAddr {
             key: self.key,
-            host: self.quic.ip().to_string(),
-            port: self.quic.port(),
+            host: at.ip().to_string(),
+            port: at.port(),
         }
     }
 

@@ -1,17 +1,21 @@
-//! Raw links: a QUIC connection and the link handshake built by hand from
-//! `relay_client::transport` and `relay_client::link`, so a test can send
-//! exactly the bytes it wants (forged sources, oversize payloads, zip
-//! bombs, replays) and see exactly what the relay answers: frames on the
-//! control stream, messages on data streams, and the close code and reason.
+//! Raw links: a QUIC or TCP connection and the link handshake built by
+//! hand from `relay_link`, so a test can send exactly the bytes it wants
+//! (forged sources, oversize payloads, zip bombs, replays) and see exactly
+//! what the relay answers: frames on the control channel, messages on the
+//! lanes, and the close code and reason. [`RawOptions::transport`] picks
+//! the transport; everything else is the same on both.
 
 use bytes::{Bytes, BytesMut};
-use quinn::{Connection, ConnectionError, Endpoint, SendStream};
-use relay_client::link::{self, FrameReader, LinkError, Welcome};
-use relay_client::transport::{self, TransportTuning};
+use quinn::{Connection, ConnectionError, Endpoint};
 use relay_codec::frame::{CloseCode, Role};
 use relay_codec::{
-    BatchDecoder, BatchEncoder, Destination, Envelope, Frame, Keypair, Lane, Limits, Message,
-    PublicKey,
+    BatchEncoder, Destination, Envelope, Frame, Keypair, Lane, Limits, Message, PublicKey,
+};
+use relay_link::quic::{self, TransportTuning};
+use relay_link::tcp::{self, TcpLink, TcpTuning};
+use relay_link::{
+    BatchReader, ControlSender, FrameReceiver, LaneSender, Link, LinkEnd, LinkError, Transport,
+    Welcome, tls,
 };
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -106,17 +110,45 @@ pub async fn dial(
     tuning: &TransportTuning,
     alpn: &[u8],
 ) -> (Endpoint, Result<Connection, ConnectionError>) {
-    let cfg = transport::client_config_with_alpn(key.signing_key(), server_key.0, tuning, alpn)
+    let cfg = quic::client_config_with_alpn(key.signing_key(), server_key.0, tuning, alpn)
         .expect("client config");
-    let endpoint =
-        transport::client_endpoint("127.0.0.1:0".parse().unwrap()).expect("client endpoint");
+    let endpoint = quic::client_endpoint("127.0.0.1:0".parse().unwrap()).expect("client endpoint");
     let connecting = endpoint
-        .connect_with(cfg, addr, transport::SERVER_NAME)
+        .connect_with(cfg, addr, tls::SERVER_NAME)
         .expect("connect_with accepts the address");
     let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
         .await
         .unwrap_or_else(|_| panic!("QUIC handshake with {addr} took over {HANDSHAKE_TIMEOUT:?}"));
     (endpoint, conn)
+}
+
+/// A link over `transport` to `relay`, presenting `key` and pinning the
+/// relay's key, before Hello: the QUIC endpoint (if QUIC) and the link.
+/// A TCP relay address is [`RelayProcess::tcp`]; panics if it has none.
+pub async fn dial_link(
+    relay: &RelayProcess,
+    transport: Transport,
+    key: &Keypair,
+    opts: &RawOptions,
+) -> Result<(Option<Endpoint>, Link), LinkError> {
+    match transport {
+        Transport::Quic => {
+            let (ep, conn) = dial(relay.quic, relay.key, key, &opts.tuning, tls::ALPN).await;
+            Ok((Some(ep), Link::quic(conn?, Limits::default())))
+        }
+        Transport::Tcp => {
+            let addr = relay.tcp.expect("the relay listens on TCP");
+            let cfg = tls::tls_client_config(key.signing_key(), relay.key.0, tls::ALPN)
+                .expect("TLS client config");
+            let conn = tcp::connect(addr, std::sync::Arc::new(cfg), &opts.tcp)
+                .await
+                .unwrap_or_else(|e| panic!("TCP/TLS handshake with {addr}: {e}"));
+            Ok((
+                None,
+                Link::Tcp(TcpLink::new(conn, Limits::default(), &opts.tcp)),
+            ))
+        }
+    }
 }
 
 /// How a [`RawLink`] connects.
@@ -128,8 +160,13 @@ pub struct RawOptions {
     /// cell that does not read (the relay's streams fill their windows and
     /// stall) until [`RawLink::start_reading`], if ever.
     pub read_data: bool,
+    /// The transport to link over.
+    pub transport: Transport,
     /// QUIC windows (small windows make a non-reading cell stall sooner).
     pub tuning: TransportTuning,
+    /// TCP buffers (a small channel window makes a non-reading cell stall
+    /// sooner).
+    pub tcp: TcpTuning,
     /// Wait after Welcome until the relay has attached the link (see
     /// [`RawLink::wait_attached`]); off: return as soon as Welcome came,
     /// as `Cell::connect` does.
@@ -138,8 +175,9 @@ pub struct RawOptions {
 
 impl RawOptions {
     /// A cell that does not read (until [`RawLink::start_reading`]), with
-    /// receive windows of 16 KiB a stream and 32 KiB in all: the relay can
-    /// send it only a few KiB ahead, and the rest waits in its queues.
+    /// receive windows of 16 KiB a stream and 32 KiB in all (QUIC; over
+    /// TCP 16 KiB a channel, and the kernel's socket buffers): the relay
+    /// can send it only so far ahead, and the rest waits in its queues.
     pub fn not_reading() -> Self {
         Self {
             read_data: false,
@@ -148,8 +186,17 @@ impl RawOptions {
                 conn_window: 32 * 1024,
                 ..TransportTuning::default()
             },
+            tcp: TcpTuning {
+                channel_window: 16 * 1024,
+                ..TcpTuning::default()
+            },
             ..Self::default()
         }
+    }
+
+    /// These options over `transport`.
+    pub fn over(self, transport: Transport) -> Self {
+        Self { transport, ..self }
     }
 }
 
@@ -158,7 +205,9 @@ impl Default for RawOptions {
         Self {
             notices: true,
             read_data: true,
+            transport: Transport::Quic,
             tuning: TransportTuning::default(),
+            tcp: TcpTuning::default(),
             wait_attached: true,
         }
     }
@@ -167,10 +216,10 @@ impl Default for RawOptions {
 /// What a raw link saw from the relay.
 #[derive(Debug)]
 enum RawEvent {
-    /// A frame on the control stream.
+    /// A frame on the control channel.
     Control(Frame),
-    /// A message from a data stream (every message of every batch, in the
-    /// order this link read them).
+    /// A message from a lane (every message of every batch, in the order
+    /// this link read them).
     Message(Arrival),
 }
 
@@ -188,17 +237,18 @@ pub struct Arrival {
 pub struct RawLink {
     /// The cell's key (what the relay proved).
     pub key: Keypair,
-    /// The connection.
-    pub conn: Connection,
-    /// The control stream's sending half.
-    pub control: SendStream,
+    /// The link.
+    pub link: Link,
+    /// The control channel's sending half.
+    pub control: ControlSender,
     /// What the relay said in Welcome.
     pub welcome: Welcome,
-    endpoint: Endpoint,
+    /// The QUIC endpoint, on QUIC.
+    endpoint: Option<Endpoint>,
     events: mpsc::UnboundedReceiver<RawEvent>,
     controls: VecDeque<Frame>,
     messages: VecDeque<Arrival>,
-    lanes: [Option<SendStream>; 4],
+    lanes: LaneSender,
     tasks: Vec<JoinHandle<()>>,
     /// Feeds the data readers' events; `None` once they run.
     unread: Option<mpsc::UnboundedSender<RawEvent>>,
@@ -211,11 +261,20 @@ impl RawLink {
         Self::connect_with(relay, key, RawOptions::default()).await
     }
 
-    /// A cell that never reads: it never accepts the relay's data streams,
-    /// and its small windows make the relay's stream to it stall after a
-    /// few KiB, so its lane queue fills and stays full.
+    /// A cell that never reads: it never accepts the relay's lanes, and
+    /// its small windows make the relay's lane to it stall after a few
+    /// KiB, so its lane queue fills and stays full.
     pub async fn connect_never_reading(relay: &RelayProcess) -> Result<RawLink, LinkError> {
         Self::connect_with(relay, Keypair::generate(), RawOptions::not_reading()).await
+    }
+
+    /// Like [`connect`](Self::connect) over `transport`.
+    pub async fn connect_over(
+        relay: &RelayProcess,
+        key: Keypair,
+        transport: Transport,
+    ) -> Result<RawLink, LinkError> {
+        Self::connect_with(relay, key, RawOptions::default().over(transport)).await
     }
 
     /// Like [`connect`](Self::connect) with options.
@@ -224,54 +283,51 @@ impl RawLink {
         key: Keypair,
         opts: RawOptions,
     ) -> Result<RawLink, LinkError> {
-        let (endpoint, conn) =
-            dial(relay.quic, relay.key, &key, &opts.tuning, transport::ALPN).await;
-        let conn = conn?;
-        let (control, reader, welcome) = link::hello(
-            &conn,
+        let (endpoint, link) = dial_link(relay, opts.transport, &key, &opts).await?;
+        let (control, reader, welcome) = relay_link::hello(
+            &link,
             Role::Cell,
             opts.notices,
             "relay-tests/raw",
-            Limits::default(),
             HANDSHAKE_TIMEOUT,
         )
         .await?;
         let (tx, events) = mpsc::unbounded_channel();
         let tasks = vec![tokio::spawn(read_control(reader, tx.clone()))];
-        let mut link = RawLink {
+        let mut raw = RawLink {
             key,
-            conn,
+            lanes: link.lane_sender(),
+            link,
             control,
             welcome,
             endpoint,
             events,
             controls: VecDeque::new(),
             messages: VecDeque::new(),
-            lanes: Default::default(),
             tasks,
             unread: Some(tx),
         };
         if opts.read_data {
-            link.start_reading();
+            raw.start_reading();
         }
         if opts.wait_attached {
-            link.wait_attached().await;
+            raw.wait_attached().await;
         }
-        Ok(link)
+        Ok(raw)
     }
 
-    /// Starts accepting and reading the relay's data streams, for a link
+    /// Starts accepting and reading the relay's lanes, for a link
     /// connected with [`RawOptions::read_data`] off: what the relay queued
     /// meanwhile arrives from now on. Does nothing if reading already.
     pub fn start_reading(&mut self) {
         if let Some(tx) = self.unread.take() {
             self.tasks
-                .push(tokio::spawn(read_data(self.conn.clone(), tx)));
+                .push(tokio::spawn(read_data(self.link.clone(), tx)));
         }
     }
 
     /// Waits until the relay has attached this link to its router: it
-    /// serves a link's control stream only after attaching it, so a
+    /// serves a link's control channel only after attaching it, so a
     /// Discover answered proves it (see [`crate::cells::connect`]).
     pub async fn wait_attached(&mut self) {
         let request = u32::MAX;
@@ -304,44 +360,29 @@ impl RawLink {
         self.key.public()
     }
 
-    /// Writes `bytes` as they are on this link's data stream for `lane`
-    /// (opened on first use).
-    pub async fn send_raw(&mut self, lane: Lane, bytes: &[u8]) -> Result<(), quinn::WriteError> {
-        let stream = match &mut self.lanes[lane.index()] {
-            Some(s) => s,
-            slot => {
-                let s = self
-                    .conn
-                    .open_uni()
-                    .await
-                    .map_err(quinn::WriteError::ConnectionLost)?;
-                slot.insert(s)
-            }
-        };
-        stream.write_all(bytes).await
+    /// Writes `bytes` as they are on this link's lane `lane` (QUIC: its
+    /// data stream, opened on first use; TCP: its channel, in chunks).
+    pub async fn send_raw(&mut self, lane: Lane, bytes: &[u8]) -> Result<(), LinkError> {
+        self.lanes.send(lane, Bytes::copy_from_slice(bytes)).await
     }
 
     /// Sends `envs` (all on `lane`) as one uncompressed batch frame.
-    pub async fn send_batch(
-        &mut self,
-        lane: Lane,
-        envs: &[Envelope],
-    ) -> Result<(), quinn::WriteError> {
+    pub async fn send_batch(&mut self, lane: Lane, envs: &[Envelope]) -> Result<(), LinkError> {
         let frame = batch_frame(lane, envs);
-        self.send_raw(lane, &frame).await
+        self.lanes.send(lane, frame).await
     }
 
-    /// Finishes every data stream this link opened (the relay can read
-    /// each to its end).
-    pub fn finish_lanes(&mut self) {
-        for s in self.lanes.iter_mut().flatten() {
-            let _ = s.finish();
-        }
+    /// Ends every lane this link sent on (the relay can read each to its
+    /// end), waiting (bounded) until what was sent has left.
+    pub async fn finish_lanes(&mut self) {
+        self.lanes
+            .finish(tokio::time::Instant::now() + HANDSHAKE_TIMEOUT)
+            .await;
     }
 
     /// Writes one control frame.
     pub async fn send_control(&mut self, frame: &Frame) -> Result<(), LinkError> {
-        link::write_frame(&mut self.control, frame).await
+        self.control.send(frame).await
     }
 
     async fn pull(&mut self, deadline: tokio::time::Instant) -> bool {
@@ -398,23 +439,23 @@ impl RawLink {
     /// its close code and reason; panics if it does not, or if the
     /// connection ends another way.
     pub async fn closed(&self, timeout: Duration) -> (CloseCode, String) {
-        let e = tokio::time::timeout(timeout, self.conn.closed())
+        let e = tokio::time::timeout(timeout, self.link.closed())
             .await
             .unwrap_or_else(|_| panic!("the relay did not close the link within {timeout:?}"));
-        match link::refusal_from_close(&self.conn) {
-            Some(LinkError::Refused { code, reason }) => (code, reason),
-            _ => panic!("the link ended without an application close: {e}"),
+        match e {
+            LinkEnd::Closed { code, reason } => (code, reason),
+            e => panic!("the link ended without the relay's close: {e}"),
         }
     }
 
     /// The orderly close of docs/PROTOCOL.md 6.2, as a cell does it:
-    /// finishes the data streams, sends Close, reads control frames until
-    /// the relay's Close (which it sends once it has read every data
-    /// stream and sent its last notices), then closes the connection.
+    /// finishes the lanes, sends Close, reads control frames until the
+    /// relay's Close (which it sends once it has read every lane and sent
+    /// its last notices), then closes the connection.
     /// Returns the control frames that came before the relay's Close, and
     /// that Close's code; panics if it does not come within `timeout`.
     pub async fn close_orderly(&mut self, timeout: Duration) -> (Vec<Frame>, CloseCode) {
-        self.finish_lanes();
+        self.finish_lanes().await;
         self.send_control(&Frame::Close {
             code: CloseCode::Normal,
             reason: "done".into(),
@@ -437,10 +478,7 @@ impl RawLink {
     /// Closes the link at once (no Close frame, no flush): what a killed
     /// process looks like to the relay.
     pub fn abort(&self) {
-        self.conn.close(
-            quinn::VarInt::from_u32(CloseCode::Normal as u32),
-            b"aborted",
-        );
+        self.link.close(CloseCode::Normal, "aborted");
     }
 }
 
@@ -449,18 +487,17 @@ impl Drop for RawLink {
         for t in &self.tasks {
             t.abort();
         }
-        self.conn.close(
-            quinn::VarInt::from_u32(CloseCode::Normal as u32),
-            b"test done",
-        );
-        self.endpoint.close(
-            quinn::VarInt::from_u32(CloseCode::Normal as u32),
-            b"test done",
-        );
+        self.link.close(CloseCode::Normal, "test done");
+        if let Some(ep) = &self.endpoint {
+            ep.close(
+                quinn::VarInt::from_u32(CloseCode::Normal as u32),
+                b"test done",
+            );
+        }
     }
 }
 
-async fn read_control(mut reader: FrameReader, tx: mpsc::UnboundedSender<RawEvent>) {
+async fn read_control(mut reader: FrameReceiver, tx: mpsc::UnboundedSender<RawEvent>) {
     while let Ok(Some(f)) = reader.next().await {
         if tx.send(RawEvent::Control(f)).is_err() {
             return;
@@ -468,18 +505,15 @@ async fn read_control(mut reader: FrameReader, tx: mpsc::UnboundedSender<RawEven
     }
 }
 
-async fn read_data(conn: Connection, tx: mpsc::UnboundedSender<RawEvent>) {
+async fn read_data(link: Link, tx: mpsc::UnboundedSender<RawEvent>) {
     let mut readers = tokio::task::JoinSet::new();
-    while let Ok(recv) = conn.accept_uni().await {
+    while let Ok(recv) = link.accept_lane().await {
         let tx = tx.clone();
         readers.spawn(async move {
-            let limits = Limits::default();
-            let mut reader = FrameReader::new(recv, limits);
-            let mut dec = BatchDecoder::new(limits).expect("batch decoder");
-            while let Ok(Some(Frame::Batch(b))) = reader.next().await {
-                let Ok(msgs) = dec.messages(&b) else { return };
-                for m in msgs {
-                    let Ok(env) = m else { return };
+            let mut reader = BatchReader::new(recv, Limits::default()).expect("batch reader");
+            let mut envs = Vec::new();
+            while let Ok(Some(b)) = reader.next(&mut envs).await {
+                for env in envs.drain(..) {
                     let arrival = Arrival { env, hops: b.hops };
                     if tx.send(RawEvent::Message(arrival)).is_err() {
                         return;
@@ -488,6 +522,6 @@ async fn read_data(conn: Connection, tx: mpsc::UnboundedSender<RawEvent>) {
             }
         });
     }
-    // Readers end with the connection; JoinSet aborts any left on drop.
+    // Readers end with the link; JoinSet aborts any left on drop.
     while readers.join_next().await.is_some() {}
 }

@@ -7,10 +7,10 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use relay::core::STUCK_AFTER_MS;
 use relay_client::cell::{AuthMode, Cell, CellError, CellOptions, Event};
-use relay_client::link::{FrameReader, LinkError};
-use relay_client::transport::{self, TransportTuning};
 use relay_codec::frame::{CloseCode, NoticeCode, Role};
 use relay_codec::{BatchFrame, Destination, Envelope, Frame, Keypair, Lane, Limits, PublicKey};
+use relay_link::quic::TransportTuning;
+use relay_link::{Link, LinkEnd, tls};
 use relay_tests::RelayProcess;
 use relay_tests::cells::{HonestPair, WAIT, connect, options, wait_event, within};
 use relay_tests::raw::{
@@ -226,27 +226,24 @@ async fn an_unknown_protocol_version_is_refused_with_the_version_named() {
         relay.key,
         &Keypair::generate(),
         &TransportTuning::default(),
-        transport::ALPN,
+        tls::ALPN,
     )
     .await;
-    let conn = conn.expect("TLS handshake");
-    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let link = Link::quic(conn.expect("TLS handshake"), Limits::default());
+    let (mut send, mut reader) = link.open_control().await.unwrap();
     let hello = Frame::Hello {
         version: 99,
         role: Role::Cell,
         notices: true,
         agent: "from-the-future/99".into(),
     };
-    relay_client::link::write_frame(&mut send, &hello)
-        .await
-        .unwrap();
-    let mut reader = FrameReader::new(recv, Limits::default());
+    send.send(&hello).await.unwrap();
     let answer = within("the answer to Hello v99", WAIT, reader.next()).await;
     let (code, reason) = match answer {
         Ok(Some(Frame::Close { code, reason })) => (code, reason),
         Ok(other) => panic!("expected Close, got {other:?}"),
-        Err(e) => match relay_client::link::refusal_from_close(&conn) {
-            Some(LinkError::Refused { code, reason }) => (code, reason),
+        Err(e) => match link.end() {
+            Some(LinkEnd::Closed { code, reason }) => (code, reason),
             _ => panic!("expected a refusal, got {e}"),
         },
     };
@@ -254,9 +251,8 @@ async fn an_unknown_protocol_version_is_refused_with_the_version_named() {
     assert!(reason.contains("version 99"), "{reason}");
     assert!(reason.contains("version 1"), "{reason}");
     // The connection is closed with the same code after the Close frame.
-    within("connection closed", WAIT, conn.closed()).await;
-    match relay_client::link::refusal_from_close(&conn) {
-        Some(LinkError::Refused { code, .. }) => assert_eq!(code, CloseCode::Version),
+    match within("connection closed", WAIT, link.closed()).await {
+        LinkEnd::Closed { code, .. } => assert_eq!(code, CloseCode::Version),
         other => panic!("expected an application close, got {other:?}"),
     }
     relay.wait_log_async(&reason, WAIT).await;
@@ -301,7 +297,7 @@ async fn a_relay_that_proves_another_key_is_refused_by_the_cell() {
         wrong.key,
         &Keypair::generate(),
         &TransportTuning::default(),
-        transport::ALPN,
+        tls::ALPN,
     )
     .await;
     let err = conn.expect_err("pinned to the wrong key").to_string();
@@ -646,11 +642,12 @@ async fn malformed_frames_close_the_link() {
         pair.exchange(&format!("after {what}")).await;
     }
     // A data stream that ends inside a frame.
-    let cut = raw_link(&relay).await;
+    let mut cut = raw_link(&relay).await;
     let frame = batch_frame(Lane::Normal, &[good(&cut, Lane::Normal)]);
-    let mut s = cut.conn.open_uni().await.unwrap();
-    s.write_all(&frame[..frame.len() - 3]).await.unwrap();
-    s.finish().unwrap();
+    cut.send_raw(Lane::Normal, &frame[..frame.len() - 3])
+        .await
+        .unwrap();
+    cut.finish_lanes().await;
     expect_closed(&relay, &cut, CloseCode::Malformed, "ended inside a frame").await;
     pair.exchange("after a stream cut inside a frame").await;
     // A Batch on the control stream.

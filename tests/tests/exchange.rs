@@ -1,13 +1,16 @@
 //! Honest cells on a real relay process: messages on every lane both ways,
 //! broadcast, services and discovery, presence, reconnecting, and notices
 //! about unknown destinations. Every cell is a real `relay_client::cell::Cell`.
+//! The exchange on every lane runs over QUIC, over TLS on TCP, and between
+//! a cell on each.
 
 use relay_client::cell::{Cell, CellOptions, Event, ReceivedAuth};
 use relay_codec::frame::NoticeCode;
 use relay_codec::{Destination, Keypair, Lane, PublicKey, ServiceName};
+use relay_link::Transport;
 use relay_tests::RelayProcess;
 use relay_tests::cells::{
-    WAIT, connect, connect_only, options, recv, wait_event, wait_until, within,
+    WAIT, connect, connect_only, options, options_over, recv, wait_event, wait_until, within,
 };
 use relay_tests::raw::noise;
 use std::collections::HashMap;
@@ -49,9 +52,26 @@ async fn discover_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_cells_exchange_signed_messages_on_every_lane_both_ways() {
+    exchange_on_every_lane(Transport::Quic, Transport::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cells_over_tcp_exchange_signed_messages_on_every_lane_both_ways() {
+    exchange_on_every_lane(Transport::Tcp, Transport::Tcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_on_quic_and_one_on_tcp_exchange_on_every_lane_both_ways() {
+    exchange_on_every_lane(Transport::Quic, Transport::Tcp).await;
+}
+
+/// Cell `a` over `ta` and `b` over `tb`, on one relay (at one address:
+/// a relay serves both transports on its `listen` port by default).
+async fn exchange_on_every_lane(ta: Transport, tb: Transport) {
     let relay = RelayProcess::start();
-    let mut a = connect(&relay, Keypair::generate(), options()).await;
-    let mut b = connect(&relay, Keypair::generate(), options()).await;
+    assert_eq!(relay.tcp.map(|a| a.port()), Some(relay.quic.port()));
+    let mut a = connect(&relay, Keypair::generate(), options_over(ta)).await;
+    let mut b = connect(&relay, Keypair::generate(), options_over(tb)).await;
     const PER_LANE: usize = 5;
 
     for (from, to) in [(&a, &b), (&b, &a)] {
@@ -66,7 +86,8 @@ async fn two_cells_exchange_signed_messages_on_every_lane_both_ways() {
     }
     let (ka, kb) = (a.public_key(), b.public_key());
     for (from, to) in [(ka, &mut b), (kb, &mut a)] {
-        // Lanes travel on separate streams: order holds within a lane.
+        // Lanes travel on separate streams (or chunk-interleaved channels):
+        // order holds within a lane.
         let mut next: HashMap<Lane, usize> = HashMap::new();
         for _ in 0..PER_LANE * Lane::ALL.len() {
             let m = recv(to, "message on some lane").await;
@@ -91,7 +112,16 @@ async fn two_cells_exchange_signed_messages_on_every_lane_both_ways() {
     assert_eq!(relay.metric("celluler_drops_total", ""), 0.0);
     within("close a", WAIT, a.close()).await.unwrap();
     within("close b", WAIT, b.close()).await.unwrap();
-    relay.stop();
+    // Both closed in order: each cell's Close, then the relay's.
+    relay
+        .wait_metric_async(
+            "celluler_links_closed_total",
+            "reason=\"normal\"",
+            2.0,
+            WAIT,
+        )
+        .await;
+    assert!(relay.stop().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -388,6 +388,81 @@ fn quick_start_keygen_listen_send() {
     );
 }
 
+/// `cell listen` and `cell send` with `--transport tcp`, at the address the
+/// README's commands use (a relay serves TCP on its QUIC port): one
+/// message each way round, TCP to QUIC and QUIC to TCP.
+#[test]
+fn cell_send_and_listen_over_tcp() {
+    let relay = RelayProcess::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let relay_addr = relay_addr(&relay);
+    let a = keygen(d, "a.key");
+    let b = keygen(d, "b.key");
+    for (listen_over, send_over) in [("quic", "tcp"), ("tcp", "quic")] {
+        let mut listener = listen(
+            d,
+            &[
+                "--relay",
+                &relay_addr,
+                "--transport",
+                listen_over,
+                "--key",
+                "a.key",
+                "--count",
+                "1",
+                "--timeout",
+                "20",
+            ],
+            &a,
+        );
+        let text = format!("over {send_over} to a cell on {listen_over}");
+        let out = cell(
+            d,
+            &[
+                "send",
+                "--relay",
+                &relay_addr,
+                "--transport",
+                send_over,
+                "--key",
+                "b.key",
+                "--to",
+                &a,
+                &text,
+            ],
+            "",
+        );
+        ok(&out, &text);
+        let lines = json_lines(&mut listener);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["payload"], text.as_str());
+        assert_eq!(lines[0]["source"], b.as_str());
+    }
+    assert!(relay.log().contains("transport=tcp"), "{}", relay.log());
+    // An unknown transport is a usage error that names the choices.
+    let out = cell(
+        d,
+        &[
+            "send",
+            "--relay",
+            &relay_addr,
+            "--transport",
+            "udp",
+            "--key",
+            "b.key",
+            "--to",
+            &a,
+            "x",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("use quic or tcp"), "{err}");
+    relay.stop();
+}
+
 /// The README's best-effort note: `cell send` to a cell that is not
 /// attached is told by the relay that its messages were dropped, lists
 /// them and exits 3; `cell discover` with no match says so on stderr.

@@ -2,10 +2,11 @@
 //! takes them and how much memory each costs it.
 //!
 //! Each idle cell is a full [`relay_client::Cell`] with its own ed25519
-//! key, what an application links: QUIC handshake, Hello/Welcome, its
-//! link tasks. The cells share one client QUIC endpoint
-//! ([`CellOptions::endpoint`]; `--endpoints` spreads them over more UDP
-//! sockets), and an idle `Cell` allocates its queues and dedup state only
+//! key, what an application links: QUIC (or TCP and TLS) handshake,
+//! Hello/Welcome, its link tasks. Over QUIC the cells share one client
+//! endpoint ([`CellOptions::endpoint`]; `--endpoints` spreads them over
+//! more UDP sockets); over TCP each has its connection (a file descriptor
+//! each, on both sides). An idle `Cell` allocates its queues and dedup state only
 //! as it uses them: ten thousand of them take about 50 KiB each in the
 //! bench, QUIC connection included (a bare connection with its handshake
 //! done takes about 32 KiB).
@@ -15,8 +16,9 @@ use crate::report::{Report, human};
 use crate::stats::{CpuSample, mem_available_kib, round1, status_kib};
 use crate::target::{Target, raise_nofile_limit};
 use anyhow::{Context as _, Result, anyhow, bail};
+use relay_client::Transport;
 use relay_client::cell::{AuthMode, Cell, CellOptions};
-use relay_client::transport;
+use relay_client::link::quic;
 use relay_codec::Keypair;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -49,7 +51,17 @@ pub async fn run(target: &Target, plan: &Plan) -> Result<(Report, Vec<String>)> 
         .with_context(|| format!("resolving {}", target.addr.host_port()))?
         .next()
         .ok_or_else(|| anyhow!("{} resolves to no address", target.addr.host_port()))?;
-    if plan.endpoints > 64 {
+    if target.transport == Transport::Tcp {
+        let limit = raise_nofile_limit();
+        if (plan.cells as u64) + 64 > limit {
+            bail!(
+                "--cells {} over TCP needs a socket each, but the open-file limit is {limit} \
+                 (`ulimit -n`; raise the hard limit, attach fewer cells, or use --transport \
+                 quic, where one UDP socket carries any number)",
+                plan.cells
+            );
+        }
+    } else if plan.endpoints > 64 {
         let limit = raise_nofile_limit();
         if (plan.endpoints as u64) + 64 > limit {
             bail!(
@@ -65,10 +77,14 @@ pub async fn run(target: &Target, plan: &Plan) -> Result<(Report, Vec<String>)> 
     } else {
         "[::]:0".parse().expect("valid")
     };
-    let endpoints: Vec<quinn::Endpoint> = (0..plan.endpoints.max(1))
-        .map(|_| transport::client_endpoint(bind))
-        .collect::<Result<_, _>>()
-        .context("creating the client QUIC endpoint")?;
+    // Over TCP every cell's link is a connection of its own: no endpoints.
+    let endpoints: Vec<quinn::Endpoint> = match target.transport {
+        Transport::Quic => (0..plan.endpoints.max(1))
+            .map(|_| quic::client_endpoint(bind))
+            .collect::<Result<_, _>>()
+            .context("creating the client QUIC endpoint")?,
+        Transport::Tcp => Vec::new(),
+    };
     let pid = target.pid;
     let links_before = target
         .metric("celluler_links", "role=\"cell\"")
@@ -77,7 +93,10 @@ pub async fn run(target: &Target, plan: &Plan) -> Result<(Report, Vec<String>)> 
     let rss_before = pid.and_then(|p| status_kib(Some(p), "VmRSS"));
     let bench_before = status_kib(None, "VmRSS");
     // Idle cells: nothing to report on, nothing to repair.
-    let options = crate::cells::options(AuthMode::Link, false, Vec::new(), plan.connect_timeout);
+    let options = CellOptions {
+        transport: target.transport,
+        ..crate::cells::options(AuthMode::Link, false, Vec::new(), plan.connect_timeout)
+    };
 
     let mut bar = Bar::new(plan.cells as u64, "cells");
     let cpu_start = CpuSample::take(pid);
@@ -93,7 +112,8 @@ pub async fn run(target: &Target, plan: &Plan) -> Result<(Report, Vec<String>)> 
     loop {
         while next < plan.cells && set.len() < plan.concurrency.max(1) && stopped_early.is_none() {
             let opts = CellOptions {
-                endpoint: Some(endpoints[next % endpoints.len()].clone()),
+                endpoint: (!endpoints.is_empty())
+                    .then(|| endpoints[next % endpoints.len()].clone()),
                 ..options.clone()
             };
             let relay = target.addr.clone();
@@ -217,16 +237,20 @@ pub async fn run(target: &Target, plan: &Plan) -> Result<(Report, Vec<String>)> 
     if pid.is_none() {
         notes.push("relay CPU and memory are unknown: pass --relay-pid PID".into());
     }
+    let links = match target.transport {
+        Transport::Quic => format!("on one of {} shared client endpoint(s)", endpoints.len()),
+        Transport::Tcp => "over a TCP connection of its own".to_owned(),
+    };
     notes.push(format!(
-        "each cell is a relay_client Cell on one of {} shared client endpoint(s); memory per \
-         cell = (relay RSS after - before) / cells",
-        endpoints.len()
+        "each cell is a relay_client Cell {links}; memory per cell = (relay RSS after - \
+         before) / cells"
     ));
     let report = Report {
         mode: "connections".into(),
         broker: "relay".into(),
         target: target.kind().into(),
         relay: target.addr.to_string(),
+        transport: Some(target.transport.to_string()),
         auth: "link".into(),
         secs: (attach_secs * 1e6).round() / 1e6,
         relay_cpu_pct: relay_cpu,

@@ -33,6 +33,12 @@ pub fn check_broker(t: &TargetArgs, m: Option<&MsgArgs>) -> Result<(), BadArgs> 
                      --spawn) instead of --relay",
                 );
             }
+            if t.transport.is_some() {
+                return bad(
+                    "--transport picks how cells reach a relay: async-nats speaks NATS over \
+                     TCP; leave --transport out with --broker nats",
+                );
+            }
             if t.relay_bin.is_some() || t.relay_config.is_some() || t.relays > 1 {
                 return bad(
                     "--relay-bin, --relay-config and --relays start relays: leave them out \

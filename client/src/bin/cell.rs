@@ -9,6 +9,9 @@
 //! cell discover --relay KEY@HOST:PORT --key cell.key SERVICE
 //! ```
 //!
+//! `listen`, `send` and `discover` reach the relay over QUIC, or over TLS
+//! on TCP with `--transport tcp`.
+//!
 //! Output meant for programs (public keys, received messages, discovery
 //! results) goes to stdout, one item per line; everything for people goes
 //! to stderr. Logs: `RUST_LOG` (default `warn`), on stderr.
@@ -19,6 +22,7 @@
 use anyhow::{Context as _, anyhow, bail};
 use base64::Engine as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use relay_client::Transport;
 use relay_client::cell::{
     AuthMode, Cell, CellError, CellOptions, Event, Received, ReceivedAuth, Undelivered,
 };
@@ -129,9 +133,14 @@ enum Cmd {
 
 #[derive(Args, Debug)]
 struct LinkArgs {
-    /// The relay: its public key, host and UDP port.
+    /// The relay: its public key, host and port (UDP for QUIC, TCP for
+    /// --transport tcp; a relay serves both on one port by default).
     #[arg(long, value_name = "KEY@HOST:PORT")]
     relay: String,
+    /// How to reach the relay: quic (UDP) or tcp (TLS 1.3 over TCP, for
+    /// networks that block UDP).
+    #[arg(long, default_value = "quic", value_name = "quic|tcp")]
+    transport: Transport,
     /// This cell's secret key file (create one with `cell keygen`).
     #[arg(long, value_name = "FILE")]
     key: PathBuf,
@@ -244,6 +253,7 @@ async fn connect(link: &LinkArgs, mut opts: CellOptions) -> anyhow::Result<(Cell
         .parse()
         .map_err(|e| anyhow!("--relay {:?}: {e}", link.relay))?;
     let key = read_key(&link.key)?;
+    opts.transport = link.transport;
     opts.connect_timeout = seconds("--connect-timeout", link.connect_timeout)?;
     if opts.connect_timeout.is_zero() {
         bail!("--connect-timeout must be above 0");

@@ -5,13 +5,16 @@
 
 #![allow(dead_code)]
 
-use relay_client::link::{self, FrameReader, LaneQueues, NoObserver, Outbound, WriterConfig};
-use relay_client::transport::{self, TransportTuning};
+use relay_client::link::quic::{self, TransportTuning};
+use relay_client::link::{
+    BatchReader, FrameReceiver, LaneQueues, Link, NoObserver, Outbound, WriterConfig,
+};
 use relay_codec::frame::{CloseCode, PROTOCOL_VERSION, PresenceInfo, Role};
 use relay_codec::{
-    BatchDecoder, Destination, Envelope, Frame, Keypair, Limits, NodeAddr, PublicKey, ServiceName,
+    Destination, Envelope, Frame, Keypair, Limits, NodeAddr, PublicKey, ServiceName,
 };
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -20,7 +23,9 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 /// One attached cell, as the stand-in relay sees it.
 pub struct Attached {
-    pub conn: quinn::Connection,
+    pub link: Link,
+    /// Tells this link from a later one of the same cell.
+    pub id: u64,
     pub queues: Arc<LaneQueues>,
     pub control: mpsc::UnboundedSender<Frame>,
     pub watching: bool,
@@ -60,8 +65,8 @@ pub struct StandIn {
 impl StandIn {
     pub async fn start(behaviour: RelayBehaviour) -> StandIn {
         let key = Keypair::generate();
-        let cfg = transport::server_config(key.signing_key(), &TransportTuning::default()).unwrap();
-        let endpoint = transport::server_endpoint("127.0.0.1:0".parse().unwrap(), cfg).unwrap();
+        let cfg = quic::server_config(key.signing_key(), &TransportTuning::default()).unwrap();
+        let endpoint = quic::server_endpoint("127.0.0.1:0".parse().unwrap(), cfg).unwrap();
         let port = endpoint.local_addr().unwrap().port();
         let hub = Arc::new(Mutex::new(Hub::default()));
         let (ep, h, pubkey) = (endpoint.clone(), hub.clone(), key.public());
@@ -70,7 +75,7 @@ impl StandIn {
                 let (h, b) = (h.clone(), behaviour.clone());
                 tokio::spawn(async move {
                     if let Ok(conn) = incoming.await {
-                        serve_link(conn, h, b, pubkey).await;
+                        serve_link(Link::quic(conn, Limits::default()), h, b, pubkey).await;
                     }
                 });
             }
@@ -125,10 +130,9 @@ impl StandIn {
     /// Cuts `cell`'s link as a relay shutting down would.
     pub fn kick(&self, cell: PublicKey) {
         let hub = self.hub.lock().unwrap();
-        hub.cells[&cell].conn.close(
-            quinn::VarInt::from_u32(CloseCode::Shutdown as u32),
-            b"test kick",
-        );
+        hub.cells[&cell]
+            .link
+            .close(CloseCode::Shutdown, "test kick");
     }
 
     pub fn seen(&self) -> Vec<Envelope> {
@@ -136,15 +140,11 @@ impl StandIn {
     }
 }
 
-pub async fn serve_link(
-    conn: quinn::Connection,
-    hub: Arc<Mutex<Hub>>,
-    b: RelayBehaviour,
-    me: PublicKey,
-) {
-    let peer = PublicKey(transport::peer_key(&conn).expect("a proven key"));
-    let Ok((mut send, mut reader, hello)) =
-        link::accept_hello(&conn, Limits::default(), WAIT).await
+pub async fn serve_link(link: Link, hub: Arc<Mutex<Hub>>, b: RelayBehaviour, me: PublicKey) {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let peer = link.peer_key().expect("a proven key");
+    let Ok((mut send, mut reader, hello)) = relay_client::link::accept_hello(&link, WAIT).await
     else {
         return;
     };
@@ -155,7 +155,7 @@ pub async fn serve_link(
         return;
     }
     if let Some((code, reason)) = &b.refuse {
-        link::close_with(&conn, Some(&mut send), *code, reason).await;
+        relay_client::link::close(&link, Some(&mut send), *code, reason).await;
         return;
     }
     let welcome = Frame::Welcome {
@@ -165,7 +165,7 @@ pub async fn serve_link(
         max_payload: b.max_payload.unwrap_or(1 << 20),
         max_frame: 4 << 20,
     };
-    link::write_frame(&mut send, &welcome).await.unwrap();
+    send.send(&welcome).await.unwrap();
     let queues = Arc::new(LaneQueues::new(100_000));
     let (control_tx, mut control_rx) = mpsc::unbounded_channel();
     {
@@ -174,7 +174,8 @@ pub async fn serve_link(
         h.cells.insert(
             peer,
             Attached {
-                conn: conn.clone(),
+                link: link.clone(),
+                id,
                 queues: queues.clone(),
                 control: control_tx,
                 watching: false,
@@ -182,20 +183,20 @@ pub async fn serve_link(
             },
         );
     }
-    tokio::spawn(link::run_writer(
-        conn.clone(),
+    tokio::spawn(relay_client::link::run_writer(
+        link.lane_sender(),
         queues.clone(),
         WriterConfig::default(),
         NoObserver,
     ));
     tokio::spawn(async move {
         while let Some(f) = control_rx.recv().await {
-            if link::write_frame(&mut send, &f).await.is_err() {
+            if send.send(&f).await.is_err() {
                 break;
             }
             // Its Close is the last frame of the control stream.
             if matches!(f, Frame::Close { .. }) {
-                let _ = send.finish();
+                send.finish();
                 break;
             }
         }
@@ -204,22 +205,18 @@ pub async fn serve_link(
     // streams already opened and reads them to the end before closing.
     let drain = std::sync::Arc::new(tokio::sync::Notify::new());
     let mut acceptor = {
-        let (conn, hub, drain) = (conn.clone(), hub.clone(), drain.clone());
+        let (link, hub, drain) = (link.clone(), hub.clone(), drain.clone());
         tokio::spawn(async move {
             let mut tasks = tokio::task::JoinSet::new();
-            let read = |recv: quinn::RecvStream| {
-                let (conn, hub) = (conn.clone(), hub.clone());
+            let read = |recv: FrameReceiver| {
+                let (link, hub) = (link.clone(), hub.clone());
                 async move {
-                    let mut reader = FrameReader::new(recv, Limits::default());
-                    let mut dec = BatchDecoder::new(Limits::default()).unwrap();
-                    while let Ok(Some(Frame::Batch(batch))) = reader.next().await {
-                        for env in dec.messages(&batch).unwrap() {
-                            let env = env.unwrap();
+                    let mut reader = BatchReader::new(recv, Limits::default()).unwrap();
+                    let mut envs = Vec::new();
+                    while let Ok(Some(_)) = reader.next(&mut envs).await {
+                        for env in envs.drain(..) {
                             if env.source() != peer {
-                                conn.close(
-                                    quinn::VarInt::from_u32(CloseCode::ForgedSource as u32),
-                                    b"source is not the link's key",
-                                );
+                                link.close(CloseCode::ForgedSource, "source is not the link's key");
                                 return;
                             }
                             route(&hub, peer, env);
@@ -229,7 +226,7 @@ pub async fn serve_link(
             };
             loop {
                 tokio::select! {
-                    r = conn.accept_uni() => match r {
+                    r = link.accept_lane() => match r {
                         Ok(recv) => { tasks.spawn(read(recv)); }
                         Err(_) => return,
                     },
@@ -237,7 +234,7 @@ pub async fn serve_link(
                 }
             }
             while let Ok(Ok(recv)) =
-                tokio::time::timeout(Duration::from_millis(50), conn.accept_uni()).await
+                tokio::time::timeout(Duration::from_millis(50), link.accept_lane()).await
             {
                 tasks.spawn(read(recv));
             }
@@ -307,22 +304,16 @@ pub async fn serve_link(
                         reason: "closed at the peer's request".into(),
                     });
                 }
-                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-                conn.close(
-                    quinn::VarInt::from_u32(CloseCode::Normal as u32),
-                    b"closed at the peer's request",
-                );
+                let _ = tokio::time::timeout(Duration::from_secs(2), link.closed()).await;
+                link.close(CloseCode::Normal, "closed at the peer's request");
             }
             Ok(Some(other)) => panic!("unexpected control frame from a cell: {other:?}"),
             Ok(None) | Err(_) => break,
         }
     }
-    conn.closed().await;
+    link.closed().await;
     let mut h = hub.lock().unwrap();
-    if h.cells
-        .get(&peer)
-        .is_some_and(|a| a.conn.stable_id() == conn.stable_id())
-    {
+    if h.cells.get(&peer).is_some_and(|a| a.id == id) {
         h.cells.remove(&peer);
         let info = PresenceInfo {
             key: peer,

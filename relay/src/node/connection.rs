@@ -1,15 +1,15 @@
-//! One link from handshake to close: the control stream, the data streams
-//! and the reasons a link is refused or closed.
+//! One link from handshake to close, over QUIC or TCP alike: admission,
+//! the control channel, the lanes and the reasons a link is refused or
+//! closed.
 
 use super::ingest::RelayObserver;
 use super::{LinkEntry, Shared, unix_ms};
 use crate::core::{LinkId, Notice, NoticeAggregator, StallGate};
 use crate::metrics::{CloseReason, DropReason};
-use quinn::SendStream;
-use relay_client::link::{self, FrameReader, LaneQueues, LinkError};
-use relay_client::transport;
 use relay_codec::frame::{CloseCode, MAX_DISCOVER_ENTRIES, NoticeCode, PROTOCOL_VERSION, Role};
-use relay_codec::{BatchDecoder, DecodeError, Envelope, Frame, Lane, MessageId, PublicKey};
+use relay_codec::{Envelope, Frame, Lane, MessageId, PublicKey};
+use relay_link::tcp::{TcpIncoming, TcpLink};
+use relay_link::{BatchReader, ControlSender, FrameReceiver, LaneQueues, Link, LinkEnd, LinkError};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,7 +38,7 @@ pub struct LinkHandle {
     pub(super) role: Role,
     pub(super) queues: Arc<LaneQueues>,
     pub(super) control: mpsc::Sender<Frame>,
-    pub(super) conn: quinn::Connection,
+    pub(super) link: Link,
     /// The link's dropped messages not yet reported, if it asked for
     /// notices in Hello.
     pub(super) notices: Option<Mutex<NoticeAggregator>>,
@@ -104,14 +104,8 @@ impl LinkHandle {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_or_insert(why);
-        self.conn
-            .close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
+        self.link.close(code, reason);
     }
-}
-
-/// The close code and reason for a decoding failure on a link.
-fn decode_close(e: &DecodeError) -> (CloseCode, String) {
-    (e.close_code(), e.to_string())
 }
 
 fn drop_reason_for(code: CloseCode) -> Option<DropReason> {
@@ -122,38 +116,75 @@ fn drop_reason_for(code: CloseCode) -> Option<DropReason> {
     }
 }
 
+/// A connection whose transport handshake has not run yet.
+pub(super) enum Incoming {
+    /// From the QUIC endpoint.
+    Quic(quinn::Incoming),
+    /// From the TCP listener.
+    Tcp(TcpIncoming),
+}
+
+impl Incoming {
+    fn remote_address(&self) -> std::net::SocketAddr {
+        match self {
+            Incoming::Quic(i) => i.remote_address(),
+            Incoming::Tcp(i) => i.remote_address(),
+        }
+    }
+
+    /// Runs the transport's TLS handshake; the link, or why not.
+    async fn establish(self, shared: &Shared) -> Result<Link, String> {
+        match self {
+            Incoming::Quic(i) => match i.await {
+                Ok(c) => Ok(Link::quic(c, shared.limits)),
+                Err(e) => Err(format!("during the QUIC/TLS handshake: {e}")),
+            },
+            Incoming::Tcp(i) => match i.handshake().await {
+                Ok(c) => Ok(Link::Tcp(TcpLink::new(c, shared.limits, &shared.tcp))),
+                Err(e) => Err(format!("during the TCP/TLS handshake: {e}")),
+            },
+        }
+    }
+}
+
 /// One connection from handshake to close.
-pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
+pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: Incoming) {
     let remote = incoming.remote_address();
     let m = shared.metrics.clone();
-    let conn = match incoming.await {
-        Ok(c) => c,
+    let tcp = matches!(incoming, Incoming::Tcp(_));
+    let link = match incoming.establish(&shared).await {
+        Ok(l) => l,
         Err(e) => {
-            m.link_closed(Role::Cell, CloseReason::HandshakeFailed);
-            warn!(%remote, "link refused during the QUIC/TLS handshake: {e}");
+            m.link_refused(CloseReason::HandshakeFailed);
+            if tcp {
+                // Counted by the listener and reported once a second: a
+                // flood of garbage must not cost a log line per socket.
+                debug!(%remote, "link refused {e}");
+            } else {
+                warn!(%remote, "link refused {e}");
+            }
             return;
         }
     };
-    let Some(key) = transport::peer_key(&conn).map(PublicKey) else {
+    let transport = link.transport();
+    let Some(key) = link.peer_key() else {
+        m.link_refused(CloseReason::HandshakeFailed);
         warn!(%remote, "link without a proven key; closing");
-        conn.close(
-            quinn::VarInt::from_u32(CloseCode::Unauthorized as u32),
-            b"no proven key",
-        );
+        link.close(CloseCode::Unauthorized, "no proven key");
         return;
     };
     let (mut ctl_send, mut ctl_recv, hello) =
-        match link::accept_hello(&conn, shared.limits, HELLO_TIMEOUT).await {
+        match relay_link::accept_hello(&link, HELLO_TIMEOUT).await {
             Ok(v) => v,
             Err(e) => {
-                let (code, reason) = match &e {
-                    LinkError::Decode(d) => decode_close(d),
-                    LinkError::Timeout(_) => (CloseCode::Idle, e.to_string()),
-                    _ => (CloseCode::Malformed, e.to_string()),
+                let code = match &e {
+                    LinkError::Timeout(_) => CloseCode::Idle,
+                    e => e.peer_fault().unwrap_or(CloseCode::Malformed),
                 };
-                m.link_closed(Role::Cell, CloseReason::HandshakeFailed);
-                warn!(%remote, peer = %key, "link refused at Hello: {reason}");
-                conn.close(quinn::VarInt::from_u32(code as u32), reason.as_bytes());
+                let reason = e.to_string();
+                m.link_refused(CloseReason::HandshakeFailed);
+                warn!(%remote, %transport, peer = %key, "link refused at Hello: {reason}");
+                link.close(code, &reason);
                 return;
             }
         };
@@ -185,9 +216,9 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
         None
     };
     if let Some((code, reason)) = refusal {
-        m.link_closed(hello.role, CloseReason::HandshakeFailed);
-        warn!(%remote, peer = %key, agent = %hello.agent, "link refused: {reason}");
-        link::close_with(&conn, Some(&mut ctl_send), code, &reason).await;
+        m.link_refused(CloseReason::HandshakeFailed);
+        warn!(%remote, %transport, peer = %key, agent = %hello.agent, "link refused: {reason}");
+        relay_link::close(&link, Some(&mut ctl_send), code, &reason).await;
         return;
     }
     // Welcome is the first frame of the control channel, and the link is
@@ -211,7 +242,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
         role: hello.role,
         queues: Arc::new(LaneQueues::new(shared.cfg.limits.lane_queue_depth)),
         control: ctl_tx,
-        conn: conn.clone(),
+        link: link.clone(),
         notices: hello
             .notices
             .then(|| Mutex::new(NoticeAggregator::new(shared.cfg.link.notice_interval_ms))),
@@ -220,7 +251,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
         stall_gate: StallGate::default(),
     });
     let writer = tokio::spawn({
-        let conn = conn.clone();
+        let lanes = link.lane_sender();
         let queues = handle.queues.clone();
         let cfg = shared.writer_config();
         let obs = RelayObserver {
@@ -229,7 +260,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
             now: None,
         };
         async move {
-            if let Err(e) = link::run_writer(conn, queues, cfg, obs).await {
+            if let Err(e) = relay_link::run_writer(lanes, queues, cfg, obs).await {
                 debug!("link writer ended: {e}");
             }
         }
@@ -262,7 +293,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
     }
     Shared::report(reports);
     m.link_opened(hello.role);
-    info!(peer = %key, %remote, agent = %hello.agent, "link opened");
+    info!(peer = %key, %remote, %transport, agent = %hello.agent, "link opened");
 
     // Control writer: frames from any task, and the notices as they fall
     // due, to this link's control stream.
@@ -297,7 +328,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
                 reason: "closed at the peer's request".into(),
             });
             let _ = tokio::time::timeout(CLOSE_LINGER, &mut ctl_writer).await;
-            if tokio::time::timeout(CLOSE_LINGER, conn.closed())
+            if tokio::time::timeout(CLOSE_LINGER, link.closed())
                 .await
                 .is_err()
             {
@@ -307,7 +338,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
         ControlEnd::Broken(code, reason) => handle.close(code, &reason),
         ControlEnd::Ended => {}
     }
-    let why = conn.closed().await;
+    let why = link.closed().await;
     acceptor.abort();
     ctl_writer.abort();
 
@@ -329,9 +360,19 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
         .closed_by_us
         .lock()
         .unwrap_or_else(|e| e.into_inner());
+    if let LinkEnd::Mux(e) = &why
+        && let Some(r) = drop_reason_for(e.close_code())
+    {
+        // The TCP link closed itself on the peer's bad chunk framing (and
+        // logged it).
+        m.dropped(r, 1);
+    }
     let reason = closed_by_us.unwrap_or_else(|| close_reason(&why));
     m.link_closed(hello.role, reason);
-    info!(peer = %key, %remote, reason = reason.as_str(), "link closed: {why}");
+    info!(peer = %key, %remote, %transport, reason = reason.as_str(), "link closed: {why}");
+    // A TCP link's Close and close_notify are written by its own task; let
+    // them leave before this task (and, at shutdown, the runtime) ends.
+    let _ = tokio::time::timeout(CLOSE_LINGER, link.close_sent()).await;
 }
 
 /// Writes a link's control stream: frames from any task (`frames`) and the
@@ -341,7 +382,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
 async fn control_writer(
     shared: Arc<Shared>,
     handle: Arc<LinkHandle>,
-    mut send: SendStream,
+    mut send: ControlSender,
     mut frames: mpsc::Receiver<Frame>,
     mut finish: tokio::sync::oneshot::Receiver<Frame>,
 ) {
@@ -358,7 +399,7 @@ async fn control_writer(
         tokio::select! {
             f = frames.recv() => match f {
                 Some(f) => {
-                    if link::write_frame(&mut send, &f).await.is_err() {
+                    if send.send(&f).await.is_err() {
                         return;
                     }
                 }
@@ -369,15 +410,15 @@ async fn control_writer(
             close = &mut finish => {
                 let Ok(close) = close else { return };
                 while let Ok(f) = frames.try_recv() {
-                    if link::write_frame(&mut send, &f).await.is_err() {
+                    if send.send(&f).await.is_err() {
                         return;
                     }
                 }
                 let last = handle.take_notices(0, true);
                 if write_notices(&shared, &mut send, last).await.is_ok()
-                    && link::write_frame(&mut send, &close).await.is_ok()
+                    && send.send(&close).await.is_ok()
                 {
-                    let _ = send.finish();
+                    send.finish();
                 }
                 return;
             }
@@ -391,30 +432,31 @@ async fn control_writer(
 
 async fn write_notices(
     shared: &Shared,
-    send: &mut SendStream,
+    send: &mut ControlSender,
     notices: Vec<Notice>,
 ) -> Result<(), LinkError> {
     for n in notices {
-        link::write_frame(send, &n.into_frame()).await?;
+        send.send(&n.into_frame()).await?;
         shared.metrics.notice_sent(n.code);
     }
     Ok(())
 }
 
-fn close_reason(e: &quinn::ConnectionError) -> CloseReason {
+fn close_reason(e: &LinkEnd) -> CloseReason {
     match e {
-        quinn::ConnectionError::ApplicationClosed(c) => CloseReason::from(CloseCode::from_u16(
-            u16::try_from(c.error_code.into_inner()).unwrap_or(u16::MAX),
-        )),
-        quinn::ConnectionError::LocallyClosed => CloseReason::from(CloseCode::Normal),
-        quinn::ConnectionError::TimedOut => CloseReason::TimedOut,
+        LinkEnd::Closed { code, .. } => CloseReason::from(*code),
+        LinkEnd::Mux(e) => CloseReason::from(e.close_code()),
+        LinkEnd::Local => CloseReason::from(CloseCode::Normal),
+        LinkEnd::TimedOut => CloseReason::TimedOut,
+        LinkEnd::Io { kind, .. } if *kind == std::io::ErrorKind::TimedOut => CloseReason::TimedOut,
         _ => CloseReason::PeerClosed,
     }
 }
 
-/// Accepts the peer's data streams, one ingress task each, until the
-/// connection ends or `drain` is signalled; then takes the streams already
-/// opened and waits (bounded by the caller) for every ingress task to finish.
+/// Accepts the peer's lanes (QUIC data streams, TCP lane channels), one
+/// ingress task each, until the link ends or `drain` is signalled; then
+/// takes the lanes already started and waits (bounded by the caller) for
+/// every ingress task to finish.
 async fn accept_data_streams(
     shared: Arc<Shared>,
     handle: Arc<LinkHandle>,
@@ -423,7 +465,7 @@ async fn accept_data_streams(
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            r = handle.conn.accept_uni() => match r {
+            r = handle.link.accept_lane() => match r {
                 Ok(recv) => {
                     tasks.spawn(ingress(shared.clone(), handle.clone(), recv));
                 }
@@ -435,7 +477,7 @@ async fn accept_data_streams(
         }
     }
     while let Ok(Ok(recv)) =
-        tokio::time::timeout(Duration::from_millis(50), handle.conn.accept_uni()).await
+        tokio::time::timeout(Duration::from_millis(50), handle.link.accept_lane()).await
     {
         tasks.spawn(ingress(shared.clone(), handle.clone(), recv));
     }
@@ -456,21 +498,23 @@ enum ControlEnd {
 async fn control_loop(
     shared: &Shared,
     handle: &Arc<LinkHandle>,
-    ctl: &mut FrameReader,
+    ctl: &mut FrameReceiver,
 ) -> ControlEnd {
     loop {
         let frame = match ctl.next().await {
             Ok(Some(f)) => f,
             Ok(None) => return ControlEnd::Ended,
-            Err(LinkError::Decode(e)) => {
-                let (code, reason) = decode_close(&e);
+            Err(e) => {
+                let Some(code) = e.peer_fault() else {
+                    return ControlEnd::Ended;
+                };
+                let reason = e.to_string();
                 if let Some(r) = drop_reason_for(code) {
                     shared.metrics.dropped(r, 1);
                 }
                 warn!(peer = %handle.key, "closing link: bad control frame: {reason}");
                 return ControlEnd::Broken(code, reason);
             }
-            Err(_) => return ControlEnd::Ended,
         };
         match frame {
             Frame::Announce {
@@ -524,17 +568,15 @@ async fn control_loop(
     }
 }
 
-/// Reads one lane stream of a link: batch frames only, all of one lane.
-async fn ingress(shared: Arc<Shared>, from: Arc<LinkHandle>, recv: quinn::RecvStream) {
-    let mut reader = FrameReader::new(recv, shared.limits);
-    let mut dec = match BatchDecoder::new(shared.limits) {
-        Ok(d) => d,
+/// Reads one lane of a link: batch frames only, all of one lane.
+async fn ingress(shared: Arc<Shared>, from: Arc<LinkHandle>, recv: FrameReceiver) {
+    let mut reader = match BatchReader::new(recv, shared.limits) {
+        Ok(r) => r,
         Err(e) => {
-            warn!("cannot create a zstd decoder: {e}");
+            warn!("{e}");
             return;
         }
     };
-    let mut lane: Option<Lane> = None;
     let mut envs: Vec<Envelope> = Vec::new();
     let fail = |code: CloseCode, reason: String| {
         if let Some(r) = drop_reason_for(code) {
@@ -544,50 +586,16 @@ async fn ingress(shared: Arc<Shared>, from: Arc<LinkHandle>, recv: quinn::RecvSt
         from.close(code, &reason);
     };
     loop {
-        let batch = match reader.next().await {
-            Ok(Some(Frame::Batch(b))) => b,
-            Ok(Some(other)) => {
-                return fail(
-                    CloseCode::Malformed,
-                    format!("{} frame on a data stream", other.name()),
-                );
-            }
+        let batch = match reader.next(&mut envs).await {
+            Ok(Some(b)) => b,
             Ok(None) => return,
-            Err(LinkError::Decode(e)) => {
-                let (code, reason) = decode_close(&e);
-                return fail(code, reason);
-            }
-            Err(LinkError::Truncated) => {
-                return fail(
-                    CloseCode::Malformed,
-                    "data stream ended inside a frame".into(),
-                );
-            }
-            Err(_) => return,
-        };
-        if *lane.get_or_insert(batch.lane) != batch.lane {
-            return fail(
-                CloseCode::Malformed,
-                "a data stream carries batches of one lane only".into(),
-            );
-        }
-        envs.clear();
-        let msgs = match dec.messages(&batch) {
-            Ok(it) => it,
             Err(e) => {
-                let (code, reason) = decode_close(&e);
-                return fail(code, reason);
+                if let Some(code) = e.peer_fault() {
+                    fail(code, e.to_string());
+                }
+                return;
             }
         };
-        for r in msgs {
-            match r {
-                Ok(e) => envs.push(e),
-                Err(e) => {
-                    let (code, reason) = decode_close(&e);
-                    return fail(code, reason);
-                }
-            }
-        }
         match shared.ingest(&from, &envs, &batch) {
             Ok(backlogged) => stall(&shared, &backlogged, batch.lane).await,
             Err((code, reason)) => return fail(code, reason),

@@ -2,22 +2,26 @@
 //! clock, feeds what happens into the pure [`crate::core`] state machines
 //! and carries out what they decide.
 //!
-//! Per link (one QUIC connection) there are: a control task (handshake,
-//! then Announce / Discover / WatchPresence), a control writer fed by a
-//! bounded channel, one ingress task per incoming lane stream, and one
-//! writer draining the link's lock-free lane queues into batch frames.
+//! Links come from two listeners, QUIC on UDP and TLS on TCP (by default
+//! at one address), and are the same from the handshake on
+//! ([`relay_link::Link`]): one admission, one set of tasks. Per link there
+//! are: a control task (handshake, then Announce / Discover /
+//! WatchPresence), a control writer fed by a bounded channel, one ingress
+//! task per incoming lane, and one writer draining the link's lock-free
+//! lane queues into batch frames.
 //! Ingress never waits on another link: a full queue drops best-effort
 //! messages for that receiver and counts them.
 
 use crate::admin::{self, AdminState};
-use crate::config::RelayConfig;
+use crate::config::{ListenTcp, RelayConfig};
 use crate::core::{DedupWindow, FreshnessWindow, LinkId, Router};
-use crate::metrics::Metrics;
-use relay_client::link::WriterConfig;
-use relay_client::transport::{self, TransportTuning};
+use crate::metrics::{Metrics, TcpRefusal};
 use relay_codec::frame::CloseCode;
 use relay_codec::keyfile::{KeyFileError, load_or_create_keyfile, read_keyfile};
 use relay_codec::{Keypair, Limits, PublicKey};
+use relay_link::WriterConfig;
+use relay_link::quic::{self, TransportTuning};
+use relay_link::tcp::{TcpListener, TcpListenerStats, TcpTuning};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,7 +37,7 @@ mod connection;
 mod ingest;
 
 pub use connection::LinkHandle;
-use connection::handle_connection;
+use connection::{Incoming, handle_connection};
 
 /// The file in a data directory that the relay using it holds locked
 /// (`flock`, released by the kernel when the holder exits however it
@@ -96,9 +100,23 @@ pub enum NodeError {
         /// What the OS said.
         error: std::io::Error,
     },
+    /// The TCP listen address could not be bound.
+    #[error(
+        "TCP listen address {addr}{}: {error}{}",
+        if *same { " (node.listen_tcp = \"same\": the address of node.listen)" } else { "" },
+        tcp_bind_hint(error)
+    )]
+    ListenTcp {
+        /// The address.
+        addr: SocketAddr,
+        /// Whether it was taken from `node.listen` (`listen_tcp = "same"`).
+        same: bool,
+        /// What the OS said.
+        error: std::io::Error,
+    },
     /// The QUIC endpoint could not be set up.
     #[error("QUIC endpoint: {0}")]
-    Transport(transport::TransportError),
+    Transport(relay_link::TransportError),
     /// The admin address could not be bound.
     #[error(
         "admin address {addr}: {error}{}",
@@ -114,17 +132,38 @@ pub enum NodeError {
 
 /// What to do about an address that cannot be bound, after `; `.
 fn bind_hint(error: &std::io::Error, flag: &str, key: &str) -> String {
+    bind_advice(error).map_or_else(String::new, |what| {
+        format!("; {what} with {flag} HOST:PORT (or {key})")
+    })
+}
+
+/// [`bind_hint`] for the TCP listener, which can also be turned off.
+fn tcp_bind_hint(error: &std::io::Error) -> String {
+    const OFF: &str = "--listen-tcp off (or node.listen_tcp = \"off\") serves QUIC only";
+    match bind_advice(error) {
+        Some(what) => {
+            format!("; {what} with --listen-tcp HOST:PORT (or node.listen_tcp), or {OFF}")
+        }
+        None => format!("; {OFF}"),
+    }
+}
+
+fn bind_advice(error: &std::io::Error) -> Option<&'static str> {
     use std::io::ErrorKind;
-    let what = match error.kind() {
+    Some(match error.kind() {
         ErrorKind::AddrInUse => {
             "another program uses it (is another relay running?): stop it, or use another address"
         }
         ErrorKind::AddrNotAvailable => "no interface of this host has that address: use one it has",
         ErrorKind::PermissionDenied => "a port below 1024 needs privileges: use a higher one",
-        _ => return String::new(),
-    };
-    format!("; {what} with {flag} HOST:PORT (or {key})")
+        _ => return None,
+    })
 }
+
+/// Tries at binding QUIC and TCP on one free port (`listen = "HOST:0"`,
+/// `listen_tcp = "same"`) before giving up: a UDP port the kernel picks
+/// free may be taken on TCP.
+const SAME_PORT_TRIES: usize = 16;
 
 /// The longest each step of a shutdown after the flush may take: link tasks
 /// recording their close, the closes reaching the cells (QUIC's closing
@@ -156,6 +195,8 @@ struct Shared {
     cfg: RelayConfig,
     key: PublicKey,
     limits: Limits,
+    /// Socket and buffer settings of TCP links.
+    tcp: TcpTuning,
     core: Mutex<Core>,
     metrics: Arc<Metrics>,
     links: Mutex<HashMap<LinkId, LinkEntry>>,
@@ -167,14 +208,18 @@ struct Shared {
     /// Datagrams the QUIC socket saw that cannot be QUIC; folded into the
     /// metrics and logged once a second at most.
     not_quic: Arc<AtomicU64>,
+    /// What the TCP listener turned away, likewise; `None` without one.
+    tcp_refused: Option<Arc<TcpListenerStats>>,
 }
 
 /// A running relay: bound sockets and a key, ready to [`run`](Node::run).
 pub struct Node {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
+    tcp: Option<TcpListener>,
     admin: tokio::net::TcpListener,
     quic_addr: SocketAddr,
+    tcp_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
     key_created: bool,
     /// The data directory's lock, held until the node is dropped (after
@@ -184,8 +229,9 @@ pub struct Node {
 
 impl Node {
     /// Creates the data directory and node key if absent, locks the
-    /// directory against a second relay, binds the QUIC and admin
-    /// addresses. Must be called inside a tokio runtime.
+    /// directory against a second relay, binds the QUIC, TCP (unless
+    /// `node.listen_tcp` is off) and admin addresses. Must be called inside
+    /// a tokio runtime.
     pub async fn bind(cfg: RelayConfig) -> Result<Node, NodeError> {
         let dir = &cfg.node.data_dir;
         create_private_dir(dir).map_err(|error| NodeError::DataDir {
@@ -201,21 +247,27 @@ impl Node {
             idle_timeout: cfg.link.idle_timeout(),
             ..TransportTuning::default()
         };
-        let server = transport::server_config(keypair.signing_key(), &tuning)
-            .map_err(NodeError::Transport)?;
+        // One TLS config for both transports: the same identity and rules.
+        let tls = Arc::new(
+            relay_link::tls::tls_server_config(keypair.signing_key())
+                .map_err(NodeError::Transport)?,
+        );
+        let tcp_tuning = TcpTuning {
+            keepalive: cfg.link.keep_alive(),
+            user_timeout: cfg.link.idle_timeout(),
+            ..TcpTuning::default()
+        };
         let not_quic = Arc::new(AtomicU64::new(0));
-        let endpoint =
-            transport::server_endpoint_counting(cfg.node.listen, server, not_quic.clone())
-                .map_err(|e| match e {
-                    transport::TransportError::Bind { addr, error } => {
-                        NodeError::Listen { addr, error }
-                    }
-                    e => NodeError::Transport(e),
-                })?;
-        let quic_addr = endpoint.local_addr().map_err(|error| NodeError::Listen {
-            addr: cfg.node.listen,
-            error,
-        })?;
+        let (endpoint, quic_addr, tcp) =
+            bind_listeners(&cfg, &tuning, &tls, &tcp_tuning, &not_quic)?;
+        let tcp_addr = match &tcp {
+            Some(l) => Some(l.local_addr().map_err(|error| NodeError::ListenTcp {
+                addr: quic_addr,
+                same: cfg.node.listen_tcp == ListenTcp::Same,
+                error,
+            })?),
+            None => None,
+        };
         let admin = admin::bind(cfg.node.admin)
             .await
             .map_err(|error| NodeError::Admin {
@@ -238,6 +290,7 @@ impl Node {
         let shared = Arc::new(Shared {
             key: keypair.public(),
             limits,
+            tcp: tcp_tuning,
             core: Mutex::new(core),
             metrics: Arc::new(Metrics::new()),
             links: Mutex::new(HashMap::new()),
@@ -247,13 +300,16 @@ impl Node {
             sampled: AtomicU64::new(0),
             started: Instant::now(),
             not_quic,
+            tcp_refused: tcp.as_ref().map(|l| l.stats().clone()),
             cfg,
         });
         Ok(Node {
             shared,
             endpoint,
+            tcp,
             admin,
             quic_addr,
+            tcp_addr,
             admin_addr,
             key_created,
             _lock: lock,
@@ -268,6 +324,11 @@ impl Node {
     /// The bound QUIC address.
     pub fn quic_addr(&self) -> SocketAddr {
         self.quic_addr
+    }
+
+    /// The bound TCP address; `None` when `node.listen_tcp` is off.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
     }
 
     /// The bound admin HTTP address.
@@ -291,15 +352,16 @@ impl Node {
         let shared = self.shared.clone();
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let health_shared = shared.clone();
-        let quic_addr = self.quic_addr;
+        let (quic_addr, tcp_addr) = (self.quic_addr, self.tcp_addr);
         let state = AdminState {
             metrics: shared.metrics.clone(),
-            health: Arc::new(move || health_shared.health(quic_addr)),
+            health: Arc::new(move || health_shared.health(quic_addr, tcp_addr)),
         };
         let admin_task = tokio::spawn(admin::serve(self.admin, state, async {
             let _ = admin_stopped.await;
         }));
-        let garbage_task = tokio::spawn(report_not_quic(shared.clone()));
+        let garbage_task = tokio::spawn(report_refused(shared.clone()));
+        let tcp = self.tcp;
         // One task per connection, kept so shutdown can wait for each to
         // record its close; finished ones are reaped as they end, so the
         // set holds at most the connections open (bounded by max_links,
@@ -310,12 +372,18 @@ impl Node {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    connections.spawn(handle_connection(shared.clone(), incoming));
+                    connections.spawn(handle_connection(shared.clone(), Incoming::Quic(incoming)));
+                }
+                incoming = accept_tcp(tcp.as_ref()) => {
+                    connections.spawn(handle_connection(shared.clone(), Incoming::Tcp(incoming)));
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 _ = &mut shutdown => break,
             }
         }
+        // No new TCP connections; those in their handshake are refused at
+        // admission (shutting down) or by the runtime's end.
+        drop(tcp);
         shared.shutting_down.store(true, Ordering::Release);
         self.endpoint.set_server_config(None);
         let grace = shared.cfg.link.shutdown_grace();
@@ -356,7 +424,7 @@ impl Node {
         }
         // Each link closed as `shutdown` (not as a peer's close), then the
         // endpoint, for connections still in their handshake.
-        for h in handles.iter().filter(|h| h.conn.close_reason().is_none()) {
+        for h in handles.iter().filter(|h| h.link.end().is_none()) {
             h.close(CloseCode::Shutdown, "relay shutting down");
         }
         self.endpoint.close(
@@ -389,12 +457,13 @@ impl Shared {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn health(&self, quic: SocketAddr) -> serde_json::Value {
+    fn health(&self, quic: SocketAddr, tcp: Option<SocketAddr>) -> serde_json::Value {
         let cells = self.core.lock().map(|c| c.router.len()).unwrap_or(0);
         serde_json::json!({
             "status": if self.shutting_down.load(Ordering::Relaxed) { "stopping" } else { "ok" },
             "key": self.key.to_string(),
             "quic": quic.to_string(),
+            "tcp": tcp.map(|a| a.to_string()),
             "links": self.link_count.load(Ordering::Relaxed),
             "cells": cells,
             "uptime_s": self.started.elapsed().as_secs(),
@@ -414,22 +483,124 @@ impl Shared {
     }
 }
 
-/// Folds the socket's count of non-QUIC datagrams into the metrics and logs
-/// it, at most once a second, so a flood of garbage costs one line a second.
-async fn report_not_quic(shared: Arc<Shared>) {
-    let mut seen = 0;
+/// Binds the QUIC endpoint and, unless `node.listen_tcp` is off, the TCP
+/// listener: at `node.listen` both for `"same"` (one port number for both,
+/// also when the port is 0: the one QUIC got, retried a few times should
+/// TCP have it taken).
+fn bind_listeners(
+    cfg: &RelayConfig,
+    tuning: &TransportTuning,
+    tls: &Arc<rustls::ServerConfig>,
+    tcp_tuning: &TcpTuning,
+    not_quic: &Arc<AtomicU64>,
+) -> Result<(quinn::Endpoint, SocketAddr, Option<TcpListener>), NodeError> {
+    let listen = cfg.node.listen;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let server = quic::server_config_from(tls.clone(), tuning).map_err(NodeError::Transport)?;
+        let endpoint = quic::server_endpoint_counting(listen, server, not_quic.clone()).map_err(
+            |e| match e {
+                relay_link::TransportError::Bind { addr, error } => {
+                    NodeError::Listen { addr, error }
+                }
+                e => NodeError::Transport(e),
+            },
+        )?;
+        let quic_addr = endpoint.local_addr().map_err(|error| NodeError::Listen {
+            addr: listen,
+            error,
+        })?;
+        let (at, same) = match cfg.node.listen_tcp {
+            ListenTcp::Off => return Ok((endpoint, quic_addr, None)),
+            ListenTcp::Same => (quic_addr, true),
+            ListenTcp::At(a) => (a, false),
+        };
+        match TcpListener::bind(at, tls.clone(), tcp_tuning.clone()) {
+            Ok(l) => return Ok((endpoint, quic_addr, Some(l))),
+            Err(e)
+                if same
+                    && listen.port() == 0
+                    && e.source.kind() == std::io::ErrorKind::AddrInUse
+                    && tries < SAME_PORT_TRIES =>
+            {
+                // Another free UDP port, and try its TCP twin.
+                drop(endpoint);
+            }
+            Err(e) => {
+                return Err(NodeError::ListenTcp {
+                    addr: e.addr,
+                    same,
+                    error: e.source,
+                });
+            }
+        }
+    }
+}
+
+/// The next TCP connection whose handshake may start; never, without a
+/// TCP listener. An accept that fails (out of file descriptors) is logged
+/// and retried after a pause, rather than spinning.
+async fn accept_tcp(tcp: Option<&TcpListener>) -> relay_link::tcp::TcpIncoming {
+    let Some(tcp) = tcp else {
+        return std::future::pending().await;
+    };
+    loop {
+        match tcp.accept().await {
+            Ok(incoming) => return incoming,
+            Err(e) => {
+                warn!("accepting a TCP connection failed: {e}; retrying in 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Folds what the listeners refused without a link into the metrics and
+/// logs it, at most once a second, so a flood of garbage costs one line a
+/// second: datagrams on the QUIC port that cannot be QUIC, and TCP
+/// connections over the handshake bound, failing or timing out their TLS
+/// handshake.
+async fn report_refused(shared: Arc<Shared>) {
+    let mut not_quic = 0;
+    let mut tcp = [0u64; TcpRefusal::ALL.len()];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
         let now = shared.not_quic.load(Ordering::Relaxed);
-        if now > seen {
-            shared.metrics.not_quic(now - seen);
+        if now > not_quic {
+            shared.metrics.not_quic(now - not_quic);
             warn!(
-                count = now - seen,
+                count = now - not_quic,
                 "dropped UDP datagrams that are not QUIC packets"
             );
-            seen = now;
+            not_quic = now;
         }
+        let Some(stats) = &shared.tcp_refused else {
+            continue;
+        };
+        let now = [
+            stats.over_limit.load(Ordering::Relaxed),
+            stats.failed.load(Ordering::Relaxed),
+            stats.timed_out.load(Ordering::Relaxed),
+        ];
+        if now == tcp {
+            continue;
+        }
+        for (i, why) in TcpRefusal::ALL.into_iter().enumerate() {
+            shared.metrics.tcp_refused(why, now[i] - tcp[i]);
+        }
+        let [over, failed, timed_out] = std::array::from_fn(|i| now[i] - tcp[i]);
+        warn!(
+            over_limit = over,
+            failed,
+            timed_out,
+            limit = shared.tcp.max_handshakes,
+            timeout_ms = shared.tcp.handshake_timeout.as_millis() as u64,
+            "TCP connections refused before their TLS handshake finished (over the bound on \
+             handshakes in progress, a failed handshake, or past its deadline)"
+        );
+        tcp = now;
     }
 }
 

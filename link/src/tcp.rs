@@ -1,7 +1,7 @@
 //! TLS 1.3 over TCP: the second transport of a Celluler link.
 //!
-//! The identity rules are exactly those of QUIC ([`super`]): the same
-//! rustls configs ([`super::tls_server_config`], [`super::tls_client_config`]),
+//! The identity rules are exactly those of QUIC: the same rustls configs
+//! ([`crate::tls::tls_server_config`], [`crate::tls::tls_client_config`]),
 //! raw ed25519 public keys on both sides, ALPN `celluler/1`, TLS 1.3 only,
 //! no resumption. What TCP adds is the socket handling QUIC did itself:
 //!
@@ -16,9 +16,13 @@
 //!   a control frame would otherwise wait behind) and keep-alives.
 //!
 //! What travels on the connection (the chunk multiplexing of the control
-//! channel and the lanes) is [`crate::link::tcp`]'s business.
+//! channel and the lanes) is [`link`]'s business: [`TcpLink`].
 
-use super::{SERVER_NAME, key_from_certs};
+mod link;
+
+pub use link::{TcpLaneSender, TcpLink, TcpReceiver, TcpSender};
+
+use crate::tls::{SERVER_NAME, key_from_certs};
 use rustls_pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -183,7 +187,7 @@ impl std::fmt::Debug for TcpListener {
 
 impl TcpListener {
     /// Listens on `addr` for TLS links with the server config `tls` (from
-    /// [`super::tls_server_config`]). Call from within a tokio runtime.
+    /// [`crate::tls::tls_server_config`]). Call from within a tokio runtime.
     pub fn bind(
         addr: SocketAddr,
         tls: Arc<rustls::ServerConfig>,
@@ -285,7 +289,7 @@ impl TcpIncoming {
 }
 
 /// Connects to `addr` over TCP and runs the client side of the TLS
-/// handshake with `tls` (from [`super::tls_client_config`], which pins the
+/// handshake with `tls` (from [`crate::tls::tls_client_config`], which pins the
 /// server's key), all within `tuning.handshake_timeout`.
 pub async fn connect(
     addr: SocketAddr,
@@ -349,9 +353,9 @@ fn configure(tcp: &TcpStream, tuning: &TcpTuning) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{EmptyRawKeyIdentity, tls_client_config_with_identity};
-    use super::super::{ALPN, tls_client_config, tls_server_config};
     use super::*;
+    use crate::tls::tests::{EmptyRawKeyIdentity, tls_client_config_with_identity};
+    use crate::tls::{ALPN, PinnedServerKey, provider, tls_client_config, tls_server_config};
     use ed25519_dalek::SigningKey;
     use rustls::{AlertDescription, CertificateError};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -533,8 +537,8 @@ mod tests {
         let server_key = key(9);
         // A client presenting an X.509 certificate.
         let (cert, cert_key) = x509();
-        let verifier = super::super::PinnedServerKey::new(public(&server_key)).unwrap();
-        let mut tls = rustls::ClientConfig::builder_with_provider(super::super::provider())
+        let verifier = PinnedServerKey::new(public(&server_key)).unwrap();
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .dangerous()
@@ -552,7 +556,7 @@ mod tests {
 
         // A server presenting an X.509 certificate.
         let (cert, cert_key) = x509();
-        let mut server_tls = rustls::ServerConfig::builder_with_provider(super::super::provider())
+        let mut server_tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .with_no_client_auth()

@@ -3,9 +3,9 @@
 //! or TLS over TCP, both ends in this process.
 //!
 //! ```text
-//! cargo run --release -p relay-client --example link_probe -- tcp 5
-//! cargo run --release -p relay-client --example link_probe -- quic 5
-//! cargo run --release -p relay-client --example link_probe -- tcp 5 8192   # chunk bytes
+//! cargo run --release -p relay-link --example link_probe -- tcp 5
+//! cargo run --release -p relay-link --example link_probe -- quic 5
+//! cargo run --release -p relay-link --example link_probe -- tcp 5 8192   # chunk bytes
 //! ```
 //!
 //! Prints MB/s of frame bytes and the process's CPU seconds per GB
@@ -31,11 +31,11 @@
 //! frames for about half the CPU of QUIC.
 
 use bytes::{Bytes, BytesMut};
-use relay_client::link::conn::{Link, Transport};
-use relay_client::link::tcp::TcpLink;
-use relay_client::transport::tcp::{self, TcpListener, TcpTuning};
-use relay_client::transport::{self, ALPN, TransportTuning};
 use relay_codec::{BatchEncoder, Destination, Frame, Keypair, Lane, Limits, Message};
+use relay_link::quic::{self, TransportTuning};
+use relay_link::tcp::{self, TcpLink, TcpListener, TcpTuning};
+use relay_link::tls::{self, ALPN};
+use relay_link::{Link, Transport};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,19 +83,16 @@ async fn pair(t: Transport, tuning: &TcpTuning) -> (Link, Link, Option<Vec<quinn
     match t {
         Transport::Quic => {
             let q = TransportTuning::default();
-            let sep = transport::server_endpoint(
+            let sep = quic::server_endpoint(
                 any,
-                transport::server_config(server_key.signing_key(), &q).unwrap(),
+                quic::server_config(server_key.signing_key(), &q).unwrap(),
             )
             .unwrap();
             let addr = sep.local_addr().unwrap();
-            let cep = transport::client_endpoint(any).unwrap();
+            let cep = quic::client_endpoint(any).unwrap();
             let ccfg =
-                transport::client_config(client_key.signing_key(), server_key.public().0, &q)
-                    .unwrap();
-            let connecting = cep
-                .connect_with(ccfg, addr, transport::SERVER_NAME)
-                .unwrap();
+                quic::client_config(client_key.signing_key(), server_key.public().0, &q).unwrap();
+            let connecting = cep.connect_with(ccfg, addr, tls::SERVER_NAME).unwrap();
             let (s, c) = tokio::join!(async { sep.accept().await.unwrap().await }, connecting);
             (
                 Link::quic(s.unwrap(), limits),
@@ -104,11 +101,11 @@ async fn pair(t: Transport, tuning: &TcpTuning) -> (Link, Link, Option<Vec<quinn
             )
         }
         Transport::Tcp => {
-            let tls = Arc::new(transport::tls_server_config(server_key.signing_key()).unwrap());
+            let tls = Arc::new(tls::tls_server_config(server_key.signing_key()).unwrap());
             let l = TcpListener::bind(any, tls, tuning.clone()).unwrap();
             let addr = l.local_addr().unwrap();
             let ctls = Arc::new(
-                transport::tls_client_config(client_key.signing_key(), server_key.public().0, ALPN)
+                tls::tls_client_config(client_key.signing_key(), server_key.public().0, ALPN)
                     .unwrap(),
             );
             let (s, c) = tokio::join!(

@@ -1,155 +1,35 @@
-//! The transport-independent link interface (`link::conn`, `link::session`)
-//! over real QUIC and real TLS over TCP on loopback: every behaviour test
-//! runs on both transports; the TCP framing and close tests on TCP.
+//! The transport-independent link interface (`conn`, `handshake`,
+//! `writer`, `reader`) over real QUIC and real TLS over TCP on loopback:
+//! every behaviour test runs on both transports; the TCP framing and close
+//! tests on TCP.
+
+mod common;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use relay_client::link::conn::{ConnError, FrameReceiver, Link, LinkEnd, Transport};
-use relay_client::link::session::{accept_hello_on, close_on, hello_on, run_writer_on};
-use relay_client::link::tcp::TcpLink;
-use relay_client::link::{LaneQueues, NoObserver, Outbound, WriterConfig};
-use relay_client::transport::tcp::{self, TcpListener, TcpTuning, TlsConnection};
-use relay_client::transport::{self, ALPN, TransportTuning};
+use common::*;
 use relay_codec::frame::{CloseCode, LEN_PREFIX, PROTOCOL_VERSION, Role};
 use relay_codec::mux::{Channel, Demux, Event, chunk_header};
-use relay_codec::{
-    BatchDecoder, BatchEncoder, Destination, Envelope, Frame, Keypair, Lane, Limits, Message,
+use relay_codec::{Envelope, Frame, Keypair, Lane, Limits};
+use relay_link::quic::TransportTuning;
+use relay_link::tcp::{TcpLink, TcpTuning, TlsConnection};
+use relay_link::{
+    ControlSender, FrameReceiver, LaneQueues, Link, LinkEnd, LinkError, NoObserver, Outbound,
+    Transport, WriterConfig, accept_hello, close, hello, run_writer,
 };
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Safety net only: the tests wait on events, never on the clock.
-const WAIT: Duration = Duration::from_secs(60);
-
-const BOTH: [Transport; 2] = [Transport::Quic, Transport::Tcp];
-
-async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
-
-/// Settings for both sides of a test link.
-#[derive(Clone, Default)]
-struct Opts {
-    limits: Limits,
-    quic: TransportTuning,
-    tcp: TcpTuning,
-}
-
-/// Two ends of one link between fresh keys.
-struct Pair {
-    /// The accepting side.
-    server: Link,
-    /// The connecting side.
-    client: Link,
-    server_key: Keypair,
-    client_key: Keypair,
-    /// QUIC endpoints must outlive their connections.
-    _endpoints: Option<(quinn::Endpoint, quinn::Endpoint)>,
-}
-
-fn localhost() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-async fn pair(t: Transport, opts: &Opts) -> Pair {
-    let (server_key, client_key) = (Keypair::generate(), Keypair::generate());
-    let expected = server_key.public().0;
-    match t {
-        Transport::Quic => {
-            let scfg = transport::server_config(server_key.signing_key(), &opts.quic).unwrap();
-            let sep = transport::server_endpoint(localhost(), scfg).unwrap();
-            let addr = sep.local_addr().unwrap();
-            let ccfg =
-                transport::client_config(client_key.signing_key(), expected, &opts.quic).unwrap();
-            let cep = transport::client_endpoint(localhost()).unwrap();
-            let connecting = cep
-                .connect_with(ccfg, addr, transport::SERVER_NAME)
-                .unwrap();
-            let accepting = async { sep.accept().await.expect("endpoint open").await };
-            let (s, c) = within("QUIC handshake", async {
-                tokio::join!(accepting, connecting)
-            })
-            .await;
-            Pair {
-                server: Link::quic(s.unwrap(), opts.limits),
-                client: Link::quic(c.unwrap(), opts.limits),
-                server_key,
-                client_key,
-                _endpoints: Some((sep, cep)),
-            }
-        }
-        Transport::Tcp => {
-            let (s, c) = tls_pair(&server_key, &client_key, opts).await;
-            Pair {
-                server: Link::Tcp(TcpLink::new(s, opts.limits, &opts.tcp)),
-                client: Link::Tcp(TcpLink::new(c, opts.limits, &opts.tcp)),
-                server_key,
-                client_key,
-                _endpoints: None,
-            }
-        }
-    }
-}
-
-/// A finished TLS-over-TCP handshake: (server side, client side).
-async fn tls_pair(
-    server_key: &Keypair,
-    client_key: &Keypair,
-    opts: &Opts,
-) -> (TlsConnection, TlsConnection) {
-    let tls = Arc::new(transport::tls_server_config(server_key.signing_key()).unwrap());
-    let l = TcpListener::bind(localhost(), tls, opts.tcp.clone()).unwrap();
-    let addr = l.local_addr().unwrap();
-    let ctls = transport::tls_client_config(client_key.signing_key(), server_key.public().0, ALPN)
-        .unwrap();
-    let accepting = async { l.accept().await.unwrap().handshake().await };
-    let (s, c) = within("TLS handshake", async {
-        tokio::join!(accepting, tcp::connect(addr, Arc::new(ctls), &opts.tcp))
-    })
-    .await;
-    (s.unwrap(), c.unwrap())
-}
-
-fn envelope(key: &Keypair, lane: Lane, nonce: u64, payload: Bytes) -> Envelope {
-    let msg = Message::new(key.public(), Destination::Broadcast, payload)
-        .with_lane(lane)
-        .with_timestamp(1_700_000_000_000)
-        .with_nonce(nonce);
-    let mut buf = BytesMut::new();
-    msg.encode_signed(key, &mut buf);
-    Envelope::parse(&mut buf.freeze(), &Limits::default()).unwrap()
-}
-
-/// A batch frame of one message with `payload` bytes, uncompressed.
-fn batch_frame(key: &Keypair, lane: Lane, nonce: u64, payload: usize) -> Bytes {
-    let mut enc = BatchEncoder::new(1, usize::MAX).unwrap();
-    enc.push_envelope(&envelope(key, lane, nonce, Bytes::from(vec![7; payload])));
-    let mut out = BytesMut::new();
-    enc.finish(lane, &mut out);
-    out.freeze()
-}
-
 /// Runs the handshake on both sides; the client's and server's halves.
 async fn handshake(
     p: &Pair,
 ) -> (
-    (
-        relay_client::link::conn::ControlSender,
-        FrameReceiver,
-        relay_client::link::Welcome,
-    ),
-    (
-        relay_client::link::conn::ControlSender,
-        FrameReceiver,
-        relay_client::link::Hello,
-    ),
+    (ControlSender, FrameReceiver, relay_link::Welcome),
+    (ControlSender, FrameReceiver, relay_link::Hello),
 ) {
     let server = async {
-        let (mut send, recv, hello) = accept_hello_on(&p.server, WAIT).await.unwrap();
+        let (mut send, recv, hello) = accept_hello(&p.server, WAIT).await.unwrap();
         send.send(&Frame::Welcome {
             version: PROTOCOL_VERSION,
             node: p.server_key.public(),
@@ -162,7 +42,7 @@ async fn handshake(
         (send, recv, hello)
     };
     let client = async {
-        hello_on(&p.client, Role::Cell, true, "test/1", WAIT)
+        hello(&p.client, Role::Cell, true, "test/1", WAIT)
             .await
             .unwrap()
     };
@@ -194,8 +74,8 @@ async fn a_refusal_reaches_the_connecting_side_with_its_code_and_reason() {
     for t in BOTH {
         let p = pair(t, &Opts::default()).await;
         let server = async {
-            let (mut send, _recv, _hello) = accept_hello_on(&p.server, WAIT).await.unwrap();
-            close_on(
+            let (mut send, _recv, _hello) = accept_hello(&p.server, WAIT).await.unwrap();
+            close(
                 &p.server,
                 Some(&mut send),
                 CloseCode::Unauthorized,
@@ -203,10 +83,10 @@ async fn a_refusal_reaches_the_connecting_side_with_its_code_and_reason() {
             )
             .await;
         };
-        let client = hello_on(&p.client, Role::Cell, false, "test/1", WAIT);
+        let client = hello(&p.client, Role::Cell, false, "test/1", WAIT);
         let (r, ()) = within("refusal", async { tokio::join!(client, server) }).await;
         match r {
-            Err(ConnError::Refused { code, reason }) => {
+            Err(LinkError::Refused { code, reason }) => {
                 assert_eq!(code, CloseCode::Unauthorized, "{t}");
                 assert_eq!(reason, "key not allowed", "{t}");
             }
@@ -229,9 +109,9 @@ async fn a_refusal_reaches_the_connecting_side_with_its_code_and_reason() {
 async fn a_hello_that_never_comes_times_out() {
     for t in BOTH {
         let p = pair(t, &Opts::default()).await;
-        let r = accept_hello_on(&p.server, Duration::from_millis(50)).await;
+        let r = accept_hello(&p.server, Duration::from_millis(50)).await;
         assert!(
-            matches!(r, Err(ConnError::Timeout("Hello"))),
+            matches!(r, Err(LinkError::Timeout("Hello"))),
             "{t}: {:?}",
             r.err()
         );
@@ -264,7 +144,7 @@ async fn a_close_tells_the_peer_its_code_and_reason() {
         assert!(
             matches!(
                 &r,
-                Err(ConnError::Ended(LinkEnd::Closed {
+                Err(LinkError::Ended(LinkEnd::Closed {
                     code: CloseCode::Shutdown,
                     ..
                 }))
@@ -273,37 +153,6 @@ async fn a_close_tells_the_peer_its_code_and_reason() {
         );
         assert_eq!(p.server.end(), Some(LinkEnd::Local));
     }
-}
-
-/// Reads every lane the peer starts until `lanes` of them have ended;
-/// per lane the messages in arrival order.
-async fn receive_lanes(link: Link, lanes: usize) -> [Vec<Envelope>; 4] {
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..lanes {
-        let mut recv = link.accept_lane().await.expect("accept a lane");
-        tasks.spawn(async move {
-            let mut decoder = BatchDecoder::new(Limits::default()).unwrap();
-            let mut lane = None;
-            let mut got = Vec::new();
-            while let Some(frame) = recv.next().await.expect("read a frame") {
-                let Frame::Batch(batch) = frame else {
-                    panic!("a lane carried a non-batch frame: {frame:?}");
-                };
-                assert_eq!(*lane.get_or_insert(batch.lane), batch.lane);
-                for env in decoder.messages(&batch).unwrap() {
-                    got.push(env.expect("a valid message"));
-                }
-            }
-            (lane.expect("a lane with no batch"), got)
-        });
-    }
-    let mut by_lane: [Vec<Envelope>; 4] = Default::default();
-    while let Some(r) = tasks.join_next().await {
-        let (lane, got) = r.unwrap();
-        assert!(by_lane[lane.index()].is_empty(), "two channels for {lane}");
-        by_lane[lane.index()] = got;
-    }
-    by_lane
 }
 
 #[tokio::test]
@@ -329,7 +178,7 @@ async fn the_writer_sends_every_lane_in_order_and_ends_the_lanes() {
             max_batch_messages: 50,
             ..WriterConfig::default()
         };
-        let writer = tokio::spawn(run_writer_on(
+        let writer = tokio::spawn(run_writer(
             p.client.lane_sender(),
             queues.clone(),
             cfg,
@@ -613,9 +462,9 @@ async fn on_tcp_a_malformed_frame_is_a_decode_error_on_its_channel() {
         .await
         .unwrap();
     raw.stream.flush().await.unwrap();
-    let r = accept_hello_on(&link, WAIT).await;
+    let r = accept_hello(&link, WAIT).await;
     match r {
-        Err(e @ ConnError::Decode(_)) => assert_eq!(e.peer_fault(), Some(CloseCode::Malformed)),
+        Err(e @ LinkError::Decode(_)) => assert_eq!(e.peer_fault(), Some(CloseCode::Malformed)),
         other => panic!("expected a decode error, got {:?}", other.err()),
     }
 }
@@ -642,4 +491,49 @@ async fn on_tcp_dropping_every_handle_closes_the_link_normally() {
         ),
         "{frames:?}"
     );
+}
+
+#[tokio::test]
+async fn on_tcp_the_lanes_share_chunks_by_the_writers_weights() {
+    let (link, mut raw) = raw_client(&Opts::default()).await;
+    // One large message per lane, queued before the writer starts.
+    let key = Keypair::from_secret_bytes(&[3; 32]);
+    let queues = Arc::new(LaneQueues::new(4));
+    for lane in Lane::ALL {
+        let env = envelope(&key, lane, 0, Bytes::from(vec![7; 100_000]));
+        queues
+            .push(Outbound {
+                env,
+                queued_at: Instant::now(),
+            })
+            .unwrap();
+    }
+    // Equal weights, not the default 8:4:2:1: a link that kept its own
+    // weights would send control every other chunk. The writer hands all
+    // four batches to the link before the link's task sends (this test's
+    // runtime has one thread, and handing over does not wait).
+    let cfg = WriterConfig {
+        weights: [1; 4],
+        compress_min: usize::MAX,
+        ..WriterConfig::default()
+    };
+    let _writer = tokio::spawn(run_writer(link.lane_sender(), queues, cfg, NoObserver));
+    // The channel of each chunk, read off the raw stream.
+    let mut order = Vec::new();
+    let mut buf = BytesMut::new();
+    while order.len() < 16 {
+        let mut more = [0; 64 * 1024];
+        let n = within("read", raw.stream.read(&mut more)).await.unwrap();
+        assert!(n > 0, "the stream ended after chunks {order:?}");
+        buf.extend_from_slice(&more[..n]);
+        while buf.len() >= 3 {
+            let len = usize::from(u16::from_le_bytes([buf[1], buf[2]]));
+            if buf.len() < 3 + len {
+                break;
+            }
+            order.push(buf[0]);
+            let _ = buf.split_to(3 + len);
+        }
+    }
+    assert_eq!(&order[..16], &[1, 2, 3, 4].repeat(4)[..], "{order:?}");
 }

@@ -1,5 +1,7 @@
-//! Logs of the workspace's binaries (`relay`, `cell`, `relay-bench`): one
-//! format, on stderr, coloured only for a person at a terminal.
+//! Logs of the binaries at both ends of a link (`relay`, `cell`,
+//! `relay-bench`): one format, on stderr, coloured only for a person at a
+//! terminal. Here rather than in each binary's crate so that the relay,
+//! which does not link the cell's crate, logs the same way.
 
 /// Whether log lines on stderr get ANSI colours: only when stderr is a
 /// terminal, and never when `NO_COLOR` is set to anything but the empty

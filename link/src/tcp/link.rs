@@ -7,7 +7,8 @@
 //!   channel (bounded by [`TcpTuning::send_queue`] bytes each); the writer
 //!   cuts them into chunks of at most [`TcpTuning::chunk_bytes`] and sends,
 //!   chunk by chunk, the control channel first, then the lanes picked by
-//!   the weighted [`LaneScheduler`] (8:4:2:1);
+//!   the weighted [`LaneScheduler`] (8:4:2:1 unless the lane writer sets
+//!   its own weights, [`TcpLaneSender::set_weights`]);
 //! - the **reader** owns the read half, demultiplexes it and queues each
 //!   channel's frames (bounded by [`TcpTuning::channel_window`] bytes
 //!   each). A full channel stops the reader, so the socket is not read and
@@ -34,9 +35,9 @@
 //! before it as the reason ([`LinkEnd::Closed`]); `close_notify` without
 //! one is [`LinkEnd::Lost`].
 
-use super::conn::{ConnError, LinkEnd};
-use crate::lanes::{DEFAULT_LANE_WEIGHTS, LaneScheduler};
-use crate::transport::tcp::{TcpTuning, TlsConnection};
+use super::{TcpTuning, TlsConnection};
+use crate::error::{LinkEnd, LinkError};
+use crate::lanes::{DEFAULT_LANE_WEIGHTS, LANES, LaneScheduler};
 use bytes::{Bytes, BytesMut};
 use relay_codec::frame::{CloseCode, FrameType, LEN_PREFIX};
 use relay_codec::mux::{CHANNELS, CHUNK_HEADER, Channel, Demux, Event, MAX_CHUNK, chunk_header};
@@ -178,7 +179,7 @@ impl Inner {
 
     /// Queues `parts` (one frame, or the parts of one) on channel `ci`,
     /// waiting while its queue is full.
-    async fn push(&self, ci: usize, mut parts: impl AsMut<[Bytes]>) -> Result<(), ConnError> {
+    async fn push(&self, ci: usize, mut parts: impl AsMut<[Bytes]>) -> Result<(), LinkError> {
         let parts = parts.as_mut();
         let len: usize = parts.iter().map(Bytes::len).sum();
         loop {
@@ -273,10 +274,10 @@ impl TxQueues {
         parts: &mut [Bytes],
         len: usize,
         cap: usize,
-    ) -> Result<bool, ConnError> {
+    ) -> Result<bool, LinkError> {
         let c = &mut self.chans[ci];
         if c.finish {
-            return Err(ConnError::Finished);
+            return Err(LinkError::Finished);
         }
         if c.bytes > 0 && c.bytes + len > cap {
             return Ok(false);
@@ -432,9 +433,9 @@ impl TcpLink {
     }
 
     /// The control channel's two halves; once per link.
-    pub(crate) fn control(&self) -> Result<(TcpSender, TcpReceiver), ConnError> {
+    pub(crate) fn control(&self) -> Result<(TcpSender, TcpReceiver), LinkError> {
         if self.h.0.control_taken.swap(true, Ordering::AcqRel) {
-            return Err(ConnError::ControlInUse);
+            return Err(LinkError::ControlInUse);
         }
         Ok((
             TcpSender { h: self.h.clone() },
@@ -449,7 +450,7 @@ impl TcpLink {
 
     /// The next lane channel the peer starts sending on; an error once the
     /// link has ended (or all four lanes have been handed out).
-    pub async fn accept_lane(&self) -> Result<TcpReceiver, ConnError> {
+    pub async fn accept_lane(&self) -> Result<TcpReceiver, LinkError> {
         let next = self.h.0.new_lanes.lock().await.recv().await;
         match next {
             Some(channel) => Ok(TcpReceiver::new(self.h.clone(), channel)),
@@ -510,7 +511,7 @@ impl std::fmt::Debug for TcpSender {
 
 impl TcpSender {
     /// Queues one whole frame (length prefix included).
-    pub async fn send(&mut self, frame: Bytes) -> Result<(), ConnError> {
+    pub async fn send(&mut self, frame: Bytes) -> Result<(), LinkError> {
         self.h.0.push(Channel::Control.index(), [frame]).await
     }
 
@@ -534,12 +535,19 @@ impl std::fmt::Debug for TcpLaneSender {
 }
 
 impl TcpLaneSender {
+    /// Has the writer task interleave the lanes' chunks by `weights`
+    /// (control, high, normal, bulk; see [`LaneScheduler::new`]) from now
+    /// on, rather than by [`DEFAULT_LANE_WEIGHTS`].
+    pub fn set_weights(&mut self, weights: [u32; LANES]) {
+        self.h.0.tx().sched = LaneScheduler::new(weights);
+    }
+
     /// Queues one frame, as one or more parts, on `lane`.
     pub async fn send<const N: usize>(
         &mut self,
         lane: Lane,
         parts: [Bytes; N],
-    ) -> Result<(), ConnError> {
+    ) -> Result<(), LinkError> {
         self.h.0.push(Channel::Lane(lane).index(), parts).await
     }
 
@@ -606,7 +614,7 @@ impl TcpReceiver {
 
     /// The next frame as bytes (length prefix included); `Ok(None)` once
     /// the peer ended the channel.
-    pub async fn next_bytes(&mut self) -> Result<Option<Bytes>, ConnError> {
+    pub async fn next_bytes(&mut self) -> Result<Option<Bytes>, LinkError> {
         let inner = &self.h.0;
         let ch = &inner.rx[self.channel.index()];
         loop {
@@ -640,7 +648,7 @@ impl TcpReceiver {
     }
 
     /// The next frame, decoded; `Ok(None)` once the peer ended the channel.
-    pub async fn next(&mut self) -> Result<Option<Frame>, ConnError> {
+    pub async fn next(&mut self) -> Result<Option<Frame>, LinkError> {
         match self.next_bytes().await? {
             Some(b) => Ok(Some(Frame::decode(b, &self.h.0.limits)?)),
             None => Ok(None),
@@ -987,7 +995,7 @@ mod tests {
         let f = frame(1, 0);
         assert!(matches!(
             tx.try_push(high.index(), &mut [f], 5, usize::MAX),
-            Err(ConnError::Finished)
+            Err(LinkError::Finished)
         ));
     }
 

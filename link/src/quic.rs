@@ -1,65 +1,38 @@
-//! QUIC link layer: a node's TLS identity is its ed25519 key.
+//! QUIC: the first transport of a Celluler link (UDP; quinn).
 //!
-//! Both ends of every QUIC connection prove, during the TLS 1.3 handshake,
-//! that they hold the ed25519 key they present, so a relay knows a link's
-//! authenticated key before it routes a byte from it (docs/PROTOCOL.md,
-//! section 6.1).
+//! The TLS identity is [`crate::tls`]'s (raw ed25519 keys, ALPN
+//! `celluler/1`). What this module adds: the quinn configs with the link's
+//! flow-control and liveness settings ([`TransportTuning`]), endpoints with
+//! large UDP buffers and a count of datagrams that cannot be QUIC, and
+//! [`QuicLink`], a connection as the [`crate::Link`] interface sees it:
 //!
-//! Approach: TLS raw public keys (RFC 7250), as iroh does over quinn. The
-//! "certificate" each side sends is just the SubjectPublicKeyInfo DER of its
-//! ed25519 key; no X.509 certificate, chain or CA is involved. The handshake
-//! signature (TLS 1.3 CertificateVerify) is checked with ed25519-dalek's
-//! `verify_strict`, and only the ED25519 signature scheme is offered or
-//! accepted.
-//!
-//! - [`server_config`] requires client authentication and accepts any client
-//!   that proves an ed25519 key (a cell's key is not known in advance); read it
-//!   afterwards with [`peer_key`].
-//! - [`client_config`] presents the client's own key and refuses the server
-//!   unless the key it proves equals the one expected.
-//!
-//! Only TLS 1.3 is enabled, with the ring crypto provider installed in each
-//! config. Session resumption and 0-RTT are off, so every connection proves
-//! both keys afresh (links are long-lived; one extra signature per connection
-//! is cheap). The server name given to `quinn::Endpoint::connect_with` is not
-//! checked (identity is the pinned key); use [`SERVER_NAME`].
+//! - the control channel is the first bidirectional stream, opened by the
+//!   connecting side, at the highest QUIC priority;
+//! - each lane is one unidirectional stream per direction, opened on first
+//!   use, with a QUIC priority by lane (control highest), so QUIC itself
+//!   interleaves the lanes and lets a control frame pass bulk data;
+//! - close is QUIC's `CONNECTION_CLOSE` with the application code and
+//!   reason.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
-use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
+use crate::error::TransportError;
+use crate::error::{LinkEnd, LinkError};
+use crate::lanes::LANES;
+use crate::tls::{ALPN, key_from_certs, tls_client_config, tls_server_config};
+use bytes::{Bytes, BytesMut};
+use ed25519_dalek::SigningKey;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::sign::CertifiedKey;
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, SignatureAlgorithm, SignatureScheme,
-};
-use rustls_pki_types::{CertificateDer, ServerName, SubjectPublicKeyInfoDer, UnixTime};
-
-/// The ALPN protocol identifier of a Celluler link; a peer offering anything
-/// else is refused during the handshake.
-pub const ALPN: &[u8] = b"celluler/1";
-
-/// Server name to pass to `quinn::Endpoint::connect_with`. It is required by
-/// quinn's API but never checked: the server is identified by its key.
-pub const SERVER_NAME: &str = "celluler";
+use relay_codec::frame::{CloseCode, LEN_PREFIX};
+use relay_codec::{DecodeError, Frame, Lane, Limits};
+use rustls_pki_types::CertificateDer;
 
 /// Requested size of each UDP socket's send and receive buffers (the kernel
 /// may cap it, e.g. at `net.core.rmem_max`).
 const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
-
-/// DER prefix of an ed25519 SubjectPublicKeyInfo (RFC 8410): SEQUENCE {
-/// SEQUENCE { OID 1.3.101.112 }, BIT STRING (0 unused bits) }, followed by
-/// the 32-byte key.
-const ED25519_SPKI_PREFIX: [u8; 12] = [
-    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-];
-
-/// Length of an ed25519 SubjectPublicKeyInfo DER.
-const ED25519_SPKI_LEN: usize = ED25519_SPKI_PREFIX.len() + 32;
 
 /// QUIC flow-control and liveness settings for a link, applied to both
 /// server and client configs.
@@ -97,54 +70,6 @@ impl Default for TransportTuning {
     }
 }
 
-/// Why a transport config or endpoint could not be built.
-///
-/// Each message names its cause itself and no variant has a `source()`,
-/// so a printed error chain says the cause once.
-#[derive(thiserror::Error, Debug)]
-pub enum TransportError {
-    /// The expected peer key is not a valid (or is a weak) ed25519 public key.
-    #[error("expected peer key is not a valid ed25519 public key")]
-    InvalidPeerKey,
-    /// rustls refused the TLS configuration.
-    #[error("TLS configuration failed: {0}")]
-    Tls(rustls::Error),
-    /// The TLS config lacks the cipher suite QUIC needs for its initial packets.
-    #[error("TLS config is unusable for QUIC: {0}")]
-    NoInitialCipherSuite(NoInitialCipherSuite),
-    /// A [`TransportTuning`] value does not fit QUIC's limits.
-    #[error("transport tuning out of range: {0}")]
-    Tuning(&'static str),
-    /// The UDP socket could not be bound.
-    #[error("could not bind UDP socket on {addr}: {error}")]
-    Bind {
-        /// Address that was asked for.
-        addr: SocketAddr,
-        /// Underlying I/O error.
-        error: std::io::Error,
-    },
-    /// quinn could not set up an endpoint on the bound socket.
-    #[error("could not create QUIC endpoint on {addr}: {error}")]
-    Endpoint {
-        /// Address that was asked for.
-        addr: SocketAddr,
-        /// Underlying I/O error.
-        error: std::io::Error,
-    },
-}
-
-impl From<rustls::Error> for TransportError {
-    fn from(e: rustls::Error) -> Self {
-        Self::Tls(e)
-    }
-}
-
-impl From<NoInitialCipherSuite> for TransportError {
-    fn from(e: NoInitialCipherSuite) -> Self {
-        Self::NoInitialCipherSuite(e)
-    }
-}
-
 /// quinn server config for a relay: mutual TLS 1.3 with raw ed25519 keys.
 ///
 /// The server proves `key`; every client must prove an ed25519 key of its own
@@ -166,24 +91,6 @@ pub fn server_config_from(
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport_config(tuning)?));
     Ok(cfg)
-}
-
-/// The TLS 1.3 server side of every Celluler link, QUIC or TCP: proves
-/// `key` as a raw public key, requires the client to prove an ed25519 key
-/// of its own (any key), offers only [`ALPN`], no resumption, no 0-RTT.
-pub fn tls_server_config(key: &SigningKey) -> Result<rustls::ServerConfig, TransportError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(AnyEd25519Client))
-        .with_cert_resolver(Arc::new(
-            rustls::server::AlwaysResolvesServerRawPublicKeys::new(certified_key(key)),
-        ));
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    // No resumption and no 0-RTT: every connection proves the client's key.
-    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    tls.send_tls13_tickets = 0;
-    tls.max_early_data_size = 0;
-    Ok(tls)
 }
 
 /// quinn client config: presents `key` and accepts the server only if it
@@ -211,45 +118,12 @@ pub fn client_config_with_alpn(
     Ok(cfg)
 }
 
-/// The TLS 1.3 client side of every Celluler link, QUIC or TCP: presents
-/// `key` as a raw public key, accepts the server only if it proves
-/// `expected_server`, offers `alpn` (normally [`ALPN`]), no SNI, no
-/// resumption, no early data.
-pub fn tls_client_config(
-    key: &SigningKey,
-    expected_server: [u8; 32],
-    alpn: &[u8],
-) -> Result<rustls::ClientConfig, TransportError> {
-    let verifier = PinnedServerKey::new(expected_server)?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(Arc::new(
-            rustls::client::AlwaysResolvesClientRawPublicKeys::new(certified_key(key)),
-        ));
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    tls.resumption = rustls::client::Resumption::disabled();
-    tls.enable_early_data = false;
-    tls.enable_sni = false;
-    Ok(tls)
-}
-
 /// The ed25519 public key the other side of `conn` proved during the
 /// handshake; `None` if the handshake is not complete or it presented none.
 pub fn peer_key(conn: &quinn::Connection) -> Option<[u8; 32]> {
     let identity = conn.peer_identity()?;
     let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
     key_from_certs(&certs)
-}
-
-/// The ed25519 key in a peer's TLS Certificate message: exactly one entry,
-/// an ed25519 SPKI (what the verifiers accepted).
-fn key_from_certs(certs: &[CertificateDer<'_>]) -> Option<[u8; 32]> {
-    match certs {
-        [spki] => key_from_spki(spki),
-        _ => None,
-    }
 }
 
 /// A QUIC endpoint bound to `addr` that accepts connections with `cfg` (and
@@ -428,275 +302,249 @@ fn transport_config(tuning: &TransportTuning) -> Result<TransportConfig, Transpo
     Ok(t)
 }
 
-/// The ring provider, installed explicitly in each config (never relying on
-/// a process-wide default).
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+/// QUIC priority of the control stream: above every lane stream.
+const CONTROL_PRIORITY: i32 = LANES as i32 + 1;
+
+/// Bytes asked of quinn per stream read.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// A QUIC connection as a link, with the bounds its readers enforce.
+/// Cheap to clone (a handle).
+#[derive(Clone, Debug)]
+pub struct QuicLink {
+    conn: quinn::Connection,
+    limits: Limits,
 }
 
-/// Our raw public key (SPKI) together with the ed25519 key that signs the
-/// handshake with it.
-fn certified_key(key: &SigningKey) -> Arc<CertifiedKey> {
-    let public = key.verifying_key().to_bytes();
-    let signer = Ed25519TlsKey {
-        key: Arc::new(key.clone()),
-        spki: spki_from_key(&public),
-    };
-    // Certificate and signer come from the same key by construction.
-    // (`CertifiedKey::keys_match` parses X.509 and does not apply to RPK.)
-    Arc::new(CertifiedKey::new(
-        vec![CertificateDer::from(spki_from_key(&public))],
-        Arc::new(signer),
-    ))
-}
-
-/// The SubjectPublicKeyInfo DER of an ed25519 public key.
-fn spki_from_key(key: &[u8; 32]) -> Vec<u8> {
-    let mut der = Vec::with_capacity(ED25519_SPKI_LEN);
-    der.extend_from_slice(&ED25519_SPKI_PREFIX);
-    der.extend_from_slice(key);
-    der
-}
-
-/// The ed25519 key in an SPKI DER; `None` unless it is exactly the 12-byte
-/// ed25519 prefix followed by 32 key bytes.
-fn key_from_spki(der: &[u8]) -> Option<[u8; 32]> {
-    if der.len() != ED25519_SPKI_LEN {
-        return None;
+impl QuicLink {
+    /// The link over `conn`, reading frames within `limits`.
+    pub fn new(conn: quinn::Connection, limits: Limits) -> Self {
+        Self { conn, limits }
     }
-    let (prefix, key) = der.split_at(ED25519_SPKI_PREFIX.len());
-    if prefix != ED25519_SPKI_PREFIX {
-        return None;
+
+    /// The QUIC connection.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
     }
-    key.try_into().ok()
-}
 
-/// Parses a peer's raw public key, refusing anything that is not a valid,
-/// non-weak ed25519 point.
-fn verifying_key_from_spki(der: &[u8]) -> Result<VerifyingKey, rustls::Error> {
-    let bytes = key_from_spki(der).ok_or(rustls::Error::InvalidCertificate(
-        CertificateError::BadEncoding,
-    ))?;
-    let key = VerifyingKey::from_bytes(&bytes)
-        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-    if key.is_weak() {
-        return Err(rustls::Error::InvalidCertificate(
-            CertificateError::BadEncoding,
-        ));
+    /// The key the peer proved in the TLS handshake.
+    pub fn peer_key(&self) -> Option<[u8; 32]> {
+        peer_key(&self.conn)
     }
-    Ok(key)
-}
 
-/// A raw public key as presented in a TLS Certificate message: exactly one
-/// entry, and an ed25519 SPKI.
-fn verify_presented(
-    end_entity: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
-) -> Result<VerifyingKey, rustls::Error> {
-    if !intermediates.is_empty() {
-        return Err(rustls::Error::InvalidCertificate(
-            CertificateError::BadEncoding,
-        ));
+    /// The control channel's halves from a newly opened or accepted
+    /// bidirectional stream, at the highest priority.
+    fn control(
+        &self,
+        bi: Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>,
+    ) -> Result<(quinn::SendStream, QuicReader), LinkError> {
+        let (send, recv) = bi?;
+        let _ = send.set_priority(CONTROL_PRIORITY);
+        Ok((send, QuicReader::new(recv, self.limits)))
     }
-    verifying_key_from_spki(end_entity)
-}
 
-/// Checks a TLS 1.3 CertificateVerify signature: scheme ED25519 only, strict
-/// ed25519 verification against the SPKI's key.
-fn verify_ed25519(
-    message: &[u8],
-    spki: &[u8],
-    scheme: SignatureScheme,
-    signature: &[u8],
-) -> Result<HandshakeSignatureValid, rustls::Error> {
-    if scheme != SignatureScheme::ED25519 {
-        // Only ED25519 is ever advertised.
-        return Err(rustls::Error::PeerMisbehaved(
-            rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme,
-        ));
+    /// The connecting side's control channel: the first bidirectional stream.
+    pub(crate) async fn open_control(&self) -> Result<(quinn::SendStream, QuicReader), LinkError> {
+        self.control(self.conn.open_bi().await)
     }
-    let key = verifying_key_from_spki(spki)?;
-    let signature = Signature::from_slice(signature)
-        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadSignature))?;
-    key.verify_strict(message, &signature)
-        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadSignature))?;
-    Ok(HandshakeSignatureValid::assertion())
-}
 
-fn tls12_refused() -> rustls::Error {
-    rustls::Error::General("TLS 1.2 is not supported on Celluler links".into())
-}
+    /// The accepting side's control channel, once the peer has sent on it.
+    pub(crate) async fn accept_control(
+        &self,
+    ) -> Result<(quinn::SendStream, QuicReader), LinkError> {
+        self.control(self.conn.accept_bi().await)
+    }
 
-/// Client side: accepts the server only if it proves the pinned key.
-#[derive(Debug)]
-struct PinnedServerKey {
-    expected: [u8; 32],
-}
-
-impl PinnedServerKey {
-    fn new(expected: [u8; 32]) -> Result<Self, TransportError> {
-        let key =
-            VerifyingKey::from_bytes(&expected).map_err(|_| TransportError::InvalidPeerKey)?;
-        if key.is_weak() {
-            return Err(TransportError::InvalidPeerKey);
+    /// This side's lane streams, none opened yet.
+    pub(crate) fn lanes(&self) -> QuicLanes {
+        QuicLanes {
+            conn: self.conn.clone(),
+            streams: Default::default(),
         }
-        Ok(Self { expected })
+    }
+
+    /// The next lane stream the peer opens.
+    pub(crate) async fn accept_lane(&self) -> Result<QuicReader, LinkError> {
+        let recv = self.conn.accept_uni().await?;
+        Ok(QuicReader::new(recv, self.limits))
+    }
+
+    /// Closes the connection at once with `code` and `reason`.
+    pub fn close(&self, code: CloseCode, reason: &str) {
+        self.conn.close(app_code(code), reason.as_bytes());
+    }
+
+    /// Why the link ended, if it has.
+    pub fn end(&self) -> Option<LinkEnd> {
+        self.conn.close_reason().map(LinkEnd::from)
+    }
+
+    /// Waits until the link has ended and says why.
+    pub async fn closed(&self) -> LinkEnd {
+        self.conn.closed().await.into()
     }
 }
 
-impl ServerCertVerifier for PinnedServerKey {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let key = verify_presented(end_entity, intermediates)?;
-        if key.to_bytes() != self.expected {
-            return Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ));
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(tls12_refused())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_ed25519(message, cert, dss.scheme, dss.signature())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
-    }
-
-    fn requires_raw_public_keys(&self) -> bool {
-        true
-    }
+/// A close code as a QUIC application error code.
+pub(crate) fn app_code(code: CloseCode) -> VarInt {
+    VarInt::from_u32(code as u32)
 }
 
-/// Server side: requires a client key, accepts any valid ed25519 key.
-#[derive(Debug)]
-struct AnyEd25519Client;
-
-impl ClientCertVerifier for AnyEd25519Client {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        verify_presented(end_entity, intermediates)?;
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(tls12_refused())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_ed25519(message, cert, dss.scheme, dss.signature())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
-    }
-
-    fn requires_raw_public_keys(&self) -> bool {
-        true
-    }
+/// Reads whole frames from one QUIC stream, within the link's limits.
+pub struct QuicReader {
+    stream: quinn::RecvStream,
+    /// The unread rest of the last chunk quinn returned, while `partial`
+    /// is empty: frames wholly inside it are sliced out without a copy.
+    chunk: Bytes,
+    /// A frame that spans chunks, assembled by copying.
+    partial: BytesMut,
+    limits: Limits,
 }
 
-/// Our ed25519 key as a rustls signing key (signs the CertificateVerify).
-struct Ed25519TlsKey {
-    key: Arc<SigningKey>,
-    spki: Vec<u8>,
-}
-
-impl std::fmt::Debug for Ed25519TlsKey {
+impl std::fmt::Debug for QuicReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ed25519TlsKey")
-            .field("public", &self.key.verifying_key())
+        f.debug_struct("QuicReader")
+            .field("stream", &self.stream.id())
             .finish_non_exhaustive()
     }
 }
 
-impl rustls::sign::SigningKey for Ed25519TlsKey {
-    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn rustls::sign::Signer>> {
-        offered
-            .contains(&SignatureScheme::ED25519)
-            .then(|| Box::new(Ed25519TlsSigner(self.key.clone())) as Box<dyn rustls::sign::Signer>)
+impl QuicReader {
+    /// A reader over `stream`.
+    pub fn new(stream: quinn::RecvStream, limits: Limits) -> Self {
+        Self {
+            stream,
+            chunk: Bytes::new(),
+            // Sized per frame that needs it; an idle link's control stream
+            // holds no buffer.
+            partial: BytesMut::new(),
+            limits,
+        }
     }
 
-    fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
-        Some(SubjectPublicKeyInfoDer::from(self.spki.as_slice()))
+    /// The next frame; `Ok(None)` when the stream ended cleanly between frames.
+    pub async fn next(&mut self) -> Result<Option<Frame>, LinkError> {
+        loop {
+            if let Some(f) = self.take()? {
+                return Ok(Some(f));
+            }
+            match self.stream.read_chunk(READ_CHUNK, true).await? {
+                Some(chunk) if self.partial.is_empty() => self.chunk = chunk.bytes,
+                Some(chunk) => self.partial.extend_from_slice(&chunk.bytes),
+                None if self.partial.is_empty() && self.chunk.is_empty() => return Ok(None),
+                None => return Err(LinkError::Truncated),
+            }
+        }
     }
 
-    fn algorithm(&self) -> SignatureAlgorithm {
-        SignatureAlgorithm::ED25519
+    /// The next whole frame from what has been read, if there is one.
+    fn take(&mut self) -> Result<Option<Frame>, DecodeError> {
+        if self.partial.is_empty() {
+            if self.chunk.is_empty() {
+                return Ok(None);
+            }
+            if let Some(n) = Frame::peek_len(&self.chunk, &self.limits)? {
+                return Frame::decode(self.chunk.split_to(n), &self.limits).map(Some);
+            }
+            // The frame continues in later chunks. Room for all of it now,
+            // when its length is known (and checked against the limit), so
+            // that it is copied once rather than regrown.
+            let whole = self.chunk.get(..LEN_PREFIX).map_or(0, |p| {
+                LEN_PREFIX + u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize
+            });
+            self.partial.reserve(whole.max(self.chunk.len()));
+            self.partial.extend_from_slice(&self.chunk);
+            self.chunk = Bytes::new();
+            return Ok(None);
+        }
+        let f = Frame::take(&mut self.partial, &self.limits)?;
+        if f.is_some() && !self.partial.is_empty() {
+            // The chunk that completed the frame began the next one.
+            if let Some(n) = Frame::peek_len(&self.partial, &self.limits)?
+                && n > self.partial.len()
+            {
+                self.partial.reserve(n - self.partial.len());
+            }
+        }
+        Ok(f)
+    }
+
+    /// Stops the stream, telling the peer to stop sending on it.
+    pub fn stop(&mut self, code: CloseCode) {
+        let _ = self.stream.stop(app_code(code));
     }
 }
 
-/// Signs one handshake with our ed25519 key.
-struct Ed25519TlsSigner(Arc<SigningKey>);
-
-impl std::fmt::Debug for Ed25519TlsSigner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ed25519TlsSigner").finish_non_exhaustive()
-    }
+/// This side's lane streams of a QUIC link, each opened on first use with
+/// the lane's QUIC priority.
+#[derive(Debug)]
+pub struct QuicLanes {
+    conn: quinn::Connection,
+    streams: [Option<quinn::SendStream>; LANES],
 }
 
-impl rustls::sign::Signer for Ed25519TlsSigner {
-    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        Ok(self.0.sign(message).to_bytes().to_vec())
+impl QuicLanes {
+    /// The stream of `lane`, opened on first use with the lane's QUIC
+    /// priority (control highest).
+    async fn stream(&mut self, lane: Lane) -> Result<&mut quinn::SendStream, LinkError> {
+        let i = lane.index();
+        Ok(match &mut self.streams[i] {
+            Some(s) => s,
+            slot => {
+                let s = self.conn.open_uni().await?;
+                // Higher lanes get higher QUIC priority.
+                let _ = s.set_priority((LANES - i) as i32);
+                slot.insert(s)
+            }
+        })
     }
 
-    fn scheme(&self) -> SignatureScheme {
-        SignatureScheme::ED25519
+    /// Sends one whole frame on `lane`.
+    pub(crate) async fn send(&mut self, lane: Lane, frame: Bytes) -> Result<(), LinkError> {
+        Ok(self.stream(lane).await?.write_chunk(frame).await?)
+    }
+
+    /// Sends one frame given as two parts on `lane`.
+    pub(crate) async fn send_parts(
+        &mut self,
+        lane: Lane,
+        head: Bytes,
+        body: Bytes,
+    ) -> Result<(), LinkError> {
+        Ok(self
+            .stream(lane)
+            .await?
+            .write_all_chunks(&mut [head, body])
+            .await?)
+    }
+
+    /// Why the connection ended, if it has.
+    pub(crate) fn end(&self) -> Option<LinkEnd> {
+        self.conn.close_reason().map(LinkEnd::from)
+    }
+
+    /// Waits until the connection has ended.
+    pub(crate) async fn closed(&self) -> LinkEnd {
+        self.conn.closed().await.into()
+    }
+
+    /// Ends every stream opened, then waits until `deadline` at most for
+    /// the peer to acknowledge them.
+    pub(crate) async fn finish(&mut self, deadline: tokio::time::Instant) {
+        for s in self.streams.iter_mut().flatten() {
+            let _ = s.finish();
+        }
+        for s in self.streams.iter_mut().flatten() {
+            let _ = tokio::time::timeout_at(deadline, s.stopped()).await;
+        }
     }
 }
-
-pub mod tcp;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tls::SERVER_NAME;
+    use crate::tls::tests::{EmptyRawKeyIdentity, tls_client_config_with_identity};
 
     const WAIT: Duration = Duration::from_secs(10);
 
@@ -870,29 +718,6 @@ mod tests {
         );
     }
 
-    /// Offers raw public keys for client auth but, when asked, presents none
-    /// (an empty Certificate message).
-    #[derive(Debug)]
-    pub(super) struct EmptyRawKeyIdentity;
-
-    impl rustls::client::ResolvesClientCert for EmptyRawKeyIdentity {
-        fn resolve(
-            &self,
-            _root_hint_subjects: &[&[u8]],
-            _sigschemes: &[SignatureScheme],
-        ) -> Option<Arc<CertifiedKey>> {
-            None
-        }
-
-        fn only_raw_public_keys(&self) -> bool {
-            true
-        }
-
-        fn has_certs(&self) -> bool {
-            true
-        }
-    }
-
     /// A client config like [`client_config`] but with the given client
     /// identity (`None`: no client authentication at all).
     fn client_config_with_identity(
@@ -902,26 +727,6 @@ mod tests {
         let tls = tls_client_config_with_identity(expected_server, identity);
         let crypto = QuicClientConfig::try_from(tls).unwrap();
         quinn::ClientConfig::new(Arc::new(crypto))
-    }
-
-    /// [`tls_client_config`] with the given client identity instead of a
-    /// raw key (`None`: no client authentication at all).
-    pub(super) fn tls_client_config_with_identity(
-        expected_server: [u8; 32],
-        identity: Option<Arc<dyn rustls::client::ResolvesClientCert>>,
-    ) -> rustls::ClientConfig {
-        let verifier = PinnedServerKey::new(expected_server).unwrap();
-        let builder = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier));
-        let mut tls = match identity {
-            None => builder.with_no_client_auth(),
-            Some(resolver) => builder.with_client_cert_resolver(resolver),
-        };
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        tls
     }
 
     #[tokio::test]
@@ -949,51 +754,6 @@ mod tests {
             Some(quinn::TransportErrorCode::crypto(116)),
             "unexpected server error: {server_err} (client: {client_err})"
         );
-    }
-
-    #[test]
-    fn spki_is_parsed_strictly() {
-        let k = public(&key(9));
-        let der = spki_from_key(&k);
-        assert_eq!(der.len(), 44);
-        assert_eq!(key_from_spki(&der), Some(k));
-        // Too short, too long, wrong prefix byte, wrong OID.
-        assert_eq!(key_from_spki(&der[..43]), None);
-        let mut long = der.clone();
-        long.push(0);
-        assert_eq!(key_from_spki(&long), None);
-        for i in 0..ED25519_SPKI_PREFIX.len() {
-            let mut bad = der.clone();
-            bad[i] ^= 0x01;
-            assert_eq!(key_from_spki(&bad), None, "flipped prefix byte {i}");
-        }
-        // A small-order (weak) point is refused as a peer key.
-        let mut identity = [0u8; 32];
-        identity[0] = 1;
-        assert!(verifying_key_from_spki(&spki_from_key(&identity)).is_err());
-        assert!(matches!(
-            PinnedServerKey::new(identity),
-            Err(TransportError::InvalidPeerKey)
-        ));
-    }
-
-    #[test]
-    fn handshake_signature_is_really_checked() {
-        let signer = key(10);
-        let spki = spki_from_key(&public(&signer));
-        let msg = b"tls13 certificate verify content";
-        let sig = signer.sign(msg).to_bytes();
-
-        assert!(verify_ed25519(msg, &spki, SignatureScheme::ED25519, &sig).is_ok());
-        // Wrong scheme, tampered message, tampered signature, other key, bad length.
-        assert!(verify_ed25519(msg, &spki, SignatureScheme::ECDSA_NISTP256_SHA256, &sig).is_err());
-        assert!(verify_ed25519(b"other", &spki, SignatureScheme::ED25519, &sig).is_err());
-        let mut bad = sig;
-        bad[5] ^= 0x40;
-        assert!(verify_ed25519(msg, &spki, SignatureScheme::ED25519, &bad).is_err());
-        let other = spki_from_key(&public(&key(11)));
-        assert!(verify_ed25519(msg, &other, SignatureScheme::ED25519, &sig).is_err());
-        assert!(verify_ed25519(msg, &spki, SignatureScheme::ED25519, &sig[..63]).is_err());
     }
 
     #[test]
