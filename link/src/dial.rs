@@ -10,11 +10,12 @@
 //! same seed waits the same times, which is what tests and simulations
 //! need; production seeds it from the OS.
 //!
-//! [`redial`] is the loop around it: wait, attempt, and again until an
-//! attempt succeeds. It stops only by succeeding; a caller that must give
+//! [`redial`] is the loop around it: wait, make an [`Attempt`], and again
+//! until one succeeds. It stops only by succeeding; a caller that must give
 //! up (a cell closing, a relay shutting down) races it against that event
 //! and drops it, which cancels the wait or the attempt in progress.
 
+use std::future::Future;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -83,21 +84,46 @@ impl Backoff {
     }
 }
 
-/// Waits ([`Backoff::next_wait`]) and calls `attempt` until it succeeds,
+/// One attempt at making a link, made again by [`redial`] until it
+/// succeeds. A closure returning a future implements it; a type of its
+/// own can hold what the attempts share by `&mut` (an endpoint cache),
+/// which a closure's future could not borrow.
+pub trait Attempt {
+    /// What a successful attempt makes.
+    type Output;
+    /// Why an attempt failed.
+    type Error;
+    /// Makes one attempt.
+    fn attempt(&mut self) -> impl Future<Output = Result<Self::Output, Self::Error>> + Send;
+}
+
+impl<F, Fut, T, E> Attempt for F
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>> + Send,
+{
+    type Output = T;
+    type Error = E;
+    fn attempt(&mut self) -> impl Future<Output = Result<T, E>> + Send {
+        self()
+    }
+}
+
+/// Waits ([`Backoff::next_wait`]) and makes `attempt` until it succeeds,
 /// then resets `backoff` and returns what it made. After each failure,
 /// `failed` hears of the error and of the delay the next wait is drawn
 /// under (for a log line).
 ///
 /// The first attempt also waits: a link that was just lost is not redialed
 /// in a tight loop. Cancel-safe: dropping the future stops at once.
-pub async fn redial<T, E>(
+pub async fn redial<A: Attempt>(
     backoff: &mut Backoff,
-    mut attempt: impl AsyncFnMut() -> Result<T, E>,
-    mut failed: impl FnMut(&E, Duration),
-) -> T {
+    mut attempt: A,
+    mut failed: impl FnMut(&A::Error, Duration),
+) -> A::Output {
     loop {
         tokio::time::sleep(backoff.next_wait()).await;
-        match attempt().await {
+        match attempt.attempt().await {
             Ok(t) => {
                 backoff.reset();
                 return t;
@@ -174,19 +200,19 @@ mod tests {
         // them.
         let us = Duration::from_micros(1);
         let mut b = Backoff::new(us, 4 * us, 3).unwrap();
-        let mut attempts = 0;
+        let attempts = std::sync::atomic::AtomicU32::new(0);
         let mut failures = Vec::new();
         let got = redial(
             &mut b,
-            async || {
-                attempts += 1;
-                if attempts < 5 { Err(attempts) } else { Ok("linked") }
+            || {
+                let n = attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                std::future::ready(if n < 5 { Err(n) } else { Ok("linked") })
             },
             |e: &u32, next| failures.push((*e, next)),
         )
         .await;
         assert_eq!(got, "linked");
-        assert_eq!(attempts, 5);
+        assert_eq!(attempts.into_inner(), 5);
         // The delay doubled after each failure, capped at 4 µs.
         assert_eq!(
             failures,

@@ -42,7 +42,7 @@ pub mod tls;
 pub mod writer;
 
 pub use conn::{ControlSender, LaneSender, Link, Transport, UnknownTransport};
-pub use dial::{Backoff, BackoffError, redial};
+pub use dial::{Attempt, Backoff, BackoffError, redial};
 pub use error::{LinkEnd, LinkError, TransportError};
 pub use handshake::{Hello, Welcome, accept_hello, close, hello};
 pub use lanes::{DEFAULT_LANE_WEIGHTS, ForwardedBatch, LANES, LaneQueues, LaneScheduler, Outbound};
