@@ -5,6 +5,8 @@ use relay_codec::frame::CloseCode;
 use relay_link::{LinkError, TransportError};
 use std::net::SocketAddr;
 use thiserror::Error;
+#[cfg(doc)]
+use super::CellOptions;
 
 /// Why a cell operation failed.
 #[derive(Debug, Error)]

@@ -5,6 +5,8 @@ use bytes::Bytes;
 use relay_codec::frame::{NoticeCode, PresenceInfo};
 use relay_codec::{Destination, Lane, MessageId, PublicKey};
 use std::collections::BTreeMap;
+#[cfg(doc)]
+use super::{Cell, CellOptions};
 
 /// Destinations [`Undelivered`] keeps apart; drops to further ones are
 /// counted under the zero key.

@@ -23,6 +23,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+#[cfg(doc)]
+use relay_codec::frame::CloseCode;
 
 /// Control frames waiting to be written to the relay.
 pub(crate) const CONTROL_QUEUE: usize = 256;

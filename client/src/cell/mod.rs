@@ -9,7 +9,7 @@
 //! lane; TCP: chunks interleaved on the one connection).
 //!
 //! What the cell checks ("What is checked where"): the relay proved its key
-//! during the TLS handshake (pinned from [`NodeAddr::key`]); every received
+//! during the TLS handshake (pinned from [`NodeAddr::key`](relay_codec::NodeAddr::key)); every received
 //! message that carries an ed25519 signature is verified before the
 //! application sees it, duplicates are dropped, and messages the cell cannot
 //! check yet (sealed with an AEAD tag) are dropped and counted. Unsigned

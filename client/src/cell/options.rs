@@ -1,6 +1,8 @@
 //! How a cell links to its relay: [`CellOptions`] and their checks.
 
 use super::CellError;
+#[cfg(doc)]
+use super::{Cell, CellStats, Event};
 use relay_codec::frame::MAX_AGENT;
 use relay_codec::{Limits, ServiceName};
 use relay_link::dial::Backoff;
@@ -53,6 +55,8 @@ pub struct CellOptions {
     /// connection is never retried: [`Cell::connect`] returns its error.
     pub reconnect: bool,
     /// First delay before reconnecting; doubled after each failed attempt.
+    /// Each wait is drawn between half the delay and all of it
+    /// ([`Backoff`]), so cells cut off together do not return together.
     pub backoff_initial: Duration,
     /// Longest delay between reconnect attempts.
     pub backoff_max: Duration,
@@ -69,11 +73,12 @@ pub struct CellOptions {
     pub event_queue: usize,
     /// Message ids remembered per lane to drop duplicates (a message's lane
     /// is part of its authenticated bytes, so its copies all come on one
-    /// lane). The ids are kept in two generations of `dedup_capacity / 2`:
-    /// when the newer one fills, the older one is forgotten. So at least
-    /// the last `dedup_capacity / 2` ids of each lane and at most
-    /// `dedup_capacity` are remembered, and memory grows as ids arrive
-    /// (nothing is allocated up front; at most about 34 bytes per id).
+    /// lane), in the relay's own [`DedupWindow`](relay_core::DedupWindow),
+    /// bounded by count alone: at least the last `dedup_capacity / 2` ids of
+    /// each lane and at most `dedup_capacity` are remembered (at least 1).
+    /// A lane's table is made when its first message arrives (an idle cell
+    /// holds none), with room for `min(dedup_capacity / 2, 4096)` ids (128
+    /// KiB at most), and grows with the ids: 32 to 64 bytes per id.
     pub dedup_capacity: usize,
     /// A QUIC endpoint (UDP socket) to connect through, shared with other
     /// cells: 10 000 cells can use one. `None`: this cell binds its own
@@ -82,7 +87,7 @@ pub struct CellOptions {
     /// connection; let the endpoint go idle
     /// ([`quinn::Endpoint::wait_idle`]) before dropping it, so the last
     /// closes reach their relays. Make one with
-    /// [`quic::client_endpoint`]. Used only over QUIC.
+    /// [`relay_link::quic::client_endpoint`]. Used only over QUIC.
     pub endpoint: Option<quinn::Endpoint>,
     /// How long [`Cell::discover`] waits for the relay's answer.
     pub request_timeout: Duration,
