@@ -1,12 +1,12 @@
 //! Why a cell operation failed.
 
+#[cfg(doc)]
+use super::CellOptions;
 use relay_codec::KeyError;
 use relay_codec::frame::CloseCode;
 use relay_link::{LinkError, TransportError};
 use std::net::SocketAddr;
 use thiserror::Error;
-#[cfg(doc)]
-use super::CellOptions;
 
 /// Why a cell operation failed.
 #[derive(Debug, Error)]

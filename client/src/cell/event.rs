@@ -1,12 +1,12 @@
 //! What a cell hands its application: events and received messages, and
 //! the tallies it keeps of what was dropped.
 
+#[cfg(doc)]
+use super::{Cell, CellOptions};
 use bytes::Bytes;
 use relay_codec::frame::{NoticeCode, PresenceInfo};
 use relay_codec::{Destination, Lane, MessageId, PublicKey};
 use std::collections::BTreeMap;
-#[cfg(doc)]
-use super::{Cell, CellOptions};
 
 /// Destinations [`Undelivered`] keeps apart; drops to further ones are
 /// counted under the zero key.

@@ -9,6 +9,8 @@ use super::session::supervise;
 use super::{AuthMode, CellError, CellOptions, CellStats, Event, Received, Undelivered};
 use crate::clock;
 use bytes::{Bytes, BytesMut};
+#[cfg(doc)]
+use relay_codec::frame::CloseCode;
 use relay_codec::id_table::IdKey;
 use relay_codec::message::encoded_layout;
 use relay_codec::{
@@ -23,8 +25,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-#[cfg(doc)]
-use relay_codec::frame::CloseCode;
 
 /// Control frames waiting to be written to the relay.
 pub(crate) const CONTROL_QUEUE: usize = 256;
