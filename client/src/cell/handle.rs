@@ -57,12 +57,12 @@ pub(crate) const CONTROL_QUEUE: usize = 256;
 /// # }
 /// ```
 pub struct Cell {
-    pub(crate) handle: CellHandle,
-    pub(crate) events: mpsc::Receiver<Delivery>,
+    handle: CellHandle,
+    events: mpsc::Receiver<Delivery>,
     /// The rest of the batch being handed out.
-    pub(crate) buffered: std::vec::IntoIter<Received>,
-    pub(crate) shutdown: watch::Sender<bool>,
-    pub(crate) supervisor: Option<JoinHandle<Result<(), CellError>>>,
+    buffered: std::vec::IntoIter<Received>,
+    shutdown: watch::Sender<bool>,
+    supervisor: Option<JoinHandle<Result<(), CellError>>>,
 }
 
 /// A cloneable handle for sending and control on a [`Cell`], for tasks
@@ -70,7 +70,7 @@ pub struct Cell {
 /// the cell is closed.
 #[derive(Clone)]
 pub struct CellHandle {
-    pub(crate) shared: Arc<Shared>,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for CellHandle {
