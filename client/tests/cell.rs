@@ -552,8 +552,9 @@ async fn refused_wrong_key_silent_and_unreachable_relays_fail_clearly() {
     let err = Cell::connect(&nowhere, Keypair::generate(), opts.clone())
         .await
         .unwrap_err();
+    // Bounded by connect_timeout (generously: the bound, not a speed).
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );
