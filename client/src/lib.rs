@@ -4,6 +4,7 @@
 //!   or TLS over TCP ([`Transport`]), send to a cell, a service or everyone,
 //!   receive checked messages and events, announce services, discover,
 //!   watch presence; reconnects by itself.
+//! - [`clock`]: the one reading of the wall clock (message timestamps).
 //! - [`logging`]: stderr logs for the workspace's binaries (from
 //!   `relay-link`, so the relay logs the same way).
 //!
@@ -16,6 +17,7 @@
 //! `cell listen`, `cell send`, `cell discover`.
 
 pub mod cell;
+pub mod clock;
 
 pub use relay_link::logging;
 

@@ -1,14 +1,15 @@
 //! The `cell` binary, run as a process: keys, errors, and listen / send /
-//! discover through the stand-in relay of `common` over real QUIC.
+//! discover through the real relay (run in this process by `support`)
+//! over QUIC.
 
-mod common;
+mod support;
 
-use common::{RelayBehaviour, StandIn};
 use relay_codec::{Keypair, NodeAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use support::TestRelay;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cell");
@@ -264,8 +265,8 @@ async fn run(args: &[&str], stdin: &[u8]) -> Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_send_and_discover_through_a_relay() {
-    let relay = StandIn::start(RelayBehaviour::default()).await;
-    let addr: NodeAddr = relay.addr.clone();
+    let relay = TestRelay::start().await;
+    let addr: NodeAddr = relay.addr();
     let addr = addr.to_string();
     let dir = tempfile::tempdir().unwrap();
     let (lk, sk) = (
@@ -318,7 +319,8 @@ async fn listen_send_and_discover_through_a_relay() {
     )
     .await;
     assert!(o.status.success(), "{}", stderr(&o));
-    // The stand-in reports nothing and answers the close with its Close.
+    // The relay reports nothing (the listener is attached) and answers
+    // the close with its Close.
     assert_eq!(stderr(&o), "sent 1 message(s)\n");
     // Each stdin line is one message; CRLF is trimmed; bytes that are not
     // UTF-8 come out in base64.
@@ -397,7 +399,7 @@ fn listen_exits_cleanly_on_timeout() {
         .enable_all()
         .build()
         .unwrap();
-    let relay = rt.block_on(StandIn::start(RelayBehaviour::default()));
+    let relay = rt.block_on(TestRelay::start());
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cell.key");
     keygen(&key);
@@ -405,7 +407,7 @@ fn listen_exits_cleanly_on_timeout() {
     let o = cell(&[
         "listen",
         "--relay",
-        &relay.addr.to_string(),
+        &relay.addr().to_string(),
         "--key",
         key.to_str().unwrap(),
         "--timeout",
@@ -425,13 +427,13 @@ fn listen_exits_cleanly_on_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_stops_cleanly_on_an_interrupt() {
-    let relay = StandIn::start(RelayBehaviour::default()).await;
+    let relay = TestRelay::start().await;
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cell.key");
     keygen(&key);
     let (mut listener, first, mut err_lines) = start_listener(&[
         "--relay",
-        &relay.addr.to_string(),
+        &relay.addr().to_string(),
         "--key",
         key.to_str().unwrap(),
         "--timeout",
@@ -459,14 +461,15 @@ async fn listen_stops_cleanly_on_an_interrupt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_link_is_one_clear_line() {
-    let relay = StandIn::start(RelayBehaviour {
-        refuse: Some((
-            relay_codec::frame::CloseCode::Unauthorized,
-            "key not on the allowlist".into(),
-        )),
-        ..RelayBehaviour::default()
-    })
-    .await;
+    // A relay with room for one link, taken.
+    let relay = TestRelay::with_config("[limits]\nmax_links = 1\n").await;
+    let _first = relay_client::Cell::connect(
+        &relay.addr(),
+        Keypair::generate(),
+        relay_client::CellOptions::default(),
+    )
+    .await
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cell.key");
     keygen(&key);
@@ -474,7 +477,7 @@ async fn a_refused_link_is_one_clear_line() {
         &[
             "send",
             "--relay",
-            &relay.addr.to_string(),
+            &relay.addr().to_string(),
             "--key",
             key.to_str().unwrap(),
             "--broadcast",
@@ -485,7 +488,7 @@ async fn a_refused_link_is_one_clear_line() {
     .await;
     let err = assert_one_line_error(&o);
     assert!(
-        err.contains("refused") && err.contains("key not on the allowlist"),
+        err.contains("refused") && err.contains("relay has 1 links, its limit"),
         "{err}"
     );
 }

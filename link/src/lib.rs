@@ -13,6 +13,8 @@
 //!   TLS stream;
 //! - [`conn`]: the [`Link`] interface over both (an enum: static dispatch,
 //!   nothing boxed per frame), its [`ControlSender`] and [`LaneSender`];
+//! - [`dial`]: [`Backoff`] and [`redial`], redialing a lost link with
+//!   exponential backoff and seeded jitter;
 //! - [`handshake`]: [`hello`] and [`accept_hello`] for either role, and
 //!   [`close`], the close that tells the peer why;
 //! - [`lanes`]: the bounded outbound [`LaneQueues`] and the weighted
@@ -28,6 +30,7 @@
 #![warn(missing_docs)]
 
 pub mod conn;
+pub mod dial;
 pub mod error;
 pub mod handshake;
 pub mod lanes;
@@ -39,6 +42,7 @@ pub mod tls;
 pub mod writer;
 
 pub use conn::{ControlSender, LaneSender, Link, Transport, UnknownTransport};
+pub use dial::{Attempt, Backoff, BackoffError, redial};
 pub use error::{LinkEnd, LinkError, TransportError};
 pub use handshake::{Hello, Welcome, accept_hello, close, hello};
 pub use lanes::{DEFAULT_LANE_WEIGHTS, ForwardedBatch, LANES, LaneQueues, LaneScheduler, Outbound};

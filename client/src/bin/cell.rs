@@ -407,16 +407,7 @@ async fn send(
     let mut sent = 0u64;
     let sending: anyhow::Result<()> = async {
         let handle = cell.handle();
-        let send_one = |payload: Vec<u8>| {
-            let destination = destination.clone();
-            let handle = handle.clone();
-            async move {
-                let msg =
-                    relay_codec::Message::new(handle.public_key(), destination, payload.into())
-                        .with_lane(lane);
-                handle.send_message(msg).await
-            }
-        };
+        let send_one = |payload: Vec<u8>| handle.send_to(destination.clone(), lane, payload);
         match message {
             Some(m) => {
                 send_one(m.into_bytes()).await?;
