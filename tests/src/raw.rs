@@ -525,3 +525,41 @@ async fn read_data(link: Link, tx: mpsc::UnboundedSender<RawEvent>) {
     // Readers end with the link; JoinSet aborts any left on drop.
     while readers.join_next().await.is_some() {}
 }
+
+/// A TLS-over-TCP handshake with `relay`, presenting `key`, pinning
+/// `server_key` and offering `alpn`: the error text if the connecting side
+/// saw it refused, `None` if the relay took it. In TLS 1.3 a client
+/// finishes its side before the server has checked the client, so a
+/// handshake that seems done is judged by its first read: the relay's
+/// alert (or a close) is a refusal, and a live link sends nothing before
+/// Hello, so the read waits (bounded) until the relay's own Hello timeout.
+pub async fn tcp_handshake_error(
+    relay: &RelayProcess,
+    server_key: PublicKey,
+    key: &Keypair,
+    alpn: &[u8],
+) -> Option<String> {
+    let cfg =
+        tls::tls_client_config(key.signing_key(), server_key.0, alpn).expect("TLS client config");
+    tcp_handshake_error_with(relay, cfg).await
+}
+
+/// Like [`tcp_handshake_error`] with a TLS client config of the test's.
+pub async fn tcp_handshake_error_with(
+    relay: &RelayProcess,
+    cfg: rustls::ClientConfig,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt as _;
+    let addr = relay.tcp.expect("the relay listens on TCP");
+    let mut conn = match tcp::connect(addr, std::sync::Arc::new(cfg), &TcpTuning::default()).await {
+        Ok(c) => c,
+        Err(e) => return Some(e.to_string()),
+    };
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(crate::cells::WAIT, conn.stream.read(&mut byte)).await {
+        Err(_) => None,
+        Ok(Ok(0)) => Some("the relay closed the connection after the TLS handshake".into()),
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(format!("refused after the TLS handshake: {e}")),
+    }
+}
