@@ -156,7 +156,17 @@ async fn control_messages_overtake_a_bulk_flood(t: Transport) {
         ..options_over(t)
     };
     let a = connect(&relay, Keypair::generate(), sender_opts).await;
-    let mut b = connect(&relay, Keypair::generate(), options_over(t)).await;
+    // B reads only once the whole flood is queued, and takes in little
+    // meanwhile (a small event queue, so its link stops reading): most of
+    // the flood then waits at the relay when the last control message is
+    // sent, however fast or slow the machine moves it. With the default
+    // queue (65 536) B could have taken in the whole flood by then, and
+    // the last control message had nothing left to overtake.
+    let receiver_opts = CellOptions {
+        event_queue: 256,
+        ..options_over(t)
+    };
+    let mut b = connect(&relay, Keypair::generate(), receiver_opts).await;
     let to = b.public_key();
 
     let mut controls = CONTROL_AFTER.iter().copied().enumerate().peekable();
