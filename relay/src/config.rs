@@ -219,6 +219,10 @@ pub struct LimitsConfig {
     pub max_services_per_cell: usize,
     /// Messages per lane per outbound link, `16..=1_048_576`. Default 8192.
     pub lane_queue_depth: usize,
+    /// Longest a TLS handshake over TCP may take from the accept on, ms,
+    /// `1..=600_000`, so sockets that never finish one cannot pile up.
+    /// Default 10 000.
+    pub handshake_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -230,6 +234,7 @@ impl Default for LimitsConfig {
             max_links: 16384,
             max_services_per_cell: 16,
             lane_queue_depth: 8192,
+            handshake_timeout_ms: 10_000,
         }
     }
 }
@@ -244,6 +249,12 @@ impl LimitsConfig {
             max_batch_messages: self.max_batch_messages,
             max_services: self.max_services_per_cell,
         }
+    }
+
+    /// [`Self::handshake_timeout_ms`] as a [`Duration`].
+    #[must_use]
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
     }
 }
 
@@ -606,6 +617,12 @@ impl RelayConfig {
             1 << 20,
         );
         range(
+            "limits.handshake_timeout_ms",
+            l.handshake_timeout_ms,
+            1,
+            600_000,
+        );
+        range(
             "security.timestamp_past_ms",
             s.timestamp_past_ms,
             1_000,
@@ -741,6 +758,7 @@ const FIELDS: &[&str] = &[
     "limits.max_links",
     "limits.max_services_per_cell",
     "limits.lane_queue_depth",
+    "limits.handshake_timeout_ms",
     "security.verify",
     "security.sample_rate",
     "security.timestamp_past_ms",
@@ -1063,6 +1081,11 @@ sample_rate = 0.5
         assert_invalid(
             "[limits]\nmax_frame = 67108865\n",
             "limits.max_frame",
+            Some(2),
+        );
+        assert_invalid(
+            "[limits]\nhandshake_timeout_ms = 0\n",
+            "limits.handshake_timeout_ms",
             Some(2),
         );
         assert_invalid(

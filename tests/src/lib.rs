@@ -11,9 +11,57 @@
 //!
 //! - [`cells`]: honest cells on the real `Cell` API, and bounded waits.
 //! - [`raw`]: hand-made links that send exactly the bytes a test wants.
+//! - [`each_transport!`]: one test body, one test per transport.
 
 pub mod cells;
 pub mod raw;
+
+/// Instantiates the test body `async fn NAME(t: Transport)` once per
+/// transport, as `NAME::quic` and `NAME::tcp` (so `cargo test tcp` runs
+/// the TCP half). Each runs through [`over`], so whatever fails names the
+/// transport it failed over.
+///
+/// ```ignore
+/// each_transport!(a_forged_source_closes_the_link);
+/// async fn a_forged_source_closes_the_link(t: Transport) { /* ... */ }
+/// ```
+#[macro_export]
+macro_rules! each_transport {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn quic() {
+                $crate::over(::relay_link::Transport::Quic, super::$name).await
+            }
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tcp() {
+                $crate::over(::relay_link::Transport::Tcp, super::$name).await
+            }
+        }
+    )+};
+}
+
+/// Runs `test(transport)`; a panic in it is raised again with the
+/// transport in front of its message, so every failure says which
+/// transport it was over.
+pub async fn over<F, Fut>(transport: Transport, test: F)
+where
+    F: FnOnce(Transport) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use futures_util::FutureExt as _;
+    if let Err(panic) = std::panic::AssertUnwindSafe(test(transport))
+        .catch_unwind()
+        .await
+    {
+        let msg = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("(a panic without a message)");
+        panic!("over {transport}: {msg}");
+    }
+}
 
 use relay_codec::{NodeAddr, PublicKey};
 use relay_link::Transport;

@@ -525,3 +525,253 @@ async fn read_data(link: Link, tx: mpsc::UnboundedSender<RawEvent>) {
     // Readers end with the link; JoinSet aborts any left on drop.
     while readers.join_next().await.is_some() {}
 }
+
+/// A TLS-over-TCP handshake with `relay`, presenting `key`, pinning
+/// `server_key` and offering `alpn`: the error text if the connecting side
+/// saw it refused, `None` if the relay took it. In TLS 1.3 a client
+/// finishes its side before the server has checked the client, so a
+/// handshake that seems done is judged by its first read: the relay's
+/// alert (or a close) is a refusal, and a live link sends nothing before
+/// Hello, so the read waits (bounded) until the relay's own Hello timeout.
+pub async fn tcp_handshake_error(
+    relay: &RelayProcess,
+    server_key: PublicKey,
+    key: &Keypair,
+    alpn: &[u8],
+) -> Option<String> {
+    let cfg =
+        tls::tls_client_config(key.signing_key(), server_key.0, alpn).expect("TLS client config");
+    tcp_handshake_error_with(relay, cfg).await
+}
+
+/// Like [`tcp_handshake_error`] with a TLS client config of the test's.
+pub async fn tcp_handshake_error_with(
+    relay: &RelayProcess,
+    cfg: rustls::ClientConfig,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt as _;
+    let addr = relay.tcp.expect("the relay listens on TCP");
+    let mut conn = match tcp::connect(addr, std::sync::Arc::new(cfg), &TcpTuning::default()).await {
+        Ok(c) => c,
+        Err(e) => return Some(e.to_string()),
+    };
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(crate::cells::WAIT, conn.stream.read(&mut byte)).await {
+        Err(_) => None,
+        Ok(Ok(0)) => Some("the relay closed the connection after the TLS handshake".into()),
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(format!("refused after the TLS handshake: {e}")),
+    }
+}
+
+/// A TLS-over-TCP link whose bytes after the TLS handshake are all the
+/// test's: chunks (docs/PROTOCOL.md 6.3.2) written by hand, so a test can
+/// send what [`TcpLink`] never would (an unknown channel, data after a
+/// channel's end, a length prefix cut across chunks, a stream that ends
+/// inside a chunk). What the relay sends back is read with the codec's own
+/// [`Demux`](relay_codec::mux::Demux) and frame decoder.
+pub struct RawTcp {
+    /// The cell's key.
+    pub key: Keypair,
+    /// What the relay said in Welcome.
+    pub welcome: Frame,
+    stream: tcp::TlsStream,
+    demux: relay_codec::mux::Demux,
+    /// Read from the stream, not yet fed to `demux`.
+    unread: BytesMut,
+    /// The last Close frame the relay sent on channel 0.
+    close: Option<(CloseCode, String)>,
+}
+
+impl RawTcp {
+    /// A TLS handshake with `relay` as `key`, then Hello on channel 0 in
+    /// one chunk, then the relay's frames read until Welcome; panics on
+    /// anything else.
+    pub async fn connect(relay: &RelayProcess, key: Keypair) -> RawTcp {
+        let addr = relay.tcp.expect("the relay listens on TCP");
+        let cfg = tls::tls_client_config(key.signing_key(), relay.key.0, tls::ALPN)
+            .expect("TLS client config");
+        let conn = tcp::connect(addr, std::sync::Arc::new(cfg), &TcpTuning::default())
+            .await
+            .unwrap_or_else(|e| panic!("TCP/TLS handshake with {addr}: {e}"));
+        let mut raw = RawTcp {
+            key,
+            welcome: Frame::Close {
+                code: CloseCode::Normal,
+                reason: String::new(),
+            },
+            stream: conn.stream,
+            demux: relay_codec::mux::Demux::new(&Limits::default()),
+            unread: BytesMut::new(),
+            close: None,
+        };
+        let hello = Frame::Hello {
+            version: relay_codec::frame::PROTOCOL_VERSION,
+            role: Role::Cell,
+            notices: true,
+            agent: "relay-tests/raw-tcp".into(),
+        }
+        .to_bytes();
+        raw.chunk(0, &hello).await;
+        let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+        match raw.next_frame(deadline).await {
+            Some((0, f @ Frame::Welcome { .. })) => raw.welcome = f,
+            other => panic!("expected Welcome on channel 0, got {other:?}"),
+        }
+        raw
+    }
+
+    /// Writes `bytes` on the TLS stream as they are.
+    pub async fn write(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt as _;
+        self.stream
+            .write_all(bytes)
+            .await
+            .expect("write to the relay");
+        self.stream.flush().await.expect("flush to the relay");
+    }
+
+    /// Writes one chunk: `channel` (any byte, valid or not) and `payload`
+    /// (at most 65 535 bytes; empty ends the channel).
+    pub async fn chunk(&mut self, channel: u8, payload: &[u8]) {
+        let len = u16::try_from(payload.len()).expect("a chunk holds at most 65535 bytes");
+        let mut out = Vec::with_capacity(3 + payload.len());
+        out.push(channel);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(payload);
+        self.write(&out).await;
+    }
+
+    /// Ends this side's TLS stream (close_notify, then FIN), whatever
+    /// state its chunks are in.
+    pub async fn shutdown(&mut self) {
+        use tokio::io::AsyncWriteExt as _;
+        let _ = self.stream.shutdown().await;
+    }
+
+    /// The next frame the relay sent, with the id of its channel; `None`
+    /// at the end of the stream or the deadline. Remembers Close.
+    async fn next_frame(&mut self, deadline: tokio::time::Instant) -> Option<(u8, Frame)> {
+        use relay_codec::mux::Event;
+        use tokio::io::AsyncReadExt as _;
+        loop {
+            let mut input = &self.unread[..];
+            let event = self
+                .demux
+                .feed(&mut input)
+                .unwrap_or_else(|e| panic!("the relay sent a malformed chunk stream: {e}"));
+            let used = self.unread.len() - input.len();
+            let _ = self.unread.split_to(used);
+            match event {
+                Some(Event::Frame { channel, frame }) => {
+                    let f = Frame::decode(frame, &Limits::default())
+                        .unwrap_or_else(|e| panic!("the relay sent a malformed frame: {e}"));
+                    if let Frame::Close { code, reason } = &f {
+                        self.close = Some((*code, reason.clone()));
+                    }
+                    return Some((channel.id(), f));
+                }
+                Some(Event::End(_)) => continue,
+                None => {}
+            }
+            let mut buf = [0u8; 16 * 1024];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+                Ok(Ok(n)) => self.unread.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    /// Reads (bounded) until `relay` ends the connection, and returns the
+    /// code and reason of the last Close it sent on channel 0; panics (with
+    /// the relay's log) if it sent none or does not close within `timeout`.
+    pub async fn closed(&mut self, relay: &RelayProcess, timeout: Duration) -> (CloseCode, String) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.next_frame(deadline).await.is_some() {}
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay did not close the connection within {timeout:?}; relay log:\n{}",
+            relay.log()
+        );
+        self.close.clone().unwrap_or_else(|| {
+            panic!(
+                "the relay ended the connection without a Close frame; relay log:\n{}",
+                relay.log()
+            )
+        })
+    }
+}
+
+/// A TLS client config that presents an X.509 certificate chain (a leaf
+/// and the CA that signed it, ed25519 both, as an ordinary TLS client
+/// would) instead of a raw public key, offering ALPN `celluler/1` and
+/// accepting whatever raw key the server proves: what a relay must refuse.
+pub fn x509_client_config() -> rustls::ClientConfig {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("leaf key");
+    let leaf = rcgen::CertificateParams::new(vec!["relay-tests-client".to_owned()])
+        .expect("leaf params")
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf certificate");
+    let chain: Vec<CertificateDer<'static>> = vec![leaf.der().clone(), ca.der().clone()];
+    let key = PrivateKeyDer::try_from(leaf_key.serialize_der()).expect("leaf key DER");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyRawKey))
+        .with_client_auth_cert(chain, key)
+        .expect("client certificate");
+    cfg.alpn_protocols = vec![tls::ALPN.to_vec()];
+    cfg
+}
+
+/// Accepts any raw public key a server presents, unchecked: for test
+/// clients whose point is what they send, not whom they reach.
+#[derive(Debug)]
+struct AnyRawKey;
+
+impl rustls::client::danger::ServerCertVerifier for AnyRawKey {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls_pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls_pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        vec![rustls::SignatureScheme::ED25519]
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        true
+    }
+}

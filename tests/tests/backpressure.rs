@@ -3,21 +3,23 @@
 //! drains), so nothing is dropped; a broadcaster is never slowed for one
 //! member. The case of a cell-addressed receiver that never drains is in
 //! bad_input.rs (`a_cell_that_never_reads_loses_only_its_own_messages`).
+//! Both run over QUIC and over TCP.
 
 use relay_client::cell::{AuthMode, Cell, CellOptions};
 use relay_codec::{Keypair, Lane};
-use relay_tests::RelayProcess;
-use relay_tests::cells::{WAIT, connect, options, within};
-use relay_tests::raw::{RawLink, noise};
+use relay_link::Transport;
+use relay_tests::cells::{WAIT, connect, options_over, within};
+use relay_tests::raw::{RawLink, RawOptions, noise};
+use relay_tests::{RelayProcess, each_transport};
 use std::collections::HashSet;
 use std::time::Duration;
 
-/// A sending cell whose messages carry no signature (the relay vouches for
-/// the source), so that a debug build is not bound by signing.
-async fn unsigned_sender(relay: &RelayProcess) -> Cell {
+/// A sending cell over `t` whose messages carry no signature (the relay
+/// vouches for the source), so that a debug build is not bound by signing.
+async fn unsigned_sender(relay: &RelayProcess, t: Transport) -> Cell {
     let opts = CellOptions {
         auth: AuthMode::Link,
-        ..options()
+        ..options_over(t)
     };
     connect(relay, Keypair::generate(), opts).await
 }
@@ -26,16 +28,16 @@ async fn unsigned_sender(relay: &RelayProcess) -> Cell {
 /// dropped instead of pausing would lose most of them.
 const SENT: u64 = 20_000;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fast_sender_is_slowed_to_a_slow_receiver_and_nothing_is_lost() {
+each_transport!(a_fast_sender_is_slowed_to_a_slow_receiver_and_nothing_is_lost);
+async fn a_fast_sender_is_slowed_to_a_slow_receiver_and_nothing_is_lost(t: Transport) {
     // A short queue, and a pause long enough that a receiver taking 64
     // messages per millisecond always drains in time, however the test
     // machine schedules it.
     let relay = RelayProcess::start_with_config(
         "[limits]\nlane_queue_depth = 2048\n[link]\nmax_stall_ms = 1000\n",
     );
-    let sender = unsigned_sender(&relay).await;
-    let mut receiver = connect(&relay, Keypair::generate(), options()).await;
+    let sender = unsigned_sender(&relay, t).await;
+    let mut receiver = connect(&relay, Keypair::generate(), options_over(t)).await;
     let to = receiver.public_key();
     let handle = sender.handle();
     let send = tokio::spawn(async move {
@@ -74,25 +76,33 @@ async fn a_fast_sender_is_slowed_to_a_slow_receiver_and_nothing_is_lost() {
     assert!(relay.metric("celluler_sender_stall_seconds_total", "") > 0.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_that_never_reads_does_not_slow_a_broadcaster() {
+each_transport!(a_member_that_never_reads_does_not_slow_a_broadcaster);
+async fn a_member_that_never_reads_does_not_slow_a_broadcaster(t: Transport) {
     let relay = RelayProcess::start_with_config("[limits]\nlane_queue_depth = 256\n");
-    let sink = RawLink::connect_never_reading(&relay).await.unwrap();
-    let mut reader = connect(&relay, Keypair::generate(), options()).await;
-    let broadcaster = unsigned_sender(&relay).await;
+    let sink = RawLink::connect_with(
+        &relay,
+        Keypair::generate(),
+        RawOptions::not_reading().over(t),
+    )
+    .await
+    .unwrap();
+    let mut reader = connect(&relay, Keypair::generate(), options_over(t)).await;
+    let broadcaster = unsigned_sender(&relay, t).await;
     let handle = broadcaster.handle();
     // Broadcast receivers lose what does not fit, by design, so the reader
     // must never fall a queue behind: the broadcaster sends in rounds far
     // smaller than the queue and waits for the reader to have each round,
-    // however the machine schedules the two. Only the sink falls behind.
-    const SENT: u64 = 3_000;
+    // however the machine schedules the two. Only the sink falls behind:
+    // 6 MB, far over what its lane queue and (over TCP) the relay's send
+    // queue and the kernel's socket buffers hold, about 1 MB in all.
+    const SENT: u64 = 6_000;
     const ROUND: u64 = 50;
     let mut seen = HashSet::new();
     let mut buf = Vec::new();
     within("every broadcast at the reader", WAIT * 4, async {
         for round in 0..SENT / ROUND {
             for i in round * ROUND..(round + 1) * ROUND {
-                let mut p = noise(200, i);
+                let mut p = noise(1_000, i);
                 p[..8].copy_from_slice(&i.to_le_bytes());
                 handle.broadcast(Lane::Normal, p).await.expect("broadcast");
             }
@@ -108,7 +118,14 @@ async fn a_member_that_never_reads_does_not_slow_a_broadcaster() {
     .await;
     // The sink lost what did not fit, and the broadcaster was never paused
     // for it.
-    assert!(relay.metric("celluler_drops_total", "reason=\"slow_receiver\"") > 0.0);
+    relay
+        .wait_metric_async(
+            "celluler_drops_total",
+            "reason=\"slow_receiver\"",
+            1.0,
+            WAIT,
+        )
+        .await;
     assert_eq!(relay.metric("celluler_sender_stalls_total", ""), 0.0);
     drop(sink);
 }

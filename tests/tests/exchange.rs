@@ -2,17 +2,18 @@
 //! broadcast, services and discovery, presence, reconnecting, and notices
 //! about unknown destinations. Every cell is a real `relay_client::cell::Cell`.
 //! The exchange on every lane runs over QUIC, over TLS on TCP, and between
-//! a cell on each.
+//! a cell on each; every other test runs over each transport
+//! ([`each_transport!`]).
 
 use relay_client::cell::{Cell, CellOptions, Event, ReceivedAuth};
 use relay_codec::frame::NoticeCode;
 use relay_codec::{Destination, Keypair, Lane, PublicKey, ServiceName};
 use relay_link::Transport;
-use relay_tests::RelayProcess;
 use relay_tests::cells::{
-    WAIT, connect, connect_only, options, options_over, recv, wait_event, wait_until, within,
+    WAIT, connect, connect_only, options_over, recv, wait_event, wait_until, within,
 };
 use relay_tests::raw::noise;
+use relay_tests::{RelayProcess, each_transport};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -124,12 +125,12 @@ async fn exchange_on_every_lane(ta: Transport, tb: Transport) {
     assert!(relay.stop().success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broadcast_reaches_every_other_cell_exactly_once() {
+each_transport!(broadcast_reaches_every_other_cell_exactly_once);
+async fn broadcast_reaches_every_other_cell_exactly_once(t: Transport) {
     let relay = RelayProcess::start();
     let mut cells = Vec::new();
     for _ in 0..3 {
-        cells.push(connect(&relay, Keypair::generate(), options()).await);
+        cells.push(connect(&relay, Keypair::generate(), options_over(t)).await);
     }
     let keys: Vec<PublicKey> = cells.iter().map(Cell::public_key).collect();
     // Each cell broadcasts, then sends every other cell a marker on the
@@ -191,17 +192,17 @@ async fn broadcast_reaches_every_other_cell_exactly_once() {
     relay.stop();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_service_is_discovered_and_reached_by_its_name() {
+each_transport!(a_service_is_discovered_and_reached_by_its_name);
+async fn a_service_is_discovered_and_reached_by_its_name(t: Transport) {
     let relay = RelayProcess::start();
     let provider_opts = CellOptions {
         services: vec![chat()],
         app_version: "chat-1.0".into(),
-        ..options()
+        ..options_over(t)
     };
     let mut provider = connect(&relay, Keypair::generate(), provider_opts).await;
-    let client = connect(&relay, Keypair::generate(), options()).await;
-    let mut bystander = connect(&relay, Keypair::generate(), options()).await;
+    let client = connect(&relay, Keypair::generate(), options_over(t)).await;
+    let mut bystander = connect(&relay, Keypair::generate(), options_over(t)).await;
 
     let found = discover_until(&client, &chat(), "discover chat", |f| !f.is_empty()).await;
     assert_eq!(found, vec![(provider.public_key(), "chat-1.0".to_owned())]);
@@ -248,10 +249,10 @@ async fn presence(watcher: &mut Cell, key: PublicKey, up: bool, what: &str) -> V
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presence_is_reported_and_a_reconnected_cell_is_back() {
+each_transport!(presence_is_reported_and_a_reconnected_cell_is_back);
+async fn presence_is_reported_and_a_reconnected_cell_is_back(t: Transport) {
     let relay = RelayProcess::start();
-    let mut watcher = connect(&relay, Keypair::generate(), options()).await;
+    let mut watcher = connect(&relay, Keypair::generate(), options_over(t)).await;
     watcher.watch_presence(true).await.unwrap();
     // The relay reads one link's control stream in order: once this
     // discover is answered, the watch is in place.
@@ -261,7 +262,7 @@ async fn presence_is_reported_and_a_reconnected_cell_is_back() {
     let pk = key.public();
     let opts = || CellOptions {
         services: vec![chat()],
-        ..options()
+        ..options_over(t)
     };
     // 1. Attach, then close cleanly.
     let c = connect(
@@ -348,9 +349,10 @@ async fn presence_is_reported_and_a_reconnected_cell_is_back() {
 
     drop(c);
 
-    // 5. The connection just drops (QUIC close, no Close frame, no flush),
+    // 5. The connection just drops (a transport close, no Close frame, no
+    // flush),
     // here on a raw link that replaced the newer one.
-    let raw = relay_tests::raw::RawLink::connect(&relay, key)
+    let raw = relay_tests::raw::RawLink::connect_over(&relay, key, t)
         .await
         .unwrap();
     wait_event(&mut newer, "newer link replaced", |e| {
@@ -385,16 +387,16 @@ async fn presence_is_reported_and_a_reconnected_cell_is_back() {
     relay.stop();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_destination_is_reported_to_a_sender_that_asked() {
+each_transport!(an_unknown_destination_is_reported_to_a_sender_that_asked);
+async fn an_unknown_destination_is_reported_to_a_sender_that_asked(t: Transport) {
     let relay = RelayProcess::start();
-    let mut asks = connect(&relay, Keypair::generate(), options()).await;
+    let mut asks = connect(&relay, Keypair::generate(), options_over(t)).await;
     let mut quiet = connect(
         &relay,
         Keypair::generate(),
         CellOptions {
             notices: false,
-            ..options()
+            ..options_over(t)
         },
     )
     .await;
@@ -458,6 +460,7 @@ async fn an_unknown_destination_is_reported_to_a_sender_that_asked() {
     relay.stop();
 }
 
+each_transport!(a_cell_is_reachable_as_soon_as_connect_returns);
 /// A cell is reachable once `Cell::connect` has returned: a message sent
 /// to it right then must not be dropped as an unknown destination.
 ///
@@ -468,20 +471,19 @@ async fn an_unknown_destination_is_reported_to_a_sender_that_asked() {
 /// `celluler_drops_total{reason="unknown_destination"}` (28 to 1345 of a
 /// burst; about one run in four on a loaded machine). This test waits for
 /// nothing after `connect_only`, unlike `relay_tests::cells::connect`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cell_is_reachable_as_soon_as_connect_returns() {
+async fn a_cell_is_reachable_as_soon_as_connect_returns(t: Transport) {
     let relay = RelayProcess::start_with_config("[limits]\nlane_queue_depth = 65536\n");
     let sender_opts = CellOptions {
         auth: relay_client::cell::AuthMode::Link,
         queue_depth: 65_536,
-        ..options()
+        ..options_over(t)
     };
     let a = connect(&relay, Keypair::generate(), sender_opts).await;
     let filler = noise(1024, 3);
     const ROUNDS: usize = 30;
     const BURST: u64 = 2_000;
     for round in 0..ROUNDS {
-        let mut b = connect_only(&relay, Keypair::generate(), options()).await;
+        let mut b = connect_only(&relay, Keypair::generate(), options_over(t)).await;
         for i in 0..BURST {
             let mut p = filler.clone();
             p[..8].copy_from_slice(&i.to_le_bytes());
@@ -506,6 +508,7 @@ async fn a_cell_is_reachable_as_soon_as_connect_returns() {
     relay.stop();
 }
 
+each_transport!(messages_sent_before_a_clean_close_are_all_delivered);
 /// Whatever a cell queued before `close()` returned Ok reaches its
 /// destination: `close` flushes, and the relay reads it all before it
 /// closes the link.
@@ -515,14 +518,13 @@ async fn a_cell_is_reachable_as_soon_as_connect_returns() {
 /// real `Cell::close`: when the relay closed the link on the cell's Close
 /// frame at once, this lost the round's messages on every run with two
 /// CPU hogs beside it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_sent_before_a_clean_close_are_all_delivered() {
+async fn messages_sent_before_a_clean_close_are_all_delivered(t: Transport) {
     let relay = RelayProcess::start();
-    let mut b = connect(&relay, Keypair::generate(), options()).await;
+    let mut b = connect(&relay, Keypair::generate(), options_over(t)).await;
     const ROUNDS: u64 = 20;
     const EACH: u64 = 8;
     for round in 0..ROUNDS {
-        let a = connect(&relay, Keypair::generate(), options()).await;
+        let a = connect(&relay, Keypair::generate(), options_over(t)).await;
         for i in 0..EACH {
             let lane = Lane::ALL[(i % 4) as usize];
             a.send(b.public_key(), lane, format!("{round} {i}").into_bytes())
@@ -546,6 +548,7 @@ async fn messages_sent_before_a_clean_close_are_all_delivered() {
     relay.stop();
 }
 
+each_transport!(the_relay_reads_every_data_stream_before_honouring_close);
 /// A link that sends its messages, ends its data streams and then sends
 /// Close: the relay must read the data streams to their end before it
 /// answers with its own Close (docs/PROTOCOL.md 6.2), or it loses messages
@@ -558,13 +561,12 @@ async fn messages_sent_before_a_clean_close_are_all_delivered() {
 /// once, a stream not yet accepted or read was lost uncounted in nearly
 /// every round of this test; `cell send` then printed "sent 1 message(s)",
 /// exited 0, and the message never arrived.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_relay_reads_every_data_stream_before_honouring_close() {
+async fn the_relay_reads_every_data_stream_before_honouring_close(t: Transport) {
     let relay = RelayProcess::start();
-    let mut b = connect(&relay, Keypair::generate(), options()).await;
+    let mut b = connect(&relay, Keypair::generate(), options_over(t)).await;
     const ROUNDS: usize = 20;
     for round in 0..ROUNDS {
-        let mut s = relay_tests::raw::RawLink::connect(&relay, Keypair::generate())
+        let mut s = relay_tests::raw::RawLink::connect_over(&relay, Keypair::generate(), t)
             .await
             .unwrap();
         let m = relay_tests::raw::signed(
@@ -593,11 +595,11 @@ async fn the_relay_reads_every_data_stream_before_honouring_close() {
     relay.stop();
 }
 
+each_transport!(a_cell_keeps_its_batches_within_the_relays_max_frame);
 /// A cell keeps its batch frames within the `max_frame` the relay states
 /// in Welcome (docs/PROTOCOL.md 1.2: "the connecting side MUST NOT send
 /// more than that"), however fast it sends.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cell_keeps_its_batches_within_the_relays_max_frame() {
+async fn a_cell_keeps_its_batches_within_the_relays_max_frame(t: Transport) {
     let relay = RelayProcess::start_with_config(
         "[limits]\nmax_payload = 1024\nmax_frame = 8192\n\n[link]\nbatch_bytes = 4096\n",
     );
@@ -606,11 +608,11 @@ async fn a_cell_keeps_its_batches_within_the_relays_max_frame() {
         Keypair::generate(),
         CellOptions {
             auth: relay_client::cell::AuthMode::Link,
-            ..options()
+            ..options_over(t)
         },
     )
     .await;
-    let mut b = connect(&relay, Keypair::generate(), options()).await;
+    let mut b = connect(&relay, Keypair::generate(), options_over(t)).await;
     const N: u64 = 500;
     for i in 0..N {
         // Incompressible, so a batch is as large on the wire as it holds.

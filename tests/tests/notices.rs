@@ -4,14 +4,16 @@
 //! and whose last ones come before the relay's Close at an orderly close
 //! (docs/PROTOCOL.md 4.11, 6.2). The CLI's side is in quickstart.rs; the
 //! codes for slow receivers, expired, future-dated and badly signed
-//! messages are checked in bad_input.rs.
+//! messages are checked in bad_input.rs. Every test runs over QUIC and
+//! over TCP.
 
 use relay_client::cell::{AuthMode, CellOptions, Event};
 use relay_codec::frame::NoticeCode;
 use relay_codec::{Destination, Frame, Keypair, Lane, MessageId};
-use relay_tests::RelayProcess;
-use relay_tests::cells::{WAIT, connect, options, within};
+use relay_link::Transport;
+use relay_tests::cells::{WAIT, connect, options_over, within};
 use relay_tests::raw::{RawLink, message, signed};
+use relay_tests::{RelayProcess, each_transport};
 use std::time::Instant;
 
 /// An interval no test run reaches: the first drop of a kind is reported
@@ -45,10 +47,12 @@ fn out_of_hops(link: &RawLink, to: relay_codec::PublicKey, n: usize) -> Vec<rela
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drops_are_summed_and_the_rest_are_reported_before_the_relays_close() {
+each_transport!(drops_are_summed_and_the_rest_are_reported_before_the_relays_close);
+async fn drops_are_summed_and_the_rest_are_reported_before_the_relays_close(t: Transport) {
     let relay = RelayProcess::start_with_config(NEVER);
-    let mut sender = RawLink::connect(&relay, Keypair::generate()).await.unwrap();
+    let mut sender = RawLink::connect_over(&relay, Keypair::generate(), t)
+        .await
+        .unwrap();
     let to = Keypair::generate().public();
 
     // A batch of three: one notice for all three, at once.
@@ -91,21 +95,21 @@ async fn drops_are_summed_and_the_rest_are_reported_before_the_relays_close() {
     relay.stop();
 }
 
-/// A sending cell whose messages carry no signature, so that a debug
-/// build is not bound by signing.
-fn unsigned() -> CellOptions {
+/// A sending cell over `t` whose messages carry no signature, so that a
+/// debug build is not bound by signing.
+fn unsigned(t: Transport) -> CellOptions {
     CellOptions {
         auth: AuthMode::Link,
-        ..options()
+        ..options_over(t)
     }
 }
 
 const FLOOD: u64 = 10_000;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_to_an_absent_cell_is_a_few_notices_that_add_up() {
+each_transport!(a_flood_to_an_absent_cell_is_a_few_notices_that_add_up);
+async fn a_flood_to_an_absent_cell_is_a_few_notices_that_add_up(t: Transport) {
     let relay = RelayProcess::start();
-    let mut sender = connect(&relay, Keypair::generate(), unsigned()).await;
+    let mut sender = connect(&relay, Keypair::generate(), unsigned(t)).await;
     let nobody = Keypair::generate().public();
     let started = Instant::now();
     let handle = sender.handle();
@@ -171,11 +175,11 @@ async fn a_flood_to_an_absent_cell_is_a_few_notices_that_add_up() {
     relay.stop();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn close_returns_once_every_notice_has_arrived() {
+each_transport!(close_returns_once_every_notice_has_arrived);
+async fn close_returns_once_every_notice_has_arrived(t: Transport) {
     let relay = RelayProcess::start_with_config(NEVER);
-    let sender = connect(&relay, Keypair::generate(), unsigned()).await;
-    let mut present = connect(&relay, Keypair::generate(), options()).await;
+    let sender = connect(&relay, Keypair::generate(), unsigned(t)).await;
+    let mut present = connect(&relay, Keypair::generate(), options_over(t)).await;
     let (a, b) = (Keypair::generate().public(), Keypair::generate().public());
     const N: u64 = 50;
     for i in 0..N {

@@ -7,27 +7,32 @@
 //! - control messages sent while a bulk flood is queued overtake the
 //!   flood's tail, at the sending cell and at the relay: lanes have queues
 //!   and streams of their own, so none waits behind another's backlog.
+//!
+//! Both run over QUIC and over TCP, where one connection carries every
+//! lane in chunks and the writer picks the next chunk by the same weights
+//! (docs/PROTOCOL.md 6.3.2).
 
 use relay_client::cell::{AuthMode, CellOptions};
 use relay_codec::{Destination, Keypair, Lane};
-use relay_tests::RelayProcess;
-use relay_tests::cells::{WAIT, connect, options, recv, within};
+use relay_link::Transport;
+use relay_tests::cells::{WAIT, connect, options_over, recv, within};
 use relay_tests::raw::{RawLink, RawOptions, batch_frame, encoded, message, noise};
+use relay_tests::{RelayProcess, each_transport};
 
 /// The relay's lane weights under test (control, high, normal, bulk).
 const WEIGHTS: [u32; 4] = [8, 4, 2, 1];
 /// Messages queued per lane before the receiver reads.
 const PER_LANE: usize = 1_500;
-/// Arrivals skipped before counting: what the relay's writer sent into the
-/// receiver's flow-control windows before it read (about 30 messages), and
-/// what QUIC may reorder between lane streams at the start.
+/// Arrivals skipped before counting, at least: what QUIC may reorder
+/// between lane streams at the start. More are skipped where the relay
+/// sent further ahead before the receiver read (see below).
 const SKIP: usize = 200;
 /// Arrivals counted. Control, with the largest share, runs out of backlog
-/// only after `PER_LANE * 15 / 8` = 2 812 picks, beyond `SKIP + COUNTED`.
+/// only after `PER_LANE * 15 / 8` = 2 812 picks, beyond the window.
 const COUNTED: usize = 2_000;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_relay_gives_each_lane_its_weighted_share_under_saturation() {
+each_transport!(the_relay_gives_each_lane_its_weighted_share_under_saturation);
+async fn the_relay_gives_each_lane_its_weighted_share_under_saturation(t: Transport) {
     // Deep queues, so the whole backlog waits at the relay, and no pauses
     // of the sender (the receiver does not read at first).
     let relay = RelayProcess::start_with_config(&format!(
@@ -35,17 +40,27 @@ async fn the_relay_gives_each_lane_its_weighted_share_under_saturation() {
     ));
     // The receiver reads nothing until every lane is backlogged; its small
     // windows keep what the relay can send ahead (and QUIC reorder by
-    // stream priority) to a few dozen messages.
-    let mut receiver =
-        RawLink::connect_with(&relay, Keypair::generate(), RawOptions::not_reading())
-            .await
-            .unwrap();
-    let mut sender = RawLink::connect(&relay, Keypair::generate()).await.unwrap();
+    // stream priority) to a few dozen messages over QUIC. Over TCP the
+    // relay's channel send queue and the kernel's buffers hold some
+    // hundreds more: whatever lane is sent first fills them before the
+    // others exist.
+    let mut receiver = RawLink::connect_with(
+        &relay,
+        Keypair::generate(),
+        RawOptions::not_reading().over(t),
+    )
+    .await
+    .unwrap();
+    let mut sender = RawLink::connect_over(&relay, Keypair::generate(), t)
+        .await
+        .unwrap();
     // One message per batch frame: the relay forwards each whole, so one
     // pick of its writer's scheduler is one message, and message shares
     // are pick shares.
     let to = Destination::Cell(receiver.public());
-    for lane in Lane::ALL {
+    // Bulk first: the lane with the smallest share fills what the relay
+    // sends ahead, and still has a backlog through the window.
+    for lane in Lane::ALL.into_iter().rev() {
         let mut frames = Vec::new();
         for i in 0..PER_LANE {
             let m = encoded(&message(
@@ -72,13 +87,25 @@ async fn the_relay_gives_each_lane_its_weighted_share_under_saturation() {
         order.push(a.env.lane());
     }
     assert_eq!(relay.metric("celluler_drops_total", ""), 0.0);
-    let window = &order[SKIP..SKIP + COUNTED];
+    // What arrived before every lane had shown up was sent ahead before
+    // the receiver read, while lanes were still being queued: not the
+    // scheduler's choice.
+    let first = Lane::ALL.map(|l| {
+        order
+            .iter()
+            .position(|w| *w == l)
+            .expect("every lane arrived")
+    });
+    let skip = SKIP.max(first.into_iter().max().unwrap_or(0));
+    assert!(skip + COUNTED <= total, "first arrival per lane: {first:?}");
+    let window = &order[skip..skip + COUNTED];
     let got = Lane::ALL.map(|l| window.iter().filter(|w| **w == l).count());
     let sum: u32 = WEIGHTS.iter().sum();
     let want = WEIGHTS.map(|w| COUNTED * w as usize / sum as usize);
     println!(
-        "arrivals {SKIP}..{} per lane: {got:?}; weights {WEIGHTS:?} give {want:?}",
-        SKIP + COUNTED
+        "first arrival per lane {first:?}; arrivals {skip}..{} per lane: {got:?}; weights \
+         {WEIGHTS:?} give {want:?}",
+        skip + COUNTED
     );
     // The scheduler is exact over every cycle of 15 picks, up to what
     // QUIC and the receiver's stream readers reorder at the window's edges:
@@ -100,7 +127,7 @@ async fn the_relay_gives_each_lane_its_weighted_share_under_saturation() {
     // a backlog through the window.
     for lane in Lane::ALL {
         assert!(
-            order[SKIP + COUNTED..].contains(&lane),
+            order[skip + COUNTED..].contains(&lane),
             "{lane} ran out of backlog inside the counted window"
         );
     }
@@ -116,8 +143,8 @@ const BULK_BYTES: usize = 1024;
 /// last one goes after the whole flood is queued.
 const CONTROL_AFTER: [u64; 6] = [100, 2_000, 8_000, 15_000, 25_000, FLOOD];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn control_messages_overtake_a_bulk_flood() {
+each_transport!(control_messages_overtake_a_bulk_flood);
+async fn control_messages_overtake_a_bulk_flood(t: Transport) {
     // Queues deep enough for the whole flood at every step, so nothing is
     // dropped and "the last bulk message" is well defined.
     let relay = RelayProcess::start_with_config("[limits]\nlane_queue_depth = 65536\n");
@@ -126,10 +153,20 @@ async fn control_messages_overtake_a_bulk_flood() {
         // messages in a debug build would dominate the test.
         auth: AuthMode::Link,
         queue_depth: 65_536,
-        ..options()
+        ..options_over(t)
     };
     let a = connect(&relay, Keypair::generate(), sender_opts).await;
-    let mut b = connect(&relay, Keypair::generate(), options()).await;
+    // B reads only once the whole flood is queued, and takes in little
+    // meanwhile (a small event queue, so its link stops reading): most of
+    // the flood then waits at the relay when the last control message is
+    // sent, however fast or slow the machine moves it. With the default
+    // queue (65 536) B could have taken in the whole flood by then, and
+    // the last control message had nothing left to overtake.
+    let receiver_opts = CellOptions {
+        event_queue: 256,
+        ..options_over(t)
+    };
+    let mut b = connect(&relay, Keypair::generate(), receiver_opts).await;
     let to = b.public_key();
 
     let mut controls = CONTROL_AFTER.iter().copied().enumerate().peekable();

@@ -6,21 +6,23 @@
 //!
 //! Raw links on both ends: the sender sets exact TTL bytes and hop counts,
 //! the receiver sees each message's TTL and the hop count of the batch it
-//! came in, so each test also shows which path the relay took.
+//! came in, so each test also shows which path the relay took. Every test
+//! runs over QUIC and over TCP.
 
 use bytes::Bytes;
 use relay_codec::frame::NoticeCode;
 use relay_codec::{Destination, Envelope, Frame, Keypair, Lane, Limits, ServiceName};
-use relay_tests::RelayProcess;
+use relay_link::Transport;
 use relay_tests::cells::WAIT;
 use relay_tests::raw::{Arrival, RawLink, batch_frame, message, signed};
+use relay_tests::{RelayProcess, each_transport};
 use std::time::Duration;
 
-/// A raw cell link, connected and attached.
-async fn link(relay: &RelayProcess) -> RawLink {
-    RawLink::connect(relay, Keypair::generate())
+/// A raw cell link over `t`, connected and attached.
+async fn link(relay: &RelayProcess, t: Transport) -> RawLink {
+    RawLink::connect_over(relay, Keypair::generate(), t)
         .await
-        .unwrap_or_else(|e| panic!("raw link: {e}; relay log:\n{}", relay.log()))
+        .unwrap_or_else(|e| panic!("raw link over {t}: {e}; relay log:\n{}", relay.log()))
 }
 
 /// A signed message from `from` to `to` on the normal lane with TTL `ttl`.
@@ -77,11 +79,11 @@ async fn nothing_before(link: &mut RawLink, marker: &Envelope, what: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_forwarded_whole_arrives_one_hop_lower() {
+each_transport!(a_batch_forwarded_whole_arrives_one_hop_lower);
+async fn a_batch_forwarded_whole_arrives_one_hop_lower(t: Transport) {
     let relay = RelayProcess::start();
-    let mut s = link(&relay).await;
-    let mut b = link(&relay).await;
+    let mut s = link(&relay, t).await;
+    let mut b = link(&relay, t).await;
     let to = Destination::Cell(b.public());
     let sent = [
         msg(&s, to.clone(), 16, "sixteen"),
@@ -100,12 +102,12 @@ async fn a_batch_forwarded_whole_arrives_one_hop_lower() {
     relay.stop();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_split_over_two_cells_arrives_one_hop_lower() {
+each_transport!(a_batch_split_over_two_cells_arrives_one_hop_lower);
+async fn a_batch_split_over_two_cells_arrives_one_hop_lower(t: Transport) {
     let relay = RelayProcess::start();
-    let mut s = link(&relay).await;
-    let mut b = link(&relay).await;
-    let mut c = link(&relay).await;
+    let mut s = link(&relay, t).await;
+    let mut b = link(&relay, t).await;
+    let mut c = link(&relay, t).await;
     let (to_b, to_c) = (Destination::Cell(b.public()), Destination::Cell(c.public()));
     let sent = [
         msg(&s, to_b.clone(), 16, "b sixteen"),
@@ -122,12 +124,12 @@ async fn a_batch_split_over_two_cells_arrives_one_hop_lower() {
     relay.stop();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broadcasts_and_service_messages_arrive_one_hop_lower() {
+each_transport!(broadcasts_and_service_messages_arrive_one_hop_lower);
+async fn broadcasts_and_service_messages_arrive_one_hop_lower(t: Transport) {
     let relay = RelayProcess::start();
-    let mut s = link(&relay).await;
-    let mut b = link(&relay).await;
-    let mut c = link(&relay).await;
+    let mut s = link(&relay, t).await;
+    let mut b = link(&relay, t).await;
+    let mut c = link(&relay, t).await;
     let sent = [
         msg(&s, Destination::Broadcast, 16, "all sixteen"),
         msg(&s, Destination::Broadcast, 3, "all three"),
@@ -187,11 +189,11 @@ fn batch_with_hops(envs: &[Envelope], hops: u8) -> Bytes {
     Frame::Batch(b).to_bytes()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_that_arrives_with_no_hop_left_is_dropped() {
+each_transport!(a_message_that_arrives_with_no_hop_left_is_dropped);
+async fn a_message_that_arrives_with_no_hop_left_is_dropped(t: Transport) {
     let relay = RelayProcess::start();
-    let mut s = link(&relay).await;
-    let mut b = link(&relay).await;
+    let mut s = link(&relay, t).await;
+    let mut b = link(&relay, t).await;
     let to = Destination::Cell(b.public());
     // TTL bytes 4, 2, 3 behind a hop count of 2: TTLs 2, 0, 1.
     let sent = [

@@ -33,7 +33,9 @@
 //! kernel does not reset the connection under a Close the peer has not
 //! read. A peer that reads `close_notify` takes the last Close frame
 //! before it as the reason ([`LinkEnd::Closed`]); `close_notify` without
-//! one is [`LinkEnd::Lost`].
+//! one is [`LinkEnd::Lost`], unless the stream stopped inside a chunk or a
+//! frame: that is broken framing ([`LinkEnd::Mux`]), answered with Close
+//! `Malformed` as any other.
 
 use super::{TcpTuning, TlsConnection};
 use crate::error::{LinkEnd, LinkError};
@@ -792,7 +794,16 @@ async fn reader<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut io: R, lanes: mpsc:
             Ok(0) => {
                 break 'read Some(match said.take() {
                     Some((code, reason)) => LinkEnd::Closed { code, reason },
-                    None => LinkEnd::Lost,
+                    // Without a Close, a stream that stops inside a chunk
+                    // or frame is broken framing, not just a lost link:
+                    // refused with its reason (the peer may still read).
+                    None => match demux.finish() {
+                        Ok(()) => LinkEnd::Lost,
+                        Err(e) => {
+                            tracing::warn!(remote = %inner.remote, "closing TCP link: {e}");
+                            LinkEnd::Mux(e)
+                        }
+                    },
                 });
             }
             Err(e) => {
@@ -910,6 +921,7 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use relay_codec::mux::MuxError;
 
     fn frame(len: usize, fill: u8) -> Bytes {
         let mut b = BytesMut::with_capacity(LEN_PREFIX + len);
@@ -1051,6 +1063,100 @@ mod tests {
         }
         assert_eq!(tx.chans[lane].bytes, 4);
         assert!(tx.try_push(lane, &mut [frame(1, 0)], 5, 2000).unwrap());
+    }
+
+    /// A link over one end of an in-memory pipe; the other end is the
+    /// test's peer.
+    fn piped() -> (TcpLink, tokio::io::DuplexStream) {
+        let (ours, peer) = tokio::io::duplex(64 * 1024);
+        let (read, write) = tokio::io::split(ours);
+        let tuning = TcpTuning {
+            linger: std::time::Duration::from_millis(50),
+            ..TcpTuning::default()
+        };
+        let link = TcpLink::start(
+            [0; 32],
+            "127.0.0.1:1".parse().unwrap(),
+            read,
+            write,
+            Limits::default(),
+            &tuning,
+        );
+        (link, peer)
+    }
+
+    /// Everything the link sent the peer until it closed, as frames of
+    /// channel 0.
+    async fn control_frames_sent(mut peer: tokio::io::DuplexStream) -> Vec<Frame> {
+        let mut bytes = vec![];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            peer.read_to_end(&mut bytes),
+        )
+        .await
+        .expect("the link closes")
+        .unwrap();
+        let mut demux = Demux::new(&Limits::default());
+        let mut input = &bytes[..];
+        let mut frames = vec![];
+        while let Some(ev) = demux.feed(&mut input).unwrap() {
+            if let Event::Frame {
+                channel: Channel::Control,
+                frame,
+            } = ev
+            {
+                frames.push(Frame::decode(frame, &Limits::default()).unwrap());
+            }
+        }
+        frames
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ends_inside_a_chunk_without_close_is_refused_as_malformed() {
+        let (link, mut peer) = piped();
+        // A chunk header for 100 bytes of lane 2, three of them, the end.
+        peer.write_all(&[3, 100, 0, 1, 2, 3]).await.unwrap();
+        peer.shutdown().await.unwrap();
+        let end = tokio::time::timeout(std::time::Duration::from_secs(20), link.closed())
+            .await
+            .expect("the link ends");
+        assert_eq!(end, LinkEnd::Mux(MuxError::EndedInsideChunk));
+        let frames = control_frames_sent(peer).await;
+        assert!(
+            matches!(
+                frames.last(),
+                Some(Frame::Close { code: CloseCode::Malformed, reason })
+                    if reason.contains("inside a chunk")
+            ),
+            "{frames:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ends_after_close_ends_for_its_reason_even_inside_a_lane_frame() {
+        let (link, mut peer) = piped();
+        // Half a lane frame (a closing side drops the rest), then Close.
+        let mut bytes = chunk_header(Channel::Lane(Lane::Normal), 6).to_vec();
+        bytes.extend_from_slice(&[100, 0, 0, 0, 1, 0]);
+        let close = Frame::Close {
+            code: CloseCode::Normal,
+            reason: "done".into(),
+        }
+        .to_bytes();
+        bytes.extend_from_slice(&chunk_header(Channel::Control, close.len() as u16));
+        bytes.extend_from_slice(&close);
+        peer.write_all(&bytes).await.unwrap();
+        peer.shutdown().await.unwrap();
+        let end = tokio::time::timeout(std::time::Duration::from_secs(20), link.closed())
+            .await
+            .expect("the link ends");
+        assert_eq!(
+            end,
+            LinkEnd::Closed {
+                code: CloseCode::Normal,
+                reason: "done".into()
+            }
+        );
     }
 
     #[tokio::test]

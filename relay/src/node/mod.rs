@@ -255,6 +255,7 @@ impl Node {
         let tcp_tuning = TcpTuning {
             keepalive: cfg.link.keep_alive(),
             user_timeout: cfg.link.idle_timeout(),
+            handshake_timeout: cfg.limits.handshake_timeout(),
             ..TcpTuning::default()
         };
         let not_quic = Arc::new(AtomicU64::new(0));
