@@ -5,7 +5,7 @@
 //! started first and checked after every bad case.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use relay::core::STUCK_AFTER_MS;
+use relay_core::STUCK_AFTER_MS;
 use relay_client::cell::{AuthMode, Cell, CellError, CellOptions, Event};
 use relay_codec::frame::{CloseCode, NoticeCode, Role};
 use relay_codec::{BatchFrame, Destination, Envelope, Frame, Keypair, Lane, Limits, PublicKey};
