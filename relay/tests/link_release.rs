@@ -178,7 +178,11 @@ async fn a_link_task_that_panics_releases_its_link() {
         "the relay closes the link, it does not just vanish: {end:?}"
     );
     assert_eq!(cell_links(&metrics), 1.0, "only the sender's link is open");
-    assert_eq!(closed_internal(&metrics), 1.0, "counted as an internal failure");
+    assert_eq!(
+        closed_internal(&metrics),
+        1.0,
+        "counted as an internal failure"
+    );
 
     // The node detached it: a message to its key is for an unknown cell.
     let lost = sender.send_to(victim_key, b"to nobody").await;

@@ -5,10 +5,10 @@
 //! started first and checked after every bad case.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use relay_core::STUCK_AFTER_MS;
 use relay_client::cell::{AuthMode, Cell, CellError, CellOptions, Event};
 use relay_codec::frame::{CloseCode, NoticeCode, Role};
 use relay_codec::{BatchFrame, Destination, Envelope, Frame, Keypair, Lane, Limits, PublicKey};
+use relay_core::STUCK_AFTER_MS;
 use relay_link::quic::TransportTuning;
 use relay_link::{Link, LinkEnd, tls};
 use relay_tests::RelayProcess;

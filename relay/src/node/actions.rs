@@ -135,7 +135,12 @@ fn execute(
 }
 
 fn wake(woken: &mut Vec<Arc<LinkHandle>>, to: Arc<LinkHandle>) {
-    if !woken.iter().rev().take(WAKE_MEMO).any(|w| Arc::ptr_eq(w, &to)) {
+    if !woken
+        .iter()
+        .rev()
+        .take(WAKE_MEMO)
+        .any(|w| Arc::ptr_eq(w, &to))
+    {
         woken.push(to);
     }
 }

@@ -125,7 +125,10 @@ impl Drop for LinkGuard {
         };
         ex.run(s, now, at, h.id);
         h.queues.close();
-        s.links.lock().unwrap_or_else(|e| e.into_inner()).remove(&h.id);
+        s.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&h.id);
         let reason = departed
             .and_then(|d| d.closed_by_node)
             .unwrap_or_else(|| end.as_ref().map_or(CloseReason::Internal, close_reason));
@@ -137,7 +140,8 @@ impl Drop for LinkGuard {
             }
             None => {
                 warn!(%peer, %remote, %transport, reason = reason.as_str(), "link closed: its task failed");
-                h.link.close(CloseCode::Normal, "internal error in the relay");
+                h.link
+                    .close(CloseCode::Normal, "internal error in the relay");
             }
         }
     }
@@ -184,7 +188,9 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: Incoming) {
                 return;
             }
         };
-    let id = shared.next_link.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = shared
+        .next_link
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (ctl_tx, ctl_rx) = mpsc::channel::<Frame>(CONTROL_QUEUE);
     let handle = Arc::new(LinkHandle {
         id,
@@ -394,16 +400,22 @@ async fn control_loop(
             Err(e) => {
                 if let Some(code) = e.peer_fault() {
                     let (now, at) = shared.now();
-                    shared
-                        .node()
-                        .protocol_error(now, handle.id, code, e.to_string(), &mut ex.actions);
+                    shared.node().protocol_error(
+                        now,
+                        handle.id,
+                        code,
+                        e.to_string(),
+                        &mut ex.actions,
+                    );
                     ex.run(shared, now, at, handle.id);
                 }
                 return ControlEnd::Ended;
             }
         };
         let (now, at) = shared.now();
-        shared.node().control(now, handle.id, frame, &mut ex.actions);
+        shared
+            .node()
+            .control(now, handle.id, frame, &mut ex.actions);
         let end = ex.actions.iter().find_map(|a| match a {
             Action::PeerClosing { link, .. } if *link == handle.id => Some(ControlEnd::PeerClosed),
             Action::Close { link, .. } if *link == handle.id => Some(ControlEnd::Ended),
@@ -435,9 +447,13 @@ async fn read_lane(shared: Arc<Shared>, from: Arc<LinkHandle>, recv: FrameReceiv
             Err(e) => {
                 if let Some(code) = e.peer_fault() {
                     let (now, at) = shared.now();
-                    shared
-                        .node()
-                        .protocol_error(now, from.id, code, e.to_string(), &mut ex.actions);
+                    shared.node().protocol_error(
+                        now,
+                        from.id,
+                        code,
+                        e.to_string(),
+                        &mut ex.actions,
+                    );
                     ex.run(&shared, now, at, from.id);
                 }
                 return;
