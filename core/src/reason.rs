@@ -106,11 +106,14 @@ pub enum CloseReason {
     Replaced,
     /// The handshake did not complete.
     HandshakeFailed,
+    /// The relay's task serving the link failed (a bug: it panicked); the
+    /// link was closed and released all the same.
+    Internal,
 }
 
 impl CloseReason {
     /// Every reason, in label order.
-    pub const ALL: [CloseReason; 15] = [
+    pub const ALL: [CloseReason; 16] = [
         CloseReason::Normal,
         CloseReason::Version,
         CloseReason::Unauthorized,
@@ -126,6 +129,7 @@ impl CloseReason {
         CloseReason::TimedOut,
         CloseReason::Replaced,
         CloseReason::HandshakeFailed,
+        CloseReason::Internal,
     ];
 
     /// The snake_case label value.
@@ -146,6 +150,7 @@ impl CloseReason {
             CloseReason::TimedOut => "timed_out",
             CloseReason::Replaced => "replaced",
             CloseReason::HandshakeFailed => "handshake_failed",
+            CloseReason::Internal => "internal",
         }
     }
 }

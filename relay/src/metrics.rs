@@ -379,10 +379,10 @@ impl Metrics {
         self.stall_seconds.inc_by(seconds);
     }
 
-    /// Counts one dedup-window hit.
+    /// Counts `n` dedup-window hits.
     #[inline]
-    pub fn dedup_hit(&self) {
-        self.dedup_hits.inc();
+    pub fn dedup_hits(&self, n: u64) {
+        self.dedup_hits.inc_by(n);
     }
 
     /// Counts a link opened to a peer of `role` and raises the open-link gauge.
@@ -575,7 +575,7 @@ mod tests {
         m.msgs_in(1, 1, 10);
         m.msgs_out(2, 1, 20);
         m.dropped(DropReason::Duplicate, 1);
-        m.dedup_hit();
+        m.dedup_hits(1);
         m.link_opened(Role::Cell);
         m.link_closed(Role::Cell, CloseReason::PeerClosed);
         m.batch_out(3, 300, 100);
@@ -648,8 +648,7 @@ mod tests {
         m.msgs_out(0, 1, 5);
         m.dropped(DropReason::FromFuture, 3);
         m.dropped(DropReason::FromFuture, 2);
-        m.dedup_hit();
-        m.dedup_hit();
+        m.dedup_hits(2);
         m.link_opened(Role::Relay);
         m.link_opened(Role::Relay);
         m.link_opened(Role::Cell);

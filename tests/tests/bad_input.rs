@@ -8,10 +8,10 @@
 //! tcp.rs.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use relay::core::STUCK_AFTER_MS;
 use relay_client::cell::{AuthMode, Cell, CellError, CellOptions, Event};
 use relay_codec::frame::{CloseCode, NoticeCode, Role};
 use relay_codec::{BatchFrame, Destination, Envelope, Frame, Keypair, Lane, Limits, PublicKey};
+use relay_core::STUCK_AFTER_MS;
 use relay_link::quic::TransportTuning;
 use relay_link::{LinkEnd, Transport, tls};
 use relay_tests::cells::{HonestPair, WAIT, connect, options, options_over, wait_event, within};

@@ -1,24 +1,31 @@
-//! The tokio/quinn shell of a relay: it owns the sockets, the tasks and the
-//! clock, feeds what happens into the pure [`crate::core`] state machines
-//! and carries out what they decide.
+//! The tokio/quinn shell of a relay: it owns the sockets, the tasks, the
+//! queues and the clock, feeds what happens into the relay's pure
+//! [`relay_core::Node`] (one per relay, behind a mutex taken once per
+//! event) and carries out the actions it returns. Every rule (admission,
+//! source, signatures, TTL, freshness, dedup, routing, limits, notices)
+//! is the node's; the shell only reads the time, moves bytes, counts and
+//! logs.
 //!
 //! Links come from two listeners, QUIC on UDP and TLS on TCP (by default
 //! at one address), and are the same from the handshake on
 //! ([`relay_link::Link`]): one admission, one set of tasks. Per link there
-//! are: a control task (handshake, then Announce / Discover /
-//! WatchPresence), a control writer fed by a bounded channel, one ingress
-//! task per incoming lane, and one writer draining the link's lock-free
-//! lane queues into batch frames.
-//! Ingress never waits on another link: a full queue drops best-effort
-//! messages for that receiver and counts them.
+//! are ([`link`]): the link task (handshake, admission, then its control
+//! frames), a control writer fed by a bounded channel, one reader per
+//! incoming lane, and one writer draining the link's lock-free lane
+//! queues into batch frames. [`actions`] turns the node's actions into
+//! queue pushes, control frames, closes, counters and log lines; one timer
+//! task ticks the node when its notices fall due.
+//! A lane reader never waits on another link but where the node allows a
+//! bounded pause: a full queue drops messages for that receiver, and the
+//! node counts and notices them.
 
 use crate::admin::{self, AdminState};
 use crate::config::{ListenTcp, RelayConfig};
-use crate::core::{DedupWindow, FreshnessWindow, LinkId, Router};
 use crate::metrics::{Metrics, TcpRefusal};
 use relay_codec::frame::CloseCode;
 use relay_codec::keyfile::{KeyFileError, load_or_create_keyfile, read_keyfile};
 use relay_codec::{Keypair, Limits, PublicKey};
+use relay_core::{LinkId, NodeConfigError, Now};
 use relay_link::WriterConfig;
 use relay_link::quic::{self, TransportTuning};
 use relay_link::tcp::{TcpListener, TcpListenerStats, TcpTuning};
@@ -26,18 +33,23 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-mod connection;
-mod ingest;
+mod actions;
+mod handle;
+mod link;
 
-pub use connection::LinkHandle;
-use connection::{Incoming, handle_connection};
+use actions::Executor;
+pub use handle::LinkHandle;
+use link::{Incoming, handle_connection};
+
+/// The relay's decisions, naming links by their shell handles.
+type CoreNode = relay_core::Node<Arc<LinkHandle>>;
 
 /// The file in a data directory that the relay using it holds locked
 /// (`flock`, released by the kernel when the holder exits however it
@@ -117,6 +129,13 @@ pub enum NodeError {
     /// The QUIC endpoint could not be set up.
     #[error("QUIC endpoint: {0}")]
     Transport(relay_link::TransportError),
+    /// The configuration cannot run a node (validation rules it out; this
+    /// is a second line of defence).
+    #[error("configuration: {0}")]
+    Config(#[from] NodeConfigError),
+    /// The OS gave no randomness to seed the node with.
+    #[error("no randomness from the OS to seed the relay: {0}")]
+    Random(getrandom::Error),
     /// The admin address could not be bound.
     #[error(
         "admin address {addr}: {error}{}",
@@ -178,14 +197,6 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The state the routing decisions need, behind one lock taken once per
-/// incoming batch.
-struct Core {
-    router: Router<Arc<LinkHandle>>,
-    dedup: DedupWindow,
-    freshness: FreshnessWindow,
-}
-
 struct LinkEntry {
     handle: Arc<LinkHandle>,
     writer: Option<JoinHandle<()>>,
@@ -197,19 +208,28 @@ struct Shared {
     limits: Limits,
     /// Socket and buffer settings of TCP links.
     tcp: TcpTuning,
-    core: Mutex<Core>,
+    /// Every decision; locked once per event, never across an await.
+    node: Mutex<CoreNode>,
+    /// When the timer task ticks the node next, on its monotonic clock
+    /// (`u64::MAX`: nothing pending); an event that brings that earlier
+    /// wakes the task through `tick_sooner`.
+    next_tick: AtomicU64,
+    tick_sooner: tokio::sync::Notify,
     metrics: Arc<Metrics>,
+    /// The admitted links, for the shutdown flush and `/health`; an entry
+    /// lives as long as its link task ([`link`]'s guard removes it).
     links: Mutex<HashMap<LinkId, LinkEntry>>,
-    link_count: AtomicUsize,
     next_link: AtomicU64,
-    shutting_down: AtomicBool,
-    sampled: AtomicU64,
+    /// The origin of [`Now::mono_ms`].
     started: Instant,
     /// Datagrams the QUIC socket saw that cannot be QUIC; folded into the
     /// metrics and logged once a second at most.
     not_quic: Arc<AtomicU64>,
     /// What the TCP listener turned away, likewise; `None` without one.
     tcp_refused: Option<Arc<TcpListenerStats>>,
+    /// Test hook: the key whose next link task panics once it is up.
+    #[cfg(debug_assertions)]
+    fault_panic: Mutex<Option<PublicKey>>,
 }
 
 /// A running relay: bound sockets and a key, ready to [`run`](Node::run).
@@ -280,28 +300,25 @@ impl Node {
             error,
         })?;
         let limits = cfg.limits.codec_limits();
-        let core = Core {
-            router: Router::new(cfg.limits.max_links),
-            dedup: DedupWindow::new(cfg.security.dedup_window_ms, cfg.security.dedup_capacity),
-            freshness: FreshnessWindow::new(
-                cfg.security.timestamp_past_ms,
-                cfg.security.timestamp_future_ms,
-            ),
-        };
+        // Every random choice of the node (the dedup table's hash key, the
+        // messages a sampled policy checks) comes from this seed.
+        let seed = getrandom::u64().map_err(NodeError::Random)?;
+        let node = CoreNode::new(cfg.node_config(keypair.public()), seed)?;
         let shared = Arc::new(Shared {
             key: keypair.public(),
             limits,
             tcp: tcp_tuning,
-            core: Mutex::new(core),
+            node: Mutex::new(node),
+            next_tick: AtomicU64::new(u64::MAX),
+            tick_sooner: tokio::sync::Notify::new(),
             metrics: Arc::new(Metrics::new()),
             links: Mutex::new(HashMap::new()),
-            link_count: AtomicUsize::new(0),
             next_link: AtomicU64::new(1),
-            shutting_down: AtomicBool::new(false),
-            sampled: AtomicU64::new(0),
             started: Instant::now(),
             not_quic,
             tcp_refused: tcp.as_ref().map(|l| l.stats().clone()),
+            #[cfg(debug_assertions)]
+            fault_panic: Mutex::new(None),
             cfg,
         });
         Ok(Node {
@@ -347,6 +364,19 @@ impl Node {
         self.shared.metrics.clone()
     }
 
+    /// Fault injection for tests, in debug builds only: the task of the
+    /// next link `key` brings up panics once the link is up (and its
+    /// guard must release it). Never called by the relay itself.
+    #[doc(hidden)]
+    #[cfg(debug_assertions)]
+    pub fn inject_link_task_panic(&self, key: PublicKey) {
+        *self
+            .shared
+            .fault_panic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(key);
+    }
+
     /// Serves until `shutdown` completes, then stops accepting, flushes what
     /// is queued (bounded by `link.shutdown_grace_ms`) and closes every link.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
@@ -362,6 +392,7 @@ impl Node {
             let _ = admin_stopped.await;
         }));
         let garbage_task = tokio::spawn(report_refused(shared.clone()));
+        let timer_task = tokio::spawn(run_timers(shared.clone()));
         let tcp = self.tcp;
         // One task per connection, kept so shutdown can wait for each to
         // record its close; finished ones are reaped as they end, so the
@@ -385,7 +416,7 @@ impl Node {
         // No new TCP connections; those in their handshake are refused at
         // admission (shutting down) or by the runtime's end.
         drop(tcp);
-        shared.shutting_down.store(true, Ordering::Release);
+        shared.node().shut_down(shared.now().0);
         self.endpoint.set_server_config(None);
         let grace = shared.cfg.link.shutdown_grace();
         let deadline = tokio::time::Instant::now() + grace;
@@ -425,9 +456,10 @@ impl Node {
         }
         // Each link closed as `shutdown` (not as a peer's close), then the
         // endpoint, for connections still in their handshake.
-        for h in handles.iter().filter(|h| h.link.end().is_none()) {
-            h.close(CloseCode::Shutdown, "relay shutting down");
-        }
+        let (now, at) = shared.now();
+        let mut ex = Executor::default();
+        shared.node().close_all(now, &mut ex.actions);
+        ex.run(&shared, now, at, 0);
         self.endpoint.close(
             quinn::VarInt::from_u32(CloseCode::Shutdown as u32),
             b"relay shutting down",
@@ -445,27 +477,90 @@ impl Node {
         }
         let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
         garbage_task.abort();
+        timer_task.abort();
         let _ = admin_stop.send(());
         let _ = tokio::time::timeout(CLOSE_WAIT, admin_task).await;
         info!("stopped");
     }
 }
 
+/// The relay's node, locked for one event. Unlocking checks whether the
+/// event brought the node's next timer earlier than the one the timer task
+/// sleeps for, and wakes it if so.
+struct NodeLock<'a> {
+    node: MutexGuard<'a, CoreNode>,
+    shared: &'a Shared,
+}
+
+impl std::ops::Deref for NodeLock<'_> {
+    type Target = CoreNode;
+    fn deref(&self) -> &CoreNode {
+        &self.node
+    }
+}
+
+impl std::ops::DerefMut for NodeLock<'_> {
+    fn deref_mut(&mut self) -> &mut CoreNode {
+        &mut self.node
+    }
+}
+
+impl Drop for NodeLock<'_> {
+    fn drop(&mut self) {
+        if let Some(due) = self.node.poll_timeout()
+            && due < self.shared.next_tick.load(Ordering::Acquire)
+        {
+            self.shared.next_tick.store(due, Ordering::Release);
+            self.shared.tick_sooner.notify_one();
+        }
+    }
+}
+
 impl Shared {
-    /// Milliseconds since the relay started, on the monotonic clock: the
-    /// time the pure pieces that only measure intervals are given.
-    fn mono_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+    /// The node, for one event. A task that panicked holding it leaves it
+    /// as it was (each event's changes are small and self-contained), so
+    /// the relay goes on serving the other links.
+    fn node(&self) -> NodeLock<'_> {
+        NodeLock {
+            node: self.node.lock().unwrap_or_else(|e| e.into_inner()),
+            shared: self,
+        }
+    }
+
+    /// The time of an event, read once: as the node's [`Now`], and as the
+    /// instant that stamps what it queues.
+    fn now(&self) -> (Now, Instant) {
+        let at = Instant::now();
+        let now = Now {
+            mono_ms: at.saturating_duration_since(self.started).as_millis() as u64,
+            unix_ms: unix_ms(),
+        };
+        (now, at)
+    }
+
+    /// Panics if [`Node::inject_link_task_panic`] asked for `key` (once).
+    #[cfg(debug_assertions)]
+    fn injected_fault(&self, key: &PublicKey) {
+        let mut fault = self.fault_panic.lock().unwrap_or_else(|e| e.into_inner());
+        if fault.as_ref() == Some(key) {
+            *fault = None;
+            drop(fault);
+            panic!("injected fault: the link task of {key} panics (test hook)");
+        }
     }
 
     fn health(&self, quic: SocketAddr, tcp: Option<SocketAddr>) -> serde_json::Value {
-        let cells = self.core.lock().map(|c| c.router.len()).unwrap_or(0);
+        let (cells, stopping) = {
+            let node = self.node();
+            (node.router().len(), node.is_shutting_down())
+        };
+        let links = self.links.lock().map(|l| l.len()).unwrap_or(0);
         serde_json::json!({
-            "status": if self.shutting_down.load(Ordering::Relaxed) { "stopping" } else { "ok" },
+            "status": if stopping { "stopping" } else { "ok" },
             "key": self.key.to_string(),
             "quic": quic.to_string(),
             "tcp": tcp.map(|a| a.to_string()),
-            "links": self.link_count.load(Ordering::Relaxed),
+            "links": links,
             "cells": cells,
             "uptime_s": self.started.elapsed().as_secs(),
             "time_in_relay_p99_us": self.metrics.time_in_relay_quantile(0.99),
@@ -481,6 +576,38 @@ impl Shared {
             compress_min: self.cfg.link.compress_min_bytes,
             drain_timeout: self.cfg.link.shutdown_grace(),
         }
+    }
+}
+
+/// Ticks the node when its next timer falls due (its notices), for as
+/// long as the relay runs; sleeps while nothing is pending.
+async fn run_timers(shared: Arc<Shared>) {
+    let mut ex = Executor::default();
+    loop {
+        let due = {
+            let node = shared.node.lock().unwrap_or_else(|e| e.into_inner());
+            let due = node.poll_timeout();
+            shared
+                .next_tick
+                .store(due.unwrap_or(u64::MAX), Ordering::Release);
+            due
+        };
+        let sleep = async {
+            match due {
+                Some(ms) => {
+                    let at = shared.started + Duration::from_millis(ms);
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => {}
+            _ = shared.tick_sooner.notified() => continue,
+        }
+        let (now, at) = shared.now();
+        shared.node().tick(now, &mut ex.actions);
+        ex.run(&shared, now, at, 0);
     }
 }
 

@@ -1,0 +1,172 @@
+//! The actions executor: carries out what the relay's [`relay_core::Node`]
+//! decided, as queue pushes, control frames, closes, counters and log
+//! lines. It decides nothing: a queue that refuses a message goes back to
+//! the node ([`relay_core::Node::undelivered`]), which counts and notices
+//! it.
+
+use super::Shared;
+use super::handle::LinkHandle;
+use crate::metrics::{CloseReason, DropReason};
+use relay_core::{LinkId, Now, QueueRefusal, Undelivered};
+use relay_link::{ForwardedBatch, Outbound};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{debug, info, warn};
+
+/// An action of the relay's node, naming links by their handles.
+pub(super) type Action = relay_core::Action<Arc<LinkHandle>>;
+
+/// How many of the receivers woken last are looked at before waking one
+/// again: a batch mostly goes to one or a few, and a repeated wake is
+/// harmless, so the check stays short for a broadcast to many.
+const WAKE_MEMO: usize = 8;
+
+/// What one task (a lane reader, a link task, the timer) needs to carry
+/// out the node's actions, kept across events so nothing is allocated per
+/// message. Each buffer holds at most one event's worth.
+#[derive(Default)]
+pub(super) struct Executor {
+    /// The node appends here; [`run`](Self::run) empties it.
+    pub(super) actions: Vec<Action>,
+    /// Pushes a queue refused, merged per receiver and reason, for the
+    /// node's [`undelivered`](relay_core::Node::undelivered).
+    refused: Vec<Undelivered>,
+    /// Receivers whose writer gets a wake after the pushes.
+    woken: Vec<Arc<LinkHandle>>,
+    /// Receivers the last batch's sender may pause for
+    /// ([`relay_core::Action::MayPause`]); the lane reader empties it.
+    pub(super) pause: Vec<(LinkId, Arc<LinkHandle>)>,
+}
+
+impl Executor {
+    /// Carries out every action in [`actions`](Self::actions), in order,
+    /// for an event read at `now` (`queued_at`, the same instant, stamps
+    /// what is queued). `from` is the link whose batch the Forward and
+    /// Deliver actions came from. Refused pushes go back to the node, and
+    /// what it answers is carried out too.
+    pub(super) fn run(&mut self, shared: &Shared, now: Now, queued_at: Instant, from: LinkId) {
+        let Executor {
+            actions,
+            refused,
+            woken,
+            pause,
+        } = self;
+        loop {
+            for action in actions.drain(..) {
+                execute(shared, action, queued_at, from, refused, woken, pause);
+            }
+            if refused.is_empty() {
+                break;
+            }
+            let mut node = shared.node();
+            for u in refused.drain(..) {
+                node.undelivered(now, u, actions);
+            }
+        }
+        for h in woken.drain(..) {
+            h.queues.wake();
+        }
+    }
+}
+
+fn execute(
+    shared: &Shared,
+    action: Action,
+    queued_at: Instant,
+    from: LinkId,
+    refused: &mut Vec<Undelivered>,
+    woken: &mut Vec<Arc<LinkHandle>>,
+    pause: &mut Vec<(LinkId, Arc<LinkHandle>)>,
+) {
+    let m = &shared.metrics;
+    match action {
+        Action::Forward { to, batch, first } => {
+            let count = u64::from(batch.count);
+            match to.queues.push_batch(ForwardedBatch { batch, queued_at }) {
+                Ok(()) => wake(woken, to),
+                Err(_) => refuse(refused, from, &to, first, count),
+            }
+        }
+        Action::Deliver { to, id, env, .. } => match to.queues.push(Outbound { env, queued_at }) {
+            Ok(()) => wake(woken, to),
+            Err(_) => refuse(refused, from, &to, id, 1),
+        },
+        Action::MayPause { link, to } => pause.push((link, to)),
+        Action::Control { to, frame } => to.control(frame),
+        Action::Close {
+            to,
+            code,
+            reason,
+            why,
+            ..
+        } => {
+            if to.link.end().is_some() {
+                // It ended on its own (a TCP link logs its own framing
+                // errors); the node only records why.
+                debug!(peer = %to.key, code = ?code, "link already closed: {reason}");
+            } else {
+                match why {
+                    CloseReason::Replaced => {
+                        info!(peer = %to.key, "cell reconnected; closing its previous link");
+                    }
+                    CloseReason::Shutdown => debug!(peer = %to.key, "closing link: {reason}"),
+                    _ => warn!(peer = %to.key, code = ?code, "closing link: {reason}"),
+                }
+            }
+            to.link.close(code, &reason);
+        }
+        Action::PeerClosing { code, reason, .. } => {
+            debug!(?code, "peer closes its link: {reason}");
+        }
+        Action::Drop { reason, count } => {
+            m.dropped(reason, count);
+            if reason == DropReason::Duplicate {
+                m.dedup_hits(count);
+            }
+        }
+        Action::Verified { checked, bad } => m.signatures(checked, bad),
+        Action::Refused { key, count, .. } => {
+            warn!(link = %key.short(), refused = count, "refused replayed, expired or future-dated messages");
+        }
+        Action::BadSignatures { key, count, .. } => {
+            warn!(link = %key.short(), bad = count, "dropped messages whose signature does not verify (verify = all)");
+        }
+    }
+}
+
+fn wake(woken: &mut Vec<Arc<LinkHandle>>, to: Arc<LinkHandle>) {
+    if !woken
+        .iter()
+        .rev()
+        .take(WAKE_MEMO)
+        .any(|w| Arc::ptr_eq(w, &to))
+    {
+        woken.push(to);
+    }
+}
+
+/// Records `count` messages `to`'s queue refused, merged with the last
+/// refusal when it is for the same receiver and reason.
+fn refuse(
+    refused: &mut Vec<Undelivered>,
+    from: LinkId,
+    to: &LinkHandle,
+    first: relay_codec::MessageId,
+    count: u64,
+) {
+    let why = if to.queues.is_closed() {
+        QueueRefusal::Closed
+    } else {
+        QueueRefusal::Full
+    };
+    match refused.last_mut() {
+        Some(u) if u.to == to.key && u.why == why => u.count += count,
+        _ => refused.push(Undelivered {
+            from,
+            to: to.key,
+            why,
+            first,
+            count,
+        }),
+    }
+}

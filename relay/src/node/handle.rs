@@ -1,0 +1,83 @@
+//! What the shell keeps of a link that the node admitted: the handle the
+//! node's actions name it by, and the observer that counts what its
+//! writer sends.
+
+use crate::metrics::Metrics;
+use relay_codec::batch::BatchStats;
+use relay_codec::frame::Role;
+use relay_codec::{Frame, Lane, PublicKey};
+use relay_core::LinkId;
+use relay_link::{LaneQueues, Link, WriteObserver};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// One admitted link as the node's actions name it: where to queue its
+/// messages and control frames, and the link to close.
+pub struct LinkHandle {
+    pub(super) id: LinkId,
+    pub(super) key: PublicKey,
+    pub(super) role: Role,
+    pub(super) queues: Arc<LaneQueues>,
+    pub(super) control: mpsc::Sender<Frame>,
+    pub(super) link: Link,
+}
+
+impl LinkHandle {
+    /// Queues a control frame if there is room; control traffic to a link
+    /// that does not read is dropped, never waited for.
+    pub(super) fn control(&self, frame: Frame) {
+        let _ = self.control.try_send(frame);
+    }
+}
+
+/// Counts and times what a link writer sends.
+pub(super) struct RelayObserver {
+    pub(super) metrics: Arc<Metrics>,
+    /// This batch's times in relay, in µs; empty (unallocated) on a link
+    /// that never sends.
+    pub(super) samples: Vec<u32>,
+    /// The clock, read once per batch at its first message.
+    pub(super) now: Option<Instant>,
+}
+
+impl RelayObserver {
+    pub(super) fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            samples: Vec::new(),
+            now: None,
+        }
+    }
+}
+
+impl WriteObserver for RelayObserver {
+    fn on_message(&mut self, _lane: Lane, _bytes: usize, queued_at: Instant) {
+        let now = *self.now.get_or_insert_with(Instant::now);
+        let us = now.saturating_duration_since(queued_at).as_micros();
+        self.samples.push(us.clamp(1, u128::from(u32::MAX)) as u32);
+    }
+
+    fn on_batch(&mut self, lane: Lane, stats: &BatchStats) {
+        self.now = None;
+        self.metrics
+            .msgs_out(lane.index(), stats.count as u64, stats.raw_bytes as u64);
+        self.metrics.batch_out(
+            stats.count as u64,
+            stats.raw_bytes as u64,
+            stats.wire_bytes as u64,
+        );
+        self.metrics.record_time_in_relay(&self.samples);
+        self.samples.clear();
+    }
+
+    fn on_forwarded(&mut self, lane: Lane, stats: &BatchStats, queued_at: Instant) {
+        let us = queued_at
+            .elapsed()
+            .as_micros()
+            .clamp(1, u128::from(u32::MAX)) as u32;
+        self.samples.clear();
+        self.samples.resize(stats.count, us);
+        self.on_batch(lane, stats);
+    }
+}
