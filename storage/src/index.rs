@@ -1,0 +1,2 @@
+//! Retry queues over the log (placeholder, filled in next).
+//! x
