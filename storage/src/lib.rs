@@ -52,6 +52,7 @@ pub mod recovery;
 mod segment;
 
 pub use backend::{BackendChoice, BackendKind, Probe, probe_io_uring};
+pub use index::{DurableMessage, LANES, MessageId, RetryIndex};
 
 pub use log::{Completion, Log, LogConfig, LogStats, RecordLocation, RecoveryReport};
 

@@ -13,9 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 
 use common::{backend_or_skip, body, config, open_collect};
+use relay_storage::index::{Applied, compact, encode_ack};
 use relay_storage::record::{RecordKind, encode_record};
 use relay_storage::recovery::CorruptReason;
-use relay_storage::{BackendChoice, Log, StorageError};
+use relay_storage::{
+    BackendChoice, DurableMessage, LANES, Log, MessageId, RecordLocation, RetryIndex, StorageError,
+};
 
 fn segment_file(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.seg"))
@@ -385,6 +388,130 @@ fn bad_config_is_refused(backend: BackendChoice) {
     );
 }
 
+/// Logs `n` messages round-robin over 3 destinations and 4 lanes, acks
+/// every third once it is synced, and feeds every record to `index`.
+fn log_messages(log: &Log, index: &mut RetryIndex, n: u64, now_ms: u64) -> Vec<RecordLocation> {
+    let mut locs = Vec::new();
+    for i in 0..n {
+        let dest = format!("cell-{}", i % 3);
+        let mut b = Vec::new();
+        DurableMessage {
+            id: id(i),
+            lane: (i % LANES as u64) as u8,
+            received_at_ms: now_ms,
+            expires_at_ms: now_ms + 60_000,
+            dest: dest.as_bytes(),
+            payload: &body(i, 200),
+        }
+        .encode(&mut b)
+        .unwrap();
+        let loc = log.append_wait(RecordKind::Message, &b).unwrap();
+        index.apply(loc, RecordKind::Message, &b).unwrap();
+        locs.push(loc);
+        if i % 3 == 0 {
+            let ack = encode_ack(loc.seq);
+            let aloc = log.append_wait(RecordKind::Ack, &ack).unwrap();
+            assert_eq!(
+                index.apply(aloc, RecordKind::Ack, &ack).unwrap(),
+                Applied::Released(loc)
+            );
+        }
+    }
+    locs
+}
+
+fn id(i: u64) -> MessageId {
+    let mut id = [0xAB; 16];
+    id[..8].copy_from_slice(&i.to_le_bytes());
+    id
+}
+
+/// Everything the index would deliver, per destination and lane.
+fn snapshot(index: &RetryIndex) -> Vec<(String, u8, Vec<RecordLocation>)> {
+    let mut dests: Vec<_> = index
+        .destinations()
+        .map(|d| String::from_utf8(d.to_vec()).unwrap())
+        .collect();
+    dests.sort();
+    let mut out = Vec::new();
+    for d in dests {
+        for lane in 0..LANES as u8 {
+            out.push((d.clone(), lane, index.queued(d.as_bytes(), lane)));
+        }
+    }
+    out
+}
+
+fn index_rebuilt_on_open(backend: BackendChoice) {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path(), backend);
+    let now = 1_000_000;
+    let (before, locs) = {
+        let (log, _, mut index, bad) = RetryIndex::open(c.clone(), now).unwrap();
+        assert_eq!((bad, index.len()), (0, 0));
+        let locs = log_messages(&log, &mut index, 120, now);
+        (snapshot(&index), locs)
+    };
+    let (log, report, index, bad) = RetryIndex::open(c.clone(), now).unwrap();
+    assert_eq!(bad, 0);
+    assert!(report.corrupt.is_empty() && report.torn.is_empty());
+    assert_eq!(
+        snapshot(&index),
+        before,
+        "queues rebuilt per destination and lane"
+    );
+    assert_eq!(index.len(), 80);
+    // Lanes carry through the disk: lane 0 first, oldest first within it.
+    let next = index.next(b"cell-1").unwrap();
+    let first_lane0 = locs
+        .iter()
+        .enumerate()
+        .find(|(i, _)| i % 3 == 1 && i % 4 == 0)
+        .map(|(_, l)| *l)
+        .unwrap();
+    assert_eq!(next, first_lane0);
+    let m = log.read(&next).unwrap();
+    assert_eq!(DurableMessage::decode(&m).unwrap().lane, 0);
+    // The dedup window survived: acknowledged and queued ids alike.
+    for i in 0..120 {
+        assert!(index.is_duplicate(&id(i)), "id {i} forgotten");
+    }
+    assert!(!index.is_duplicate(&id(120)));
+    // Expiry by stored time after a restart.
+    let (_, _, index, _) = {
+        drop(log);
+        RetryIndex::open(c, now + 60_000).unwrap()
+    };
+    assert!(index.is_empty());
+}
+
+fn index_compaction(backend: BackendChoice) {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path(), backend);
+    let now = 5_000;
+    let window = 1_000;
+    let (log, _, mut index, _) = RetryIndex::open(c.clone(), now).unwrap();
+    let locs = log_messages(&log, &mut index, 600, now);
+    let segs = log.stats().segments;
+    assert!(segs >= 3, "{segs}");
+    // Within the dedup window nothing goes, acknowledged or not.
+    assert_eq!(compact(&log, &mut index, now, window).unwrap(), 0);
+    // Acknowledge everything in the first two segments.
+    for l in locs.iter().filter(|l| l.segment <= 2) {
+        let ack = encode_ack(l.seq);
+        let aloc = log.append_wait(RecordKind::Ack, &ack).unwrap();
+        index.apply(aloc, RecordKind::Ack, &ack).unwrap();
+    }
+    let freed = compact(&log, &mut index, now + window, window).unwrap();
+    assert_eq!(freed, 2 * c.segment_bytes, "segments 1 and 2 reclaimed");
+    let after = snapshot(&index);
+    drop(log);
+    let (_, report, index, _) = RetryIndex::open(c, now + window).unwrap();
+    assert_eq!(report.segments, segs - 2);
+    assert_eq!(snapshot(&index), after, "no released message comes back");
+    assert!(!index.is_duplicate(&id(0)) && index.is_duplicate(&id(599)));
+}
+
 macro_rules! suite {
     ($module:ident, $kind:expr, [$($test:ident),* $(,)?]) => {
         mod $module {
@@ -417,4 +544,6 @@ both_backends!(
     enospc_on_small_tmpfs,
     one_lock_per_directory,
     bad_config_is_refused,
+    index_rebuilt_on_open,
+    index_compaction,
 );
