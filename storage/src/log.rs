@@ -132,6 +132,24 @@ pub struct RecoveryReport {
     pub torn: Vec<TornTail>,
 }
 
+impl std::fmt::Display for RecoveryReport {
+    /// One line for the relay's start line: the writer and why, and what
+    /// recovery found.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cut: u64 = self.torn.iter().map(|t| t.bytes_cut).sum();
+        write!(
+            f,
+            "durable log: backend {} ({}); {} segments, {} records recovered, {} corrupt records skipped, torn tail: {} bytes cut",
+            self.backend,
+            self.backend_reason,
+            self.segments,
+            self.records,
+            self.corrupt.len(),
+            cut
+        )
+    }
+}
+
 /// Counters of a running log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LogStats {
@@ -143,6 +161,9 @@ pub struct LogStats {
     pub batches: u64,
     /// Record bytes written and synced since open.
     pub bytes_written: u64,
+    /// Batches the io_uring writer wrote with plain calls instead (a short
+    /// write or a failed entry in the ring); always 0 for the portable one.
+    pub plain_batches: u64,
     /// Bytes of segment files on disk.
     pub bytes_on_disk: u64,
     /// Segment files on disk.
@@ -525,6 +546,7 @@ impl Log {
             syncs: self.shared.syncs.load(Ordering::Relaxed),
             batches: self.shared.batches.load(Ordering::Relaxed),
             bytes_written: self.shared.bytes_written.load(Ordering::Relaxed),
+            plain_batches: self.shared.plain_batches.load(Ordering::Relaxed),
             bytes_on_disk: st.bytes_on_disk,
             segments: st.segments.len(),
         }

@@ -120,6 +120,10 @@ fn group_commit(backend: BackendChoice) {
         stats.syncs,
         stats.appends
     );
+    assert_eq!(
+        stats.plain_batches, 0,
+        "every batch went through its writer's own path"
+    );
     println!("group commit: {stats:?}");
 }
 
@@ -152,6 +156,11 @@ fn torn_tail(backend: BackendChoice) {
     assert_eq!(report.torn.len(), 1, "{report:?}");
     assert_eq!(report.torn[0].offset, end);
     assert_eq!(report.torn[0].bytes_cut, half as u64);
+    let line = report.to_string();
+    assert!(
+        line.contains(&format!("{half} bytes cut")) && line.contains(log_backend_name(&log)),
+        "{line}"
+    );
     let next = log
         .append_wait(RecordKind::Message, &body(11, 200))
         .unwrap();
@@ -167,6 +176,10 @@ fn torn_tail(backend: BackendChoice) {
     );
     assert_eq!(got.len(), 11);
     assert_eq!(got[10].2, body(11, 200));
+}
+
+fn log_backend_name(log: &Log) -> &'static str {
+    log.backend().name()
 }
 
 fn bit_flip_in_middle(backend: BackendChoice) {

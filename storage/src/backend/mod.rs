@@ -156,6 +156,8 @@ pub(crate) struct Shared {
     pub syncs: AtomicU64,
     pub batches: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Batches the io_uring writer redid with plain calls.
+    pub plain_batches: AtomicU64,
     /// Highest sequence number covered by a completed fdatasync.
     pub synced_seq: AtomicU64,
     /// Set once by the writer when a write or sync fails.

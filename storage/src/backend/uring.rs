@@ -2,7 +2,8 @@
 //!
 //! A batch is one chain of linked SQEs: a write per contiguous run, then an
 //! fdatasync per file. Up to [`MAX_IN_FLIGHT`] batches are in the ring at a
-//! time, so the next batch is written while the last one syncs; batches are
+//! time: the next batch is submitted once the last one's writes have
+//! completed, and is written while the last one syncs. Batches are
 //! answered strictly in order, each once its own fdatasync has completed.
 //! While batches are in flight the writer sleeps in `io_uring_enter`, and
 //! an eventfd polled through the ring wakes it when appends arrive. A short
@@ -88,7 +89,10 @@ pub(crate) struct Wake {
 impl Wake {
     /// Writes the eventfd if the writer said it is about to sleep.
     pub(crate) fn notify(&self) {
-        if self.parked.swap(false, Ordering::AcqRel)
+        // Pairs with the fence in `Writer::run`: either the writer sees the
+        // queued op, or this sees `parked` (Dekker's pattern).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.parked.swap(false, Ordering::SeqCst)
             && let Some(fd) = self.fd.get()
         {
             let one = 1u64.to_ne_bytes();
@@ -103,6 +107,8 @@ struct InFlight {
     batch: Batch,
     /// Entries not yet completed.
     pending: usize,
+    /// Write entries not yet completed (its fdatasync may still run).
+    writes_pending: usize,
     /// Some entry failed, was short or was cancelled.
     broken: bool,
     syncs: u64,
@@ -145,7 +151,13 @@ impl Writer {
         let mut poll_armed = false;
         loop {
             // Take new appends while there is room in the ring.
-            while !closed && in_flight.len() < MAX_IN_FLIGHT {
+            // A batch is submitted only once the writes before it have
+            // completed, so records reach the page cache in log order and a
+            // crash leaves at most a torn tail, never a hole before records.
+            let can_take = |in_flight: &VecDeque<InFlight>| {
+                in_flight.len() < MAX_IN_FLIGHT && in_flight.iter().all(|f| f.writes_pending == 0)
+            };
+            while !closed && can_take(&in_flight) {
                 let first = match carry.take() {
                     Some(op) => op,
                     None => match rx.try_recv() {
@@ -174,7 +186,7 @@ impl Writer {
                 }
                 continue;
             }
-            let want_wake = !closed && in_flight.len() < MAX_IN_FLIGHT;
+            let want_wake = !closed && can_take(&in_flight);
             if want_wake && !poll_armed {
                 let poll = opcode::PollAdd::new(types::Fd(self.efd), libc::POLLIN as u32)
                     .build()
@@ -186,7 +198,8 @@ impl Writer {
                 }
             }
             if want_wake {
-                self.shared.wake.parked.store(true, Ordering::Release);
+                self.shared.wake.parked.store(true, Ordering::SeqCst);
+                std::sync::atomic::fence(Ordering::SeqCst);
                 // An append queued before `parked` was set sent no wake-up.
                 if carry.is_none() {
                     match rx.try_recv() {
@@ -241,6 +254,9 @@ impl Writer {
                 };
                 f.pending -= 1;
                 let entry = (tag & 0xFFFF) as usize;
+                if entry < f.batch.runs.len() {
+                    f.writes_pending -= 1;
+                }
                 let res = cqe.result();
                 let ok = match f.batch.runs.get(entry) {
                     Some(run) => res >= 0 && res as usize == run.buf.len(),
@@ -317,6 +333,7 @@ impl Writer {
         let _ = self.ring.submit();
         Some(InFlight {
             pending: entries,
+            writes_pending: batch.runs.len(),
             broken: false,
             syncs: files.len() as u64,
             batch,
@@ -326,6 +343,9 @@ impl Writer {
 
 /// Writes and syncs a batch with plain calls; the result is final.
 fn fallback(batch: Batch, shared: &Shared) {
+    shared
+        .plain_batches
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut result = Ok(());
     for run in &batch.runs {
         if let Err(e) = run.file.write_all_at(&run.buf, run.offset) {
