@@ -560,3 +560,26 @@ both_backends!(
     index_rebuilt_on_open,
     index_compaction,
 );
+
+/// `Auto` runs io_uring exactly where the probe allows it, and says why.
+#[test]
+fn auto_backend_follows_the_probe() {
+    let probe = relay_storage::probe_io_uring();
+    assert!(!probe.reason.is_empty());
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path(), BackendChoice::Auto);
+    let (log, report, _) = open_collect(&c);
+    let want = if probe.available {
+        relay_storage::backend::DEFAULT_BACKEND
+    } else {
+        relay_storage::BackendKind::Portable
+    };
+    assert_eq!((report.backend, log.backend()), (want, want));
+    if !probe.available {
+        assert!(report.backend_reason.contains(&probe.reason), "{report}");
+        drop(log);
+        let err = Log::open(config(dir.path(), BackendChoice::IoUring), |_, _, _| {}).unwrap_err();
+        assert!(matches!(err, StorageError::BadConfig(_)), "{err:?}");
+    }
+    assert!(report.to_string().contains(want.name()), "{report}");
+}
