@@ -61,6 +61,8 @@ impl CorruptReason {
             StorageError::CrcMismatch { .. } => Self::BadCrc,
             StorageError::UnknownKind(_) => Self::UnknownKind,
             StorageError::UnknownFlags(_) => Self::UnknownFlags,
+            // Not produced by `decode_record`.
+            _ => Self::BadCrc,
         }
     }
 }
@@ -121,6 +123,93 @@ pub fn scan(buf: &[u8]) -> ScanOutcome {
         valid_len: offset,
         stop,
     }
+}
+
+/// A stretch of a segment that held no valid record, between two valid ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CorruptRange {
+    /// Byte offset of the stretch in the segment.
+    pub offset: usize,
+    /// Its length in bytes (to the start of the next valid record).
+    pub len: usize,
+    /// What was wrong with the record that started there.
+    pub reason: CorruptReason,
+}
+
+/// Result of [`scan_segment`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentScan {
+    /// `(sequence number, byte range)` of every valid record, in order.
+    pub records: Vec<(u64, Range<usize>)>,
+    /// Corrupt stretches skipped between valid records, in order.
+    pub corrupt: Vec<CorruptRange>,
+    /// End of the last valid record (0 if none): appends resume here.
+    pub data_end: usize,
+    /// Bytes after `data_end` up to the last non-zero byte: a torn tail
+    /// (0 when the segment ends cleanly in zeros or at its end).
+    pub torn_bytes: usize,
+}
+
+/// Walks a preallocated segment: records back to back, then zeros.
+///
+/// Unlike [`scan`], a corrupt record is skipped: the walk resynchronises on
+/// the next offset holding the magic and a record whose CRC matches and
+/// whose sequence number is greater than the last one accepted (a false
+/// resynchronisation needs a CRC-32 collision). A stretch with no valid
+/// record after it is the torn tail of an interrupted append; a stretch
+/// followed by a valid record is reported in [`SegmentScan::corrupt`].
+/// Records must have sequence numbers above `after_seq` (the last one of the
+/// segments before). Never panics; allocates only the returned lists.
+pub fn scan_segment(buf: &[u8], after_seq: Option<u64>) -> SegmentScan {
+    // The preallocated rest of a segment is zeros; a record's own body may
+    // end in zeros, so records are decoded from the whole buffer.
+    let nonzero_end = buf.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
+    let mut out = SegmentScan {
+        records: Vec::new(),
+        corrupt: Vec::new(),
+        data_end: 0,
+        torn_bytes: 0,
+    };
+    let mut last = after_seq;
+    let mut offset = 0;
+    let accept = |at: usize, last: Option<u64>| -> Option<(u64, usize)> {
+        match decode_record(&buf[at..]) {
+            Ok(Some((rec, used))) if last.is_none_or(|l| rec.seq > l) => Some((rec.seq, used)),
+            _ => None,
+        }
+    };
+    while offset < nonzero_end {
+        if let Some((seq, used)) = accept(offset, last) {
+            out.records.push((seq, offset..offset + used));
+            last = Some(seq);
+            offset += used;
+            out.data_end = offset;
+            continue;
+        }
+        let reason = match decode_record(&buf[offset..]) {
+            Ok(Some(_)) => CorruptReason::SequenceNotIncreasing,
+            Ok(None) => CorruptReason::BadCrc,
+            Err(err) => CorruptReason::from_error(&err),
+        };
+        let magic = crate::record::MAGIC.to_le_bytes();
+        let next = (offset + 1..nonzero_end.saturating_sub(1))
+            .find(|&p| buf[p..p + 2] == magic && accept(p, last).is_some());
+        match next {
+            Some(p) => {
+                out.corrupt.push(CorruptRange {
+                    offset,
+                    len: p - offset,
+                    reason,
+                });
+                offset = p;
+            }
+            None => {
+                out.torn_bytes = nonzero_end - offset;
+                break;
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -275,6 +364,57 @@ mod tests {
                 reason: CorruptReason::BadMagic
             }
         );
+    }
+
+    #[test]
+    fn segment_scan_skips_a_corrupt_middle_record_and_measures_a_torn_tail() {
+        let (mut buf, recs) = build(&[
+            (1, RecordKind::Message, b"one".to_vec()),
+            (2, RecordKind::Message, b"two".to_vec()),
+            (3, RecordKind::Message, b"three".to_vec()),
+            (4, RecordKind::Message, b"four".to_vec()),
+        ]);
+        buf[recs[1].1.start + HEADER_LEN] ^= 0x10;
+        let full = buf.len();
+        buf.truncate(full - 2);
+        buf.extend_from_slice(&[0; 100]);
+        let out = scan_segment(&buf, None);
+        let seqs: Vec<u64> = out.records.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, [1, 3]);
+        assert_eq!(
+            out.corrupt,
+            [CorruptRange {
+                offset: recs[1].1.start,
+                len: recs[1].1.len(),
+                reason: CorruptReason::BadCrc
+            }]
+        );
+        assert_eq!(out.data_end, recs[2].1.end);
+        assert_eq!(out.torn_bytes, recs[3].1.len() - 2);
+    }
+
+    proptest! {
+        /// Flipping a bit anywhere in one record of a zero-padded segment
+        /// loses that record alone (or reads as a torn tail if it is the last).
+        #[test]
+        fn segment_scan_loses_only_the_flipped_record((buf, recs) in log(1), at in any::<prop::sample::Index>(), bit in 0..8u8) {
+            let at = at.index(buf.len());
+            let mut bad = buf.clone();
+            bad[at] ^= 1 << bit;
+            bad.extend_from_slice(&[0; 32]);
+            let out = scan_segment(&bad, None);
+            let hit = recs.iter().position(|(_, r)| r.contains(&at)).unwrap();
+            let want: Vec<u64> = recs.iter().enumerate().filter(|(i, _)| *i != hit).map(|(_, (s, _))| *s).collect();
+            let got: Vec<u64> = out.records.iter().map(|(s, _)| *s).collect();
+            prop_assert_eq!(got, want);
+            if hit + 1 == recs.len() {
+                prop_assert!(out.corrupt.is_empty());
+            } else {
+                prop_assert_eq!(out.corrupt.len(), 1);
+                prop_assert_eq!(out.corrupt[0].offset, recs[hit].1.start);
+                prop_assert_eq!(out.torn_bytes, 0);
+            }
+        }
     }
 
     proptest! {
