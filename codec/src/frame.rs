@@ -31,6 +31,8 @@ pub const MAX_REASON: usize = 1024;
 const HELLO_NOTICES: u8 = 1;
 /// Most entries in one discovery reply.
 pub const MAX_DISCOVER_ENTRIES: usize = 4096;
+/// Most message ids in one [`Frame::DurableAck`].
+pub const MAX_DURABLE_ACK_IDS: usize = 1024;
 
 /// The frame type byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +58,8 @@ pub enum FrameType {
     Presence = 0x09,
     /// Messages the relay dropped, with why and how many.
     Notice = 0x0A,
+    /// Durable messages stored, received, refused or expired, by id.
+    DurableAck = 0x20,
 }
 
 impl FrameType {
@@ -72,6 +76,7 @@ impl FrameType {
             0x08 => WatchPresence,
             0x09 => Presence,
             0x0A => Notice,
+            0x20 => DurableAck,
             _ => {
                 return Err(DecodeError::Invalid {
                     field: "frame type",
@@ -79,6 +84,50 @@ impl FrameType {
                 });
             }
         })
+    }
+}
+
+/// What a [`Frame::DurableAck`] says of its messages (PROTOCOL.md 4.12).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DurableStatus {
+    /// From a relay: logged and synced, the relay answers for them now.
+    /// From a cell: its application has them; the relay may forget them.
+    Acked = 0,
+    /// Refused: the relay's durable log is full (`storage.max_bytes`).
+    /// Nothing was stored; best-effort traffic still flows.
+    Full = 1,
+    /// Dropped unacknowledged: their time to live ran out before the
+    /// destination took them.
+    Expired = 2,
+    /// Refused: the relay could not store them (its log failed).
+    Failed = 3,
+}
+
+impl DurableStatus {
+    fn from_u8(v: u8) -> Result<Self, DecodeError> {
+        Ok(match v {
+            0 => Self::Acked,
+            1 => Self::Full,
+            2 => Self::Expired,
+            3 => Self::Failed,
+            _ => {
+                return Err(DecodeError::Invalid {
+                    field: "durable status",
+                    value: v as u64,
+                });
+            }
+        })
+    }
+
+    /// Its name, for logs and error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Acked => "acked",
+            Self::Full => "refused: the relay's durable log is full (storage.max_bytes)",
+            Self::Expired => "expired before the destination took it",
+            Self::Failed => "refused: the relay could not store it",
+        }
     }
 }
 
@@ -315,6 +364,16 @@ pub enum Frame {
         /// destination, or destinations folded together by a relay).
         subject: PublicKey,
     },
+    /// Durable messages, by id, and what became of them (1 to
+    /// [`MAX_DURABLE_ACK_IDS`] ids): a relay acknowledges what it logged or
+    /// reports a refusal or expiry to the sender; a cell acknowledges what
+    /// its application took to the relay that delivered it.
+    DurableAck {
+        /// What it says of them.
+        status: DurableStatus,
+        /// Their ids.
+        ids: Vec<MessageId>,
+    },
 }
 
 impl Frame {
@@ -405,6 +464,15 @@ impl Frame {
                 out.put_u32_le(*count);
                 out.put_slice(&id.0);
                 out.put_slice(&subject.0);
+            }
+            Frame::DurableAck { status, ids } => {
+                out.put_u8(FrameType::DurableAck as u8);
+                out.put_u8(*status as u8);
+                let n = ids.len().min(MAX_DURABLE_ACK_IDS);
+                out.put_u16_le(n as u16);
+                for id in &ids[..n] {
+                    out.put_slice(&id.0);
+                }
             }
         }
         let len = (out.len() - start - LEN_PREFIX) as u32;
@@ -548,6 +616,21 @@ impl Frame {
                 id: MessageId(r.array()?),
                 subject: PublicKey(r.array()?),
             },
+            FrameType::DurableAck => {
+                let status = DurableStatus::from_u8(r.u8()?)?;
+                let n = r.u16()? as usize;
+                if n == 0 || n > MAX_DURABLE_ACK_IDS {
+                    return Err(DecodeError::Invalid {
+                        field: "durable ack count",
+                        value: n as u64,
+                    });
+                }
+                let mut ids = Vec::with_capacity(n.min(r.remaining() / 16));
+                for _ in 0..n {
+                    ids.push(MessageId(r.array()?));
+                }
+                Frame::DurableAck { status, ids }
+            }
         };
         r.finish()?;
         Ok(f)
@@ -566,6 +649,7 @@ impl Frame {
             Frame::WatchPresence(_) => "WatchPresence",
             Frame::Presence { .. } => "Presence",
             Frame::Notice { .. } => "Notice",
+            Frame::DurableAck { .. } => "DurableAck",
         }
     }
 
@@ -640,6 +724,10 @@ mod tests {
         let k = PublicKey([7; 32]);
         let svc = ServiceName::new("chat").unwrap();
         vec![
+            Frame::DurableAck {
+                status: DurableStatus::Acked,
+                ids: vec![MessageId([1; 16]), MessageId([2; 16])],
+            },
             Frame::Hello {
                 version: PROTOCOL_VERSION,
                 role: Role::Cell,
@@ -774,6 +862,29 @@ mod tests {
                 assert!(reason.len() <= MAX_REASON && reason.starts_with('é'))
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn durable_ack_is_byte_exact_and_bounded() {
+        let f = Frame::DurableAck {
+            status: DurableStatus::Full,
+            ids: vec![MessageId([0xAB; 16])],
+        };
+        let b = f.to_bytes();
+        let mut want = vec![20, 0, 0, 0, 0x20, 1, 1, 0];
+        want.extend_from_slice(&[0xAB; 16]);
+        assert_eq!(&b[..], &want[..]);
+        assert_eq!(Frame::decode(b, &Limits::default()).unwrap(), f);
+        // Zero ids, an unknown status, too many ids: refused.
+        for body in [
+            vec![0x20, 0, 0, 0],
+            vec![0x20, 9, 1, 0],
+            vec![0x20, 0, 0x01, 0x04],
+        ] {
+            let mut fr = (body.len() as u32).to_le_bytes().to_vec();
+            fr.extend_from_slice(&body);
+            assert!(Frame::decode(Bytes::from(fr), &Limits::default()).is_err());
         }
     }
 }

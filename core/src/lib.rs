@@ -29,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod dedup;
+pub mod durable;
 pub mod freshness;
 pub mod node;
 pub mod notices;
@@ -38,6 +39,7 @@ pub mod stall;
 pub mod ttl;
 
 pub use dedup::{DedupVerdict, DedupWindow};
+pub use durable::{DurableConfig, DurableQueues, LogRefusal};
 pub use freshness::{FreshnessWindow, Staleness};
 pub use node::{
     Action, Admission, Departed, LinkInfo, Node, NodeConfig, NodeConfigError, Now, QueueRefusal,

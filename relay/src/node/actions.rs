@@ -92,7 +92,69 @@ fn execute(
             Err(_) => refuse(refused, from, &to, id, 1),
         },
         Action::MayPause { link, to } => pause.push((link, to)),
-        Action::Control { to, frame } => to.control(frame),
+        Action::Control { to, frame } => {
+            if let relay_codec::Frame::DurableAck {
+                status: relay_codec::frame::DurableStatus::Acked,
+                ids,
+            } = &frame
+            {
+                m.durable().acked(ids.len() as u64);
+            }
+            to.control(frame);
+        }
+        Action::DurableLog {
+            token,
+            id,
+            dest,
+            lane,
+            expires_unix_ms,
+            env,
+        } => {
+            if let Some(d) = &shared.durable {
+                d.log(
+                    token,
+                    id,
+                    dest,
+                    lane,
+                    expires_unix_ms,
+                    &env,
+                    super::unix_ms(),
+                );
+            }
+        }
+        Action::DurableDeliver { to, env, .. } => {
+            if super::durable::deliver(&to, env, queued_at) {
+                wake(woken, to);
+            }
+        }
+        Action::DurableRead { to, seq } => {
+            let env = shared
+                .durable
+                .as_ref()
+                .and_then(|d| d.read(seq, &shared.limits));
+            match env {
+                Some(env) => {
+                    if super::durable::deliver(&to, env, queued_at) {
+                        wake(woken, to);
+                    }
+                }
+                None => warn!(seq, "durable log: a queued record could not be read back"),
+            }
+        }
+        Action::DurableRelease { seq, expired } => {
+            if let Some(d) = &shared.durable {
+                d.release(seq);
+            }
+            if expired {
+                m.durable().expired(1);
+            } else {
+                m.durable().released(1);
+            }
+        }
+        Action::DurableRefused { key, id, status } => {
+            m.durable().refused(1);
+            warn!(sender = %key.short(), %id, "durable message refused: {}", status.name());
+        }
         Action::Close {
             to,
             code,

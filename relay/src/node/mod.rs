@@ -41,6 +41,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 mod actions;
+mod durable;
 mod handle;
 mod link;
 
@@ -136,6 +137,9 @@ pub enum NodeError {
     /// The OS gave no randomness to seed the node with.
     #[error("no randomness from the OS to seed the relay: {0}")]
     Random(getrandom::Error),
+    /// The durable log (DATA_DIR/log) could not be opened.
+    #[error("durable log: {0}")]
+    Storage(#[from] relay_storage::StorageError),
     /// The admin address could not be bound.
     #[error(
         "admin address {addr}: {error}{}",
@@ -227,6 +231,8 @@ struct Shared {
     not_quic: Arc<AtomicU64>,
     /// What the TCP listener turned away, likewise; `None` without one.
     tcp_refused: Option<Arc<TcpListenerStats>>,
+    /// The durable log; `None` only in a relay that never opened one.
+    durable: Option<durable::DurableStore>,
     /// Test hook: the key whose next link task panics once it is up.
     #[cfg(debug_assertions)]
     fault_panic: Mutex<Option<PublicKey>>,
@@ -242,6 +248,9 @@ pub struct Node {
     tcp_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
     key_created: bool,
+    /// The log's answers, for [`durable::run_durable`].
+    durable_rx:
+        Option<tokio::sync::mpsc::UnboundedReceiver<(u64, Result<u64, relay_core::LogRefusal>)>>,
     /// The data directory's lock, held until the node is dropped (after
     /// [`run`](Node::run) returns).
     _lock: std::fs::File,
@@ -303,7 +312,26 @@ impl Node {
         // Every random choice of the node (the dedup table's hash key, the
         // messages a sampled policy checks) comes from this seed.
         let seed = getrandom::u64().map_err(NodeError::Random)?;
-        let node = CoreNode::new(cfg.node_config(keypair.public()), seed)?;
+        let mut node = CoreNode::new(cfg.node_config(keypair.public()), seed)?;
+        let started = Instant::now();
+        let mut opened = durable::open(
+            dir,
+            &cfg.storage,
+            cfg.security.dedup_window_ms,
+            &limits,
+            unix_ms(),
+        )?;
+        let now = Now {
+            mono_ms: 0,
+            unix_ms: unix_ms(),
+        };
+        let recovered = opened.recover_into(&mut node, now);
+        if recovered > 0 {
+            info!(
+                queued = recovered,
+                "durable messages recovered from the log; each goes to its cell when it attaches"
+            );
+        }
         let shared = Arc::new(Shared {
             key: keypair.public(),
             limits,
@@ -314,7 +342,8 @@ impl Node {
             metrics: Arc::new(Metrics::new()),
             links: Mutex::new(HashMap::new()),
             next_link: AtomicU64::new(1),
-            started: Instant::now(),
+            started,
+            durable: Some(opened.store),
             not_quic,
             tcp_refused: tcp.as_ref().map(|l| l.stats().clone()),
             #[cfg(debug_assertions)]
@@ -330,6 +359,7 @@ impl Node {
             tcp_addr,
             admin_addr,
             key_created,
+            durable_rx: Some(opened.answers),
             _lock: lock,
         })
     }
@@ -393,6 +423,9 @@ impl Node {
         }));
         let garbage_task = tokio::spawn(report_refused(shared.clone()));
         let timer_task = tokio::spawn(run_timers(shared.clone()));
+        let durable_task = self
+            .durable_rx
+            .map(|rx| tokio::spawn(durable::run_durable(shared.clone(), rx)));
         let tcp = self.tcp;
         // One task per connection, kept so shutdown can wait for each to
         // record its close; finished ones are reaped as they end, so the
@@ -478,6 +511,9 @@ impl Node {
         let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
         garbage_task.abort();
         timer_task.abort();
+        if let Some(t) = durable_task {
+            t.abort();
+        }
         let _ = admin_stop.send(());
         let _ = tokio::time::timeout(CLOSE_WAIT, admin_task).await;
         info!("stopped");
