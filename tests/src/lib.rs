@@ -128,7 +128,20 @@ impl RelayProcess {
     /// after the flags that set free ports and the data directory (so
     /// `args` may override them, e.g. `["--listen-tcp", "off"]`).
     pub fn start_with(toml: &str, args: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(tempfile::tempdir().expect("temp dir"), toml, args)
+    }
+
+    /// SIGKILLs the relay (no shutdown, no flush: a crash) and starts a
+    /// new one on the same data directory, config and `args`, on new free
+    /// ports; the key stays the same.
+    pub fn kill_and_restart(mut self, toml: &str, args: &[&str]) -> Self {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+        Self::start_in(dir, toml, args)
+    }
+
+    fn start_in(dir: tempfile::TempDir, toml: &str, args: &[&str]) -> Self {
         let mut cmd = Command::new(bin_path("relay"));
         if !toml.is_empty() {
             let cfg = dir.path().join("relay.toml");
