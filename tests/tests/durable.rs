@@ -116,7 +116,7 @@ async fn an_offline_cell_gets_what_was_acked_after_a_relay_crash_in_lane_order()
         "marker",
     );
     probe
-        .send_batch(Lane::Bulk, &[marker.clone()])
+        .send_batch(Lane::Bulk, std::slice::from_ref(&marker))
         .await
         .unwrap();
     let first = receiver.next_message(WAIT).await.expect("the marker");
@@ -141,7 +141,7 @@ async fn a_full_log_refuses_durable_messages_while_best_effort_flows() {
     for i in 0..16 {
         let env = durable(&a, &b, Lane::Normal, &format!("{i:01000}"));
         sender
-            .send_batch(Lane::Normal, &[env.clone()])
+            .send_batch(Lane::Normal, std::slice::from_ref(&env))
             .await
             .unwrap();
         match sender.next_control(WAIT).await {
@@ -181,7 +181,7 @@ async fn a_full_log_refuses_durable_messages_while_best_effort_flows() {
     );
     let be = signed(&m, &a);
     sender
-        .send_batch(Lane::Normal, &[be.clone()])
+        .send_batch(Lane::Normal, std::slice::from_ref(&be))
         .await
         .unwrap();
     // What was stored is delivered (not lost), then the best-effort one.
