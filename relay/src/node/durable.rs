@@ -96,7 +96,7 @@ pub(super) fn open(
         queued = recovered.len(),
         undecodable = bad + unreadable,
         max_bytes = cfg.max_bytes,
-        "durable log {}: {report}",
+        "{report} (in {})",
         log.dir().display()
     );
     let (tx, rx) = mpsc::unbounded_channel();
