@@ -126,7 +126,8 @@ impl RelayProcess {
 
     /// A relay with `toml` as its config file (empty: none) and `args`
     /// after the flags that set free ports and the data directory (so
-    /// `args` may override them, e.g. `["--listen-tcp", "off"]`).
+    /// `args` may override them, e.g. `["--listen-tcp", "off"]`, or
+    /// `--listen` and `--admin`, which are then not set to free ports).
     pub fn start_with(toml: &str, args: &[&str]) -> Self {
         Self::start_in(tempfile::tempdir().expect("temp dir"), toml, args)
     }
@@ -148,19 +149,20 @@ impl RelayProcess {
             std::fs::write(&cfg, toml).expect("write config");
             cmd.arg("--config").arg(cfg);
         }
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .args(args)
-        .env("RUST_LOG", "info,quinn=warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        // A flag `args` gives (a fixed port for a restart) is not given
+        // twice: the relay refuses that.
+        for flag in ["--listen", "--admin"] {
+            if !args.contains(&flag) {
+                cmd.args([flag, "127.0.0.1:0"]);
+            }
+        }
+        cmd.arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(args)
+            .env("RUST_LOG", "info,quinn=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn relay");
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().expect("stderr");

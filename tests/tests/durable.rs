@@ -194,3 +194,138 @@ async fn a_full_log_refuses_durable_messages_while_best_effort_flows() {
         assert!(ids.contains(id), "{id} missing");
     }
 }
+
+/// Under durable load, the relay is SIGKILLed at random moments
+/// (`KILLS` times; the seed is printed, `DURABLE_KILLS` raises the count)
+/// and restarted on the same data directory and port. Every message
+/// acknowledged to the sender reaches the receiving application exactly
+/// once, and nothing that was not sent arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_messages_survive_sigkills_and_arrive_exactly_once() {
+    use relay_client::cell::{CellOptions, DurableReceipt};
+    use relay_tests::cells::{connect, within};
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::time::Duration;
+
+    let kills: usize = std::env::var("DURABLE_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let seed: u64 = std::env::var("DURABLE_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    println!("durable crash test: {kills} kills, DURABLE_SEED={seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    const BURST: usize = 40;
+
+    // Over TCP, where a killed relay's connections end at once (its kernel
+    // resets them); a QUIC cell would wait for its idle timeout. QUIC and
+    // TCP share the port, fixed across restarts so the cells redial it.
+    let mut relay = RelayProcess::start();
+    let port = relay.quic.port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["--listen", listen.as_str()];
+    let opts = || CellOptions {
+        transport: relay_link::Transport::Tcp,
+        backoff_initial: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        ..CellOptions::default()
+    };
+    let (a, b) = (Keypair::generate(), Keypair::generate());
+    let sender = connect(&relay, a, opts()).await;
+    let mut receiver = connect(&relay, b.clone(), opts()).await;
+
+    // Everything the application receives, in order.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(bool, Vec<u8>)>();
+    let recv_task = tokio::spawn(async move {
+        while let Some(m) = receiver.recv().await {
+            if tx.send((m.durable, m.payload.to_vec())).is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut sent: BTreeSet<Vec<u8>> = BTreeSet::new();
+    let mut pending: Vec<(Vec<u8>, DurableReceipt)> = Vec::new();
+    let mut acked: BTreeSet<Vec<u8>> = BTreeSet::new();
+    let mut n = 0u64;
+    for round in 0..kills {
+        for _ in 0..BURST {
+            n += 1;
+            let payload = format!("m{n}").into_bytes();
+            let (_, receipt) = within(
+                "queue a durable message",
+                WAIT,
+                sender
+                    .handle()
+                    .start_durable(b.public(), Lane::Normal, payload.clone()),
+            )
+            .await
+            .expect("queued");
+            sent.insert(payload.clone());
+            pending.push((payload, receipt));
+        }
+        // Kill after a random number of this round's acks: mid-burst.
+        let wait_for = rng.usize(0..BURST);
+        let mut seen = 0;
+        let mut still = Vec::new();
+        for (payload, mut receipt) in pending.drain(..) {
+            if seen >= wait_for {
+                still.push((payload, receipt));
+                continue;
+            }
+            let status = within("an ack", WAIT, &mut receipt)
+                .await
+                .expect("answered");
+            assert_eq!(status, DurableStatus::Acked);
+            acked.insert(payload);
+            seen += 1;
+        }
+        pending = still;
+        let t = std::time::Instant::now();
+        relay = relay.kill_and_restart("", &args);
+        println!(
+            "round {round}: {seen} acks before the kill, restarted in {:?}",
+            t.elapsed()
+        );
+        assert_eq!(relay.quic.port(), port, "round {round}: same port");
+    }
+    // Every message is acknowledged in the end: the sender resends what
+    // was not, after each reconnect.
+    for (payload, receipt) in pending.drain(..) {
+        let status = within("a late ack", WAIT, receipt).await.expect("answered");
+        assert_eq!(status, DurableStatus::Acked);
+        acked.insert(payload);
+    }
+    let mut g: BTreeMap<Vec<u8>, usize> = BTreeMap::new();
+    while !acked.iter().all(|p| g.contains_key(p)) {
+        let (durable, p) = within("the next delivery", WAIT, rx.recv())
+            .await
+            .expect("the receiver runs");
+        assert!(durable, "a durable message arrives marked durable");
+        *g.entry(p).or_default() += 1;
+    }
+    while let Ok((_, p)) = rx.try_recv() {
+        *g.entry(p).or_default() += 1;
+    }
+    for (p, count) in &g {
+        assert!(
+            sent.contains(p),
+            "{:?} was never sent",
+            String::from_utf8_lossy(p)
+        );
+        assert_eq!(
+            *count,
+            1,
+            "{:?} delivered {count} times",
+            String::from_utf8_lossy(p)
+        );
+    }
+    assert_eq!(acked.len(), sent.len());
+    recv_task.abort();
+}
