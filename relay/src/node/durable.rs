@@ -5,18 +5,16 @@
 //! compacts the log on a timer.
 
 use super::Shared;
-use super::handle::LinkHandle;
 use crate::config::{StorageBackend, StorageConfig};
 use relay_codec::{Envelope, Limits, MessageId, PublicKey};
 use relay_core::{LogRefusal, Now};
-use relay_link::Outbound;
 use relay_storage::index::{self, DurableMessage};
 use relay_storage::record::RecordKind;
 use relay_storage::{BackendChoice, Log, LogConfig, RecordLocation, RetryIndex, StorageError};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -220,12 +218,6 @@ impl DurableStore {
         }
         self.log.stats().bytes_on_disk
     }
-}
-
-/// Queues a durable message on `to`; a full or closed queue is left to the
-/// node's retry.
-pub(super) fn deliver(to: &Arc<LinkHandle>, env: Envelope, queued_at: Instant) -> bool {
-    to.queues.push(Outbound { env, queued_at }).is_ok()
 }
 
 /// Feeds the log's answers to the node, as many as are ready at a time,
