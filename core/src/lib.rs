@@ -30,6 +30,7 @@
 
 pub mod dedup;
 pub mod freshness;
+pub mod mesh;
 pub mod node;
 pub mod notices;
 pub mod reason;
@@ -39,6 +40,7 @@ pub mod ttl;
 
 pub use dedup::{DedupVerdict, DedupWindow};
 pub use freshness::{FreshnessWindow, Staleness};
+pub use mesh::{Mesh, MeshConfig, MeshConfigError, MeshStats};
 pub use node::{
     Action, Admission, Departed, LinkInfo, Node, NodeConfig, NodeConfigError, Now, QueueRefusal,
     Undelivered, Verify,
