@@ -322,6 +322,21 @@ impl<H: Clone> Mesh<H> {
         self.lsdb.addr(relay)
     }
 
+    /// Whether `cell` is attached here, as the mesh knows it.
+    pub fn is_home_of(&self, cell: &PublicKey) -> bool {
+        self.local.contains_key(cell)
+    }
+
+    /// Where this relay's directory says `cell` is, if it keeps it.
+    pub fn directory_entry(&mut self, cell: &PublicKey) -> Option<Location> {
+        self.directory.get(cell)
+    }
+
+    /// The directory relays of `cell`, as this relay computes them now.
+    pub fn holders_of(&mut self, cell: &PublicKey) -> Vec<PublicKey> {
+        holders(self.lsdb.reachable(), cell, self.cfg.directory_replicas)
+    }
+
     /// The counters.
     pub fn stats(&self) -> MeshStats {
         MeshStats {
@@ -947,19 +962,23 @@ impl<H: Clone> Mesh<H> {
                 cell,
                 at,
             } => {
-                // Only the relay asked may answer, about the cell asked.
-                if self.pending.asking(request) != Some((header.origin, cell)) {
+                // Only a relay asked may answer, about the cell asked.
+                if self.pending.asked(request, &header.origin) != Some(cell) {
                     return;
                 }
                 match at.filter(|a| a.home != self.me && self.lsdb.is_reachable(&a.home)) {
                     Some(at) => {
                         self.cache.insert(cell, at, now.mono_ms);
-                        let l = self.pending.finish(request).expect("asking() found it");
+                        let l = self.pending.finish(request).expect("asked() found it");
                         for item in l.held {
                             self.released(now, at.home, item, out);
                         }
                     }
-                    None => self.ask_next(now, request, out),
+                    // Unless the relay asked now says so, wait for it.
+                    None if self.pending.asking(request).map(|(r, _)| r) == Some(header.origin) => {
+                        self.ask_next(now, request, out)
+                    }
+                    None => {}
                 }
             }
             MeshFrame::Trace { source, .. } => {
@@ -1056,7 +1075,11 @@ impl<H: Clone> Mesh<H> {
         self.maintain(now, out);
     }
 
-    /// Keeps what depends on who is reachable in step with it.
+    /// Keeps what depends on who is reachable in step with it: routes to
+    /// relays no longer reachable go, and when the reachable set changed
+    /// (or a refresh is due) every local cell is registered again with
+    /// each of its directory relays (local cells × `k` routed frames,
+    /// bounded by `max_links`, not by the size of the mesh).
     fn maintain(&mut self, now: Now, out: &mut Vec<Action<H>>) {
         self.lsdb.compute();
         self.lsdb
@@ -1065,27 +1088,47 @@ impl<H: Clone> Mesh<H> {
         if refresh {
             self.next_refresh_ms = now.mono_ms + self.cfg.register_refresh_ms;
         }
-        if self.lsdb.reachable() == self.registered_with.as_slice() && !refresh {
+        let changed = self.lsdb.reachable() != self.registered_with.as_slice();
+        if !changed && !refresh {
             return;
         }
         let reachable = self.lsdb.reachable().to_vec();
         let set: BTreeSet<PublicKey> = reachable.iter().copied().collect();
         self.cache.retain_homes(|h| set.contains(h));
+        // A lookup asking a relay that is no longer a directory relay of
+        // its cell (gone, or another one took its place) asks the new ones.
+        for request in self.pending.requests() {
+            let Some((asking, cell)) = self.pending.asking(request) else {
+                continue;
+            };
+            let ask: Vec<PublicKey> = holders(&reachable, &cell, self.cfg.directory_replicas)
+                .into_iter()
+                .filter(|h| *h != self.me)
+                .collect();
+            if ask.contains(&asking) {
+                continue;
+            }
+            let first = ask.first().copied();
+            let deadline = now.mono_ms + self.cfg.lookup_timeout_ms;
+            match first {
+                Some(first) if self.pending.replan(request, ask, deadline) => {
+                    self.send_lookup(now, first, request, cell, out);
+                }
+                _ => self.ask_next(now, request, out),
+            }
+        }
         let cells: Vec<PublicKey> = self.local.keys().copied().collect();
         for cell in cells {
             let hs = holders(&reachable, &cell, self.cfg.directory_replicas);
-            let c = &self.local[&cell];
             let at = Location {
                 home: self.me,
-                version: c.version,
+                version: self.local[&cell].version,
             };
-            let new: Vec<PublicKey> = hs
-                .iter()
-                .copied()
-                .filter(|h| refresh || !c.holders.contains(h))
-                .collect();
-            for h in new {
-                self.register(now, h, true, cell, at, out);
+            // When who is reachable changed, every holder hears again: one
+            // may have restarted (and forgotten) or missed a registration
+            // lost with a link; a refresh does the same on a timer.
+            for h in &hs {
+                self.register(now, *h, true, cell, at, out);
             }
             if let Some(c) = self.local.get_mut(&cell) {
                 c.holders = hs;

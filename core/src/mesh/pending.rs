@@ -160,11 +160,41 @@ impl Pending {
         Some(l.ask[l.asking])
     }
 
+    /// Starts `request` again on a new list of directory relays (who is
+    /// reachable changed), asking `ask[0]` with a new deadline; false if
+    /// there is no such request or no one to ask.
+    pub fn replan(&mut self, request: u32, ask: Vec<PublicKey>, deadline_ms: u64) -> bool {
+        let Some(l) = self.by_request.get_mut(&request) else {
+            return false;
+        };
+        if ask.is_empty() {
+            return false;
+        }
+        self.deadlines.remove(&(l.deadline_ms, request));
+        l.ask = ask;
+        l.asking = 0;
+        l.deadline_ms = deadline_ms;
+        self.deadlines.insert((deadline_ms, request));
+        true
+    }
+
+    /// Every pending request, by number.
+    pub fn requests(&self) -> Vec<u32> {
+        self.by_request.keys().copied().collect()
+    }
+
     /// Which relay `request` is asking now, and for which cell.
     pub fn asking(&self, request: u32) -> Option<(PublicKey, PublicKey)> {
         self.by_request
             .get(&request)
             .map(|l| (l.ask[l.asking], l.cell))
+    }
+
+    /// The cell `request` seeks, if `relay` is one of the directory
+    /// relays it asked so far (a late answer from an earlier one counts).
+    pub fn asked(&self, request: u32, relay: &PublicKey) -> Option<PublicKey> {
+        let l = self.by_request.get(&request)?;
+        l.ask[..=l.asking].contains(relay).then_some(l.cell)
     }
 
     /// The requests whose deadline is at or before `now_ms`.
@@ -244,8 +274,14 @@ mod tests {
         assert_eq!(p.due(10), vec![r]);
         assert_eq!(p.next(r, 20), Some(k(8)));
         assert_eq!(p.asking(r), Some((k(8), k(1))));
+        assert_eq!(p.asked(r, &k(7)), Some(k(1)), "a late answer counts");
+        assert_eq!(p.asked(r, &k(9)), None);
         assert_eq!(p.next_deadline(), Some(20));
         assert_eq!(p.next(r, 30), None, "no one left to ask");
+        assert!(p.replan(r, vec![k(5)], 40));
+        assert_eq!(p.asking(r), Some((k(5), k(1))));
+        assert_eq!(p.next_deadline(), Some(40));
+        assert!(!p.replan(r, vec![], 50), "no one to ask");
         assert!(p.finish(r).is_some());
         assert_eq!(p.request_for(&k(1)), None);
         assert_eq!(p.next_deadline(), None);
