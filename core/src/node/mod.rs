@@ -39,6 +39,8 @@ use relay_codec::{BatchFrame, Destination, Envelope, Frame, Limits, MessageId, P
 use std::collections::{BTreeMap, BTreeSet};
 
 #[cfg(test)]
+mod mesh_tests;
+#[cfg(test)]
 mod tests;
 
 /// Largest batch forwarded whole, as it arrived: what a cell accepts by
