@@ -12,6 +12,7 @@
 //! | event | what the node decides |
 //! |---|---|
 //! | [`link_up`](Node::link_up) | admission (version, role, shutdown, `max_links`), Welcome, replacing an older link of the key, presence |
+//! | [`peer_dialed`](Node::peer_dialed) | a relay link this relay dialed: the same admission as a relay's Hello, no Welcome (relay links: [`crate::mesh`]) |
 //! | [`batch`](Node::batch) | source, signatures, TTL, freshness, dedup, route, forward whole or message by message, drops and their notices |
 //! | [`undelivered`](Node::undelivered) | a drop only the shell sees (a full or closed queue): counted and noticed |
 //! | [`control`](Node::control) | Announce (with its limit), Discover, WatchPresence, the peer's Close, anything else |
