@@ -1077,9 +1077,10 @@ impl<H: Clone> Mesh<H> {
 
     /// Keeps what depends on who is reachable in step with it: routes to
     /// relays no longer reachable go, and when the reachable set changed
-    /// (or a refresh is due) every local cell is registered again with
-    /// each of its directory relays (local cells × `k` routed frames,
-    /// bounded by `max_links`, not by the size of the mesh).
+    /// every local cell is registered with its new directory relays; with
+    /// all of them when a relay appeared or a refresh is due (local cells
+    /// × `k` routed frames, bounded by `max_links`, not by the size of the
+    /// mesh).
     fn maintain(&mut self, now: Now, out: &mut Vec<Action<H>>) {
         self.lsdb.compute();
         self.lsdb
@@ -1093,6 +1094,10 @@ impl<H: Clone> Mesh<H> {
             return;
         }
         let reachable = self.lsdb.reachable().to_vec();
+        let all = refresh
+            || reachable
+                .iter()
+                .any(|r| self.registered_with.binary_search(r).is_err());
         let set: BTreeSet<PublicKey> = reachable.iter().copied().collect();
         self.cache.retain_homes(|h| set.contains(h));
         // A lookup asking a relay that is no longer a directory relay of
@@ -1124,11 +1129,18 @@ impl<H: Clone> Mesh<H> {
                 home: self.me,
                 version: self.local[&cell].version,
             };
-            // When who is reachable changed, every holder hears again: one
-            // may have restarted (and forgotten) or missed a registration
-            // lost with a link; a refresh does the same on a timer.
-            for h in &hs {
-                self.register(now, *h, true, cell, at, out);
+            // A new directory relay hears of the cell. When a relay became
+            // reachable (it may have restarted and forgotten, or a
+            // partition healed), or a refresh is due, every one does: a
+            // registration lost with a link is mended by the refresh.
+            let c = &self.local[&cell];
+            let to: Vec<PublicKey> = hs
+                .iter()
+                .copied()
+                .filter(|h| all || !c.holders.contains(h))
+                .collect();
+            for h in to {
+                self.register(now, h, true, cell, at, out);
             }
             if let Some(c) = self.local.get_mut(&cell) {
                 c.holders = hs;

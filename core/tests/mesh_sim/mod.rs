@@ -1045,7 +1045,7 @@ impl Sim {
         if self
             .cells
             .iter()
-            .any(|c| c.at.is_none() && c.attach_at.is_some())
+            .any(|c| c.at.is_none() && c.attach_at.is_some_and(|t| t != u64::MAX))
         {
             return false;
         }
