@@ -767,7 +767,7 @@ impl<H: Clone> Node<H> {
             drops[DropReason::BadSignature as usize] =
                 self.scratch.good.iter().filter(|g| !**g).count() as u64;
         }
-        self.route_batch(now, link, from_key, envs, batch, checked, &mut drops, out);
+        self.route_batch(now, link, envs, batch, checked, &mut drops, out);
         for (reason, count) in DropReason::ALL.into_iter().zip(drops) {
             if count > 0 {
                 out.push(Action::Drop { reason, count });
@@ -858,7 +858,6 @@ impl<H: Clone> Node<H> {
         &mut self,
         now: Now,
         from_link: LinkId,
-        from_key: PublicKey,
         envs: &[Envelope],
         batch: &BatchFrame,
         checked: bool,
@@ -987,8 +986,11 @@ impl<H: Clone> Node<H> {
                         (Some((_, h)), Some(_)) => out.push(deliver(h)),
                     }
                 }
+                // Never back to its source: on a cell link that is the
+                // link's key (checked above); from a relay, the cell that
+                // sent it, which may have moved here since.
                 Destination::Broadcast => {
-                    out.extend(router.broadcast(from_key).map(deliver));
+                    out.extend(router.broadcast(e.source()).map(deliver));
                     if mesh.active() {
                         let env = e.clone().with_ttl(ttl);
                         drops[DropReason::SlowReceiver as usize] +=
@@ -996,7 +998,7 @@ impl<H: Clone> Node<H> {
                     }
                 }
                 Destination::Service(s) => {
-                    out.extend(router.service_members(&s, from_key).map(deliver));
+                    out.extend(router.service_members(&s, e.source()).map(deliver));
                     if mesh.active() {
                         let env = e.clone().with_ttl(ttl);
                         drops[DropReason::SlowReceiver as usize] +=
