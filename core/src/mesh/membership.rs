@@ -211,6 +211,14 @@ impl LinkStateDb {
         self.others.get(key).map(|l| l.neighbors.as_slice())
     }
 
+    /// Every relay held and the relays it lists, this one first: the
+    /// graph for a topology view.
+    pub fn topology(&self) -> Vec<(PublicKey, Vec<PublicKey>)> {
+        let mut v = vec![(self.me, self.own_neighbors.clone())];
+        v.extend(self.others.iter().map(|(k, l)| (*k, l.neighbors.clone())));
+        v
+    }
+
     fn lists(&self, a: &PublicKey, b: &PublicKey) -> bool {
         self.neighbors_of(a)
             .is_some_and(|n| n.binary_search(b).is_ok())

@@ -317,6 +317,12 @@ impl<H: Clone> Mesh<H> {
         self.lsdb.neighbors_of(relay)
     }
 
+    /// Every relay known and the relays it announced links to, this one
+    /// first (for `/topology`); at most `max_relays` + 1 entries.
+    pub fn topology(&self) -> Vec<(PublicKey, Vec<PublicKey>)> {
+        self.lsdb.topology()
+    }
+
     /// The address `relay` announced, if any: where it may be dialed.
     pub fn addr_of(&self, relay: &PublicKey) -> Option<&str> {
         self.lsdb.addr(relay)
