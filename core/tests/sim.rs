@@ -11,7 +11,8 @@
 //!   the long run, 10,000 seeds (`SIM_SEEDS` sets how many; 10,000 by default).
 //! - `cargo test -p relay-core --release --test sim scale_run -- --ignored --nocapture`:
 //!   the scale run, 1,000 relays and 100,000 cells: rounds to converge,
-//!   route memory per relay, control bytes per relay per round.
+//!   route memory per relay, control bytes per relay per round
+//!   (`SCALE_RELAYS` and `SCALE_CELLS` change the size, to compare).
 
 mod mesh_sim;
 
@@ -196,5 +197,11 @@ fn long_run() {
 #[test]
 #[ignore = "the scale run: 1,000 relays and 100,000 cells; see the file's documentation"]
 fn scale_run() {
-    mesh_sim::scale_run(1_000, 100_000);
+    let get = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    mesh_sim::scale_run(get("SCALE_RELAYS", 1_000), get("SCALE_CELLS", 100_000));
 }
