@@ -951,8 +951,15 @@ impl<H: Clone> Node<H> {
                     }
                     match (route, single) {
                         (None, _) => {
-                            let env = e.clone().with_ttl(ttl);
-                            match mesh.route_cell(now, from_link, dest, index, id, env, out) {
+                            // Without a relay link the mesh has nothing to
+                            // offer: no clone, the drop as before.
+                            let outcome = if mesh.active() {
+                                let env = e.clone().with_ttl(ttl);
+                                mesh.route_cell(now, from_link, dest, index, id, env, out)
+                            } else {
+                                RouteOutcome::NoRoute
+                            };
+                            match outcome {
                                 RouteOutcome::Sent | RouteOutcome::Held => {}
                                 RouteOutcome::Dropped(reason) => {
                                     drops[reason as usize] += 1;
