@@ -43,8 +43,12 @@ struct Lsa {
 pub enum LsaVerdict {
     /// Newer than what was held: kept; pass it on to the other links.
     Newer,
-    /// Not newer: dropped.
+    /// The one held: dropped.
     Stale,
+    /// Older than the one held: dropped, and the sender must get the one
+    /// held ([`LinkStateDb::frame_of`]), or it would keep the old one (a
+    /// relay that restarted learns its own old `seq` so, and jumps past it).
+    Older,
     /// This relay's own, from before a restart: its `seq` jumped past it;
     /// send the own LinkState again.
     OwnOutdated,
@@ -110,6 +114,19 @@ impl LinkStateDb {
         }
     }
 
+    /// The LinkState held for `origin` (this relay's own included).
+    pub fn frame_of(&self, origin: &PublicKey) -> Option<MeshFrame> {
+        if *origin == self.me {
+            return Some(self.own_frame());
+        }
+        self.others.get(origin).map(|l| MeshFrame::LinkState {
+            origin: *origin,
+            seq: l.seq,
+            addr: l.addr.clone(),
+            neighbors: l.neighbors.clone(),
+        })
+    }
+
     /// Every LinkState held (the own one first), for a new neighbour.
     pub fn all_frames(&self) -> Vec<MeshFrame> {
         let mut v = vec![self.own_frame()];
@@ -135,10 +152,11 @@ impl LinkStateDb {
                 self.own_seq = seq + 1;
                 return LsaVerdict::OwnOutdated;
             }
-            return LsaVerdict::Stale;
+            return LsaVerdict::Older;
         }
         match self.others.get(&origin) {
-            Some(l) if l.seq >= seq => return LsaVerdict::Stale,
+            Some(l) if l.seq == seq => return LsaVerdict::Stale,
+            Some(l) if l.seq > seq => return LsaVerdict::Older,
             None if self.others.len() >= self.max_relays => return LsaVerdict::Full,
             _ => {}
         }
@@ -369,11 +387,16 @@ mod tests {
             d.receive(k(2), 5, "h:1".into(), vec![k(1)]),
             LsaVerdict::Newer
         );
+        assert_eq!(d.receive(k(2), 4, String::new(), vec![]), LsaVerdict::Older);
+        assert!(matches!(
+            d.frame_of(&k(2)),
+            Some(MeshFrame::LinkState { seq: 5, .. })
+        ));
         assert_eq!(d.addr(&k(2)), Some("h:1"));
         let own = d.own_seq();
         assert_eq!(
             d.receive(k(1), own - 1, String::new(), vec![]),
-            LsaVerdict::Stale
+            LsaVerdict::Older
         );
         assert_eq!(
             d.receive(k(1), own + 10, String::new(), vec![]),

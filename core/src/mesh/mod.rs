@@ -884,6 +884,16 @@ impl<H: Clone> Mesh<H> {
                         self.flood_control(None, &own, out);
                     }
                     LsaVerdict::Stale => {}
+                    LsaVerdict::Older => {
+                        if let (Some(f), Some(p)) =
+                            (self.lsdb.frame_of(&origin), self.peers.get(&link))
+                        {
+                            out.push(Action::Control {
+                                to: p.handle.clone(),
+                                frame: Frame::Mesh(f),
+                            });
+                        }
+                    }
                     LsaVerdict::Full => self.stats.relays_refused += 1,
                 }
             }

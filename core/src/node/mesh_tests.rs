@@ -565,6 +565,13 @@ fn link_state_floods_newer_only_and_never_back() {
     assert!(mesh_frames(&out, 1).is_empty());
     let out = link_state(&mut n, at(1), 2, 150, 3, &[101]);
     assert!(mesh_frames(&out, 1).is_empty() && mesh_frames(&out, 2).is_empty());
+    // An older one is answered with the one held, on its link only.
+    let out = link_state(&mut n, at(1), 2, 150, 2, &[]);
+    assert!(mesh_frames(&out, 1).is_empty());
+    assert!(matches!(
+        mesh_frames(&out, 2)[..],
+        [MeshFrame::LinkState { seq: 3, .. }]
+    ));
     let topo = n.mesh().topology();
     assert_eq!(topo[0], (key(100), vec![key(101), key(102)]));
     assert!(topo.contains(&(key(150), vec![key(101)])));

@@ -1068,17 +1068,61 @@ impl Sim {
         true
     }
 
+    /// What keeps [`converged`](Self::converged) false, for a failure's
+    /// message.
+    fn why_not_converged(&mut self) -> String {
+        let mut why = Vec::new();
+        for (i, e) in self.edges.iter().enumerate() {
+            let both = self.alive(e.a) && self.alive(e.b);
+            if both && !matches!(e.state, EdgeState::Up { silent: false, .. }) {
+                why.push(format!("edge {i} ({}-{}) is {:?}", e.a, e.b, e.state));
+            }
+        }
+        for (ep, end) in &self.eps {
+            if let EndKind::Peer { remote, .. } = end.kind
+                && !self.eps.contains_key(&remote)
+            {
+                why.push(format!("endpoint {ep} at relay {} lingers", end.relay));
+            }
+        }
+        let comp = self.components();
+        let keys: Vec<PublicKey> = self.relays.iter().map(|r| r.key).collect();
+        for i in 0..self.relays.len() {
+            if comp[i].is_none() {
+                continue;
+            }
+            let want = (0..self.relays.len())
+                .filter(|j| comp[*j] == comp[i])
+                .count();
+            let node = self.relays[i].node.as_mut().unwrap();
+            let peers: Vec<usize> = node
+                .mesh()
+                .peers()
+                .map(|(_, k)| keys.iter().position(|x| *x == k).unwrap())
+                .collect();
+            let got = node.mesh_mut().reachable().len();
+            if got != want {
+                why.push(format!(
+                    "relay {i} reaches {got} of {want}; its peers {peers:?}"
+                ));
+            }
+        }
+        why.join("; ")
+    }
+
     /// Runs rounds until routes converge; returns how many it took, and
     /// fails past `bound`.
     pub fn converge(&mut self, bound: u32) -> u32 {
         let mut rounds = 0;
         while !self.converged() {
             rounds += 1;
-            assert!(
-                rounds <= bound,
-                "seed {}: routes did not converge within {bound} rounds of the last fault",
-                self.seed
-            );
+            if rounds > bound {
+                let why = self.why_not_converged();
+                panic!(
+                    "seed {}: routes did not converge within {bound} rounds of the last fault: {why}",
+                    self.seed
+                );
+            }
             self.round();
         }
         rounds
