@@ -147,22 +147,38 @@ impl LinkStateDb {
         addr: String,
         mut neighbors: Vec<PublicKey>,
     ) -> LsaVerdict {
-        if origin == self.me {
-            if seq >= self.own_seq {
-                self.own_seq = seq + 1;
-                return LsaVerdict::OwnOutdated;
-            }
-            return LsaVerdict::Older;
-        }
-        match self.others.get(&origin) {
-            Some(l) if l.seq == seq => return LsaVerdict::Stale,
-            Some(l) if l.seq > seq => return LsaVerdict::Older,
-            None if self.others.len() >= self.max_relays => return LsaVerdict::Full,
-            _ => {}
-        }
         neighbors.sort();
         neighbors.dedup();
         neighbors.truncate(MAX_NEIGHBORS);
+        if origin == self.me {
+            // Its own, come back: the same is nothing; a higher `seq`, or
+            // the same `seq` with other links (a restart counted up to it
+            // again), is from a past life: jump past it.
+            let same =
+                seq == self.own_seq && neighbors == self.own_neighbors && addr == self.own_addr;
+            if seq > self.own_seq || (seq == self.own_seq && !same) {
+                self.own_seq = seq + 1;
+                return LsaVerdict::OwnOutdated;
+            }
+            return if same {
+                LsaVerdict::Stale
+            } else {
+                LsaVerdict::Older
+            };
+        }
+        // Newer is a higher `seq`; for the same `seq` with other contents
+        // (a relay that restarted and counted up to it again), the larger
+        // contents win, so every relay keeps the same one and it reaches
+        // the origin, which then jumps past it.
+        match self.others.get(&origin) {
+            Some(l) => match (l.seq, &l.neighbors, &l.addr).cmp(&(seq, &neighbors, &addr)) {
+                std::cmp::Ordering::Equal => return LsaVerdict::Stale,
+                std::cmp::Ordering::Greater => return LsaVerdict::Older,
+                std::cmp::Ordering::Less => {}
+            },
+            None if self.others.len() >= self.max_relays => return LsaVerdict::Full,
+            None => {}
+        }
         self.others.insert(
             origin,
             Lsa {
@@ -409,6 +425,38 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_same_seq_with_other_links_is_settled_the_same_way_everywhere() {
+        let mut a = LinkStateDb::new(k(1), String::new(), 10);
+        let mut b = LinkStateDb::new(k(2), String::new(), 10);
+        // Relay 9 restarted and counted up to 4 again with other links.
+        a.receive(k(9), 4, String::new(), vec![k(3)]);
+        b.receive(k(9), 4, String::new(), vec![k(5)]);
+        assert_eq!(
+            a.receive(k(9), 4, String::new(), vec![k(5)]),
+            LsaVerdict::Newer
+        );
+        assert_eq!(
+            b.receive(k(9), 4, String::new(), vec![k(3)]),
+            LsaVerdict::Older
+        );
+        assert_eq!(a.frame_of(&k(9)), b.frame_of(&k(9)), "both keep the larger");
+        // The origin itself: its own seq with other links is a past life.
+        let mut o = LinkStateDb::new(k(9), String::new(), 10);
+        o.set_neighbors([k(7)]);
+        let seq = o.own_seq();
+        assert_eq!(
+            o.receive(k(9), seq, String::new(), vec![k(7)]),
+            LsaVerdict::Stale,
+            "its own come back"
+        );
+        assert_eq!(
+            o.receive(k(9), seq, String::new(), vec![k(5)]),
+            LsaVerdict::OwnOutdated
+        );
+        assert_eq!(o.own_seq(), seq + 1);
     }
 
     #[test]

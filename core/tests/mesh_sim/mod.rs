@@ -1102,8 +1102,16 @@ impl Sim {
                 .collect();
             let got = node.mesh_mut().reachable().len();
             if got != want {
+                let p = |k: &PublicKey| keys.iter().position(|x| x == k).unwrap();
+                let reach: Vec<usize> = node.mesh_mut().reachable().iter().map(p).collect();
+                let topo: Vec<(usize, Vec<usize>)> = node
+                    .mesh()
+                    .topology()
+                    .iter()
+                    .map(|(k, ns)| (p(k), ns.iter().map(p).collect()))
+                    .collect();
                 why.push(format!(
-                    "relay {i} reaches {got} of {want}; its peers {peers:?}"
+                    "relay {i} reaches {got} of {want} {reach:?}; its peers {peers:?}; holds {topo:?}"
                 ));
             }
         }
