@@ -338,6 +338,16 @@ impl<H: Clone> Mesh<H> {
         self.directory.get(cell)
     }
 
+    /// The cached route to `cell`, if any (maybe expired).
+    pub fn cached_route(&self, cell: &PublicKey) -> Option<route_cache::CachedRoute> {
+        self.cache.peek(cell).copied()
+    }
+
+    fn is_holder(&mut self, cell: &PublicKey) -> bool {
+        let me = self.me;
+        holders(self.lsdb.reachable(), cell, self.cfg.directory_replicas).contains(&me)
+    }
+
     /// The directory relays of `cell`, as this relay computes them now.
     pub fn holders_of(&mut self, cell: &PublicKey) -> Vec<PublicKey> {
         holders(self.lsdb.reachable(), cell, self.cfg.directory_replicas)
@@ -954,15 +964,21 @@ impl<H: Clone> Mesh<H> {
                 request,
                 cell,
             } => {
+                let holder = self.is_holder(&cell);
                 let at = match self.local.get(&cell) {
                     Some(c) => Some(Location {
                         home: self.me,
                         version: c.version,
                     }),
-                    None => self
+                    // Only a directory relay of the cell answers from its
+                    // directory: an entry left from when this relay was
+                    // one may be stale (the cell moved and registered with
+                    // the relays of today).
+                    None if holder => self
                         .directory
                         .get(&cell)
                         .filter(|at| at.home != self.me && self.lsdb.is_reachable(&at.home)),
+                    None => None,
                 };
                 let reply = MeshFrame::LookupReply {
                     header: self.header(header.origin),

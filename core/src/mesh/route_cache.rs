@@ -73,6 +73,12 @@ impl RouteCache {
         }
     }
 
+    /// The entry for `cell`, expired or not, without touching its order
+    /// or the counters (for views).
+    pub fn peek(&self, cell: &PublicKey) -> Option<&CachedRoute> {
+        self.lru.peek(cell)
+    }
+
     /// Learns that `cell` is at `at`, unless a newer location is cached;
     /// the entry's expiry starts again.
     pub fn insert(&mut self, cell: PublicKey, at: Location, now_ms: u64) {

@@ -1189,6 +1189,7 @@ impl Sim {
             })
             .collect();
         let desc = format!("{dest:?}").chars().take(40).collect::<String>();
+        let dest_copy = dest.clone();
         if let Some(id) = self.send_from(c, dest, lane) {
             if std::env::var("SIM_TRACE_ID").is_ok_and(|t| t == id.to_string()) {
                 let n = self.relays[r].node.as_mut().unwrap();
@@ -1198,6 +1199,20 @@ impl Sim {
                     "{} ms: probe {id} sent from relay {r}: {st:?}, {reach} reachable",
                     self.now_ms
                 );
+                if let Destination::Cell(k) = &dest_copy {
+                    let keys: Vec<PublicKey> = self.relays.iter().map(|r| r.key).collect();
+                    for (i, rl) in self.relays.iter().enumerate() {
+                        if let Some(n) = rl.node.as_ref()
+                            && let Some(c) = n.mesh().cached_route(k)
+                        {
+                            let h = keys.iter().position(|x| *x == c.at.home);
+                            eprintln!(
+                                "  relay {i} caches home {h:?} v{} until {}",
+                                c.at.version, c.expires_ms
+                            );
+                        }
+                    }
+                }
             }
             self.probe_ends.insert(id, (c, desc));
             self.report.probe_deliveries += want.len() as u64;
