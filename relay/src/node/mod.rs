@@ -136,6 +136,10 @@ pub enum NodeError {
     /// The OS gave no randomness to seed the node with.
     #[error("no randomness from the OS to seed the relay: {0}")]
     Random(getrandom::Error),
+    /// The mesh settings cannot run (a peer with this relay's own key, or
+    /// a bound out of range).
+    #[error("mesh: {0}")]
+    Mesh(String),
     /// The admin address could not be bound.
     #[error(
         "admin address {addr}: {error}{}",
@@ -188,6 +192,24 @@ const SAME_PORT_TRIES: usize = 16;
 /// recording their close, the closes reaching the cells (QUIC's closing
 /// period), in-flight admin requests.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// The node with `[mesh]` set up: its peers' and `trusted_relays`' keys
+/// trusted, announcing `quic` as where it may be dialed.
+fn with_mesh(
+    node: CoreNode,
+    cfg: &RelayConfig,
+    me: PublicKey,
+    quic: SocketAddr,
+) -> Result<CoreNode, NodeError> {
+    if cfg.mesh.peers.iter().any(|p| p.addr.key == me) {
+        return Err(NodeError::Mesh(format!(
+            "mesh.peers (or --peer) lists this relay's own key {me}; a relay does not peer with \
+             itself"
+        )));
+    }
+    node.with_mesh(cfg.mesh.mesh_config(quic.to_string()))
+        .map_err(|e| NodeError::Mesh(e.to_string()))
+}
 
 /// Milliseconds since the Unix epoch, read once per batch.
 fn unix_ms() -> u64 {
@@ -304,6 +326,7 @@ impl Node {
         // messages a sampled policy checks) comes from this seed.
         let seed = getrandom::u64().map_err(NodeError::Random)?;
         let node = CoreNode::new(cfg.node_config(keypair.public()), seed)?;
+        let node = with_mesh(node, &cfg, keypair.public(), quic_addr)?;
         let shared = Arc::new(Shared {
             key: keypair.public(),
             limits,
