@@ -22,7 +22,7 @@
 use crate::admin::{self, AdminState};
 use crate::config::{ListenTcp, RelayConfig};
 use crate::metrics::{Metrics, TcpRefusal};
-use relay_codec::frame::CloseCode;
+use relay_codec::frame::{CloseCode, Role};
 use relay_codec::keyfile::{KeyFileError, load_or_create_keyfile, read_keyfile};
 use relay_codec::{Keypair, Limits, PublicKey};
 use relay_core::{LinkId, NodeConfigError, Now};
@@ -43,6 +43,7 @@ use tracing::{info, warn};
 mod actions;
 mod handle;
 mod link;
+mod peer;
 
 use actions::Executor;
 pub use handle::LinkHandle;
@@ -222,6 +223,8 @@ fn unix_ms() -> u64 {
 struct LinkEntry {
     handle: Arc<LinkHandle>,
     writer: Option<JoinHandle<()>>,
+    /// Whether this relay dialed it (a peer link of `mesh.peers`).
+    dialed: bool,
 }
 
 struct Shared {
@@ -249,6 +252,9 @@ struct Shared {
     not_quic: Arc<AtomicU64>,
     /// What the TCP listener turned away, likewise; `None` without one.
     tcp_refused: Option<Arc<TcpListenerStats>>,
+    /// Told whenever a relay link comes up or goes down: the peer dialers
+    /// wait on it while their peer's link is up.
+    peers_changed: tokio::sync::Notify,
     /// Test hook: the key whose next link task panics once it is up.
     #[cfg(debug_assertions)]
     fault_panic: Mutex<Option<PublicKey>>,
@@ -264,6 +270,9 @@ pub struct Node {
     tcp_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
     key_created: bool,
+    /// The identity and QUIC tuning peer links are dialed with.
+    keypair: Keypair,
+    tuning: TransportTuning,
     /// The data directory's lock, held until the node is dropped (after
     /// [`run`](Node::run) returns).
     _lock: std::fs::File,
@@ -340,6 +349,7 @@ impl Node {
             started: Instant::now(),
             not_quic,
             tcp_refused: tcp.as_ref().map(|l| l.stats().clone()),
+            peers_changed: tokio::sync::Notify::new(),
             #[cfg(debug_assertions)]
             fault_panic: Mutex::new(None),
             cfg,
@@ -353,6 +363,8 @@ impl Node {
             tcp_addr,
             admin_addr,
             key_created,
+            keypair,
+            tuning,
             _lock: lock,
         })
     }
@@ -400,10 +412,36 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner()) = Some(key);
     }
 
+    /// One task per configured peer relay, dialing it and redialing it
+    /// ([`peer`]).
+    fn spawn_dialers(&self) -> Vec<JoinHandle<()>> {
+        let dialing = Arc::new(peer::Dialing {
+            keypair: self.keypair.clone(),
+            endpoint: self.endpoint.clone(),
+            tuning: self.tuning.clone(),
+        });
+        self.shared
+            .cfg
+            .mesh
+            .peers
+            .iter()
+            .map(|p| {
+                let seed = getrandom::u64().unwrap_or(p.addr.port.into());
+                tokio::spawn(peer::run_peer(
+                    self.shared.clone(),
+                    dialing.clone(),
+                    p.clone(),
+                    seed,
+                ))
+            })
+            .collect()
+    }
+
     /// Serves until `shutdown` completes, then stops accepting, flushes what
     /// is queued (bounded by `link.shutdown_grace_ms`) and closes every link.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let shared = self.shared.clone();
+        let dialers = self.spawn_dialers();
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let health_shared = shared.clone();
         let (quic_addr, tcp_addr) = (self.quic_addr, self.tcp_addr);
@@ -501,6 +539,9 @@ impl Node {
         let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
         garbage_task.abort();
         timer_task.abort();
+        for d in dialers {
+            d.abort();
+        }
         let _ = admin_stop.send(());
         let _ = tokio::time::timeout(CLOSE_WAIT, admin_task).await;
         info!("stopped");
@@ -588,6 +629,47 @@ impl Shared {
             "uptime_s": self.started.elapsed().as_secs(),
             "time_in_relay_p99_us": self.metrics.time_in_relay_quantile(0.99),
         })
+    }
+
+    /// A relay link up or down: the gauge, and the dialers waiting.
+    fn peers_changed(&self) {
+        let n = self.node().mesh().peers().count();
+        self.metrics.set_peers(n);
+        self.peers_changed.notify_waiters();
+    }
+
+    /// Whether a relay link of `key` is up (one the node has not closed).
+    fn peer_link_up(&self, key: PublicKey) -> bool {
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .any(|e| e.handle.role == Role::Relay && e.handle.key == key && e.handle.link.end().is_none())
+    }
+
+    /// Why a new relay link of `key` (`dialed` by this relay or not) is
+    /// redundant, if it is. Two relays that list each other both dial: of
+    /// two links between them, both keep the one dialed by the lower key,
+    /// so they never close each other's last link. A link from the same
+    /// dialer as the one up replaces it (the peer restarted).
+    fn redundant_peer_link(&self, key: PublicKey, dialed: bool) -> Option<String> {
+        let dialer = |ours: bool| if ours { self.key } else { key };
+        let new = dialer(dialed);
+        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        links
+            .values()
+            .filter(|e| {
+                e.handle.role == Role::Relay && e.handle.key == key && e.handle.link.end().is_none()
+            })
+            .map(|e| dialer(e.dialed))
+            .find(|old| *old != new && *old < new)
+            .map(|old| {
+                format!(
+                    "a link between relays {} and {key} dialed by {old} is up; of two, the one \
+                     dialed by the lower key is kept",
+                    self.key
+                )
+            })
     }
 
     fn writer_config(&self) -> WriterConfig {
