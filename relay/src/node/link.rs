@@ -142,7 +142,8 @@ impl Drop for LinkGuard {
                 .map_or_else(|| "its task failed".to_owned(), ToString::to_string);
             info!(%peer, %remote, %transport, reason = reason.as_str(), "peer link down: {why}");
             if end.is_none() {
-                h.link.close(CloseCode::Normal, "internal error in the relay");
+                h.link
+                    .close(CloseCode::Normal, "internal error in the relay");
             }
             return;
         }
@@ -185,21 +186,20 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: Incoming) {
         link.close(CloseCode::Unauthorized, "no proven key");
         return;
     };
-    let (ctl_send, ctl_recv, hello) =
-        match relay_link::accept_hello(&link, HELLO_TIMEOUT).await {
-            Ok(v) => v,
-            Err(e) => {
-                let code = match &e {
-                    LinkError::Timeout(_) => CloseCode::Idle,
-                    e => e.peer_fault().unwrap_or(CloseCode::Malformed),
-                };
-                let reason = e.to_string();
-                m.link_refused(CloseReason::HandshakeFailed);
-                warn!(%remote, %transport, peer = %key, "link refused at Hello: {reason}");
-                link.close(code, &reason);
-                return;
-            }
-        };
+    let (ctl_send, ctl_recv, hello) = match relay_link::accept_hello(&link, HELLO_TIMEOUT).await {
+        Ok(v) => v,
+        Err(e) => {
+            let code = match &e {
+                LinkError::Timeout(_) => CloseCode::Idle,
+                e => e.peer_fault().unwrap_or(CloseCode::Malformed),
+            };
+            let reason = e.to_string();
+            m.link_refused(CloseReason::HandshakeFailed);
+            warn!(%remote, %transport, peer = %key, "link refused at Hello: {reason}");
+            link.close(code, &reason);
+            return;
+        }
+    };
     serve(
         shared,
         link,

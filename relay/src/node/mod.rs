@@ -644,7 +644,9 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .any(|e| e.handle.role == Role::Relay && e.handle.key == key && e.handle.link.end().is_none())
+            .any(|e| {
+                e.handle.role == Role::Relay && e.handle.key == key && e.handle.link.end().is_none()
+            })
     }
 
     /// Why a new relay link of `key` (`dialed` by this relay or not) is

@@ -47,7 +47,12 @@ struct Dialed {
 
 /// Dials `peer`, serves its link, and again when it drops, forever (the
 /// relay aborts the task at shutdown).
-pub(super) async fn run_peer(shared: Arc<Shared>, dialing: Arc<Dialing>, peer: PeerAddr, seed: u64) {
+pub(super) async fn run_peer(
+    shared: Arc<Shared>,
+    dialing: Arc<Dialing>,
+    peer: PeerAddr,
+    seed: u64,
+) {
     let key = peer.addr.key;
     let mut backoff =
         Backoff::new(REDIAL_INITIAL, REDIAL_MAX, seed).expect("the redial bounds are ordered");
@@ -87,7 +92,11 @@ pub(super) async fn run_peer(shared: Arc<Shared>, dialing: Arc<Dialing>, peer: P
 
 /// One dial: `None` when a link with the peer came up meanwhile (nothing
 /// to dial), the link after its Welcome, or why it failed.
-async fn dial(shared: &Shared, dialing: &Dialing, peer: &PeerAddr) -> Result<Option<Dialed>, String> {
+async fn dial(
+    shared: &Shared,
+    dialing: &Dialing,
+    peer: &PeerAddr,
+) -> Result<Option<Dialed>, String> {
     if shared.peer_link_up(peer.addr.key) {
         return Ok(None);
     }

@@ -1,0 +1,130 @@
+//! Relays peered into a mesh, as real processes: cells on different
+//! relays reach each other across hops on every lane, over QUIC and TCP
+//! peer links; a relay whose key is not trusted is refused with a reason.
+
+use relay_client::cell::Cell;
+use relay_codec::{Keypair, Lane};
+use relay_link::Transport;
+use relay_tests::cells::{WAIT, connect, options_over, within};
+use relay_tests::each_transport;
+use relay_tests::mesh::{Planned, degrees, start_mesh};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+/// Probes sent at most before a route is declared missing.
+const PROBES: u32 = 120;
+/// How long one probe is waited for before the next is sent.
+const PROBE_WAIT: Duration = Duration::from_millis(500);
+
+/// Sends probes from `from` to `to` until one arrives (the mesh learns
+/// where `to` is: link states flooded, its location registered with its
+/// directory relays); returns how long it took. Probes that arrive later
+/// are skipped by [`collect`].
+async fn reach(from: &Cell, to: &mut Cell) -> Duration {
+    let start = Instant::now();
+    for i in 0..PROBES {
+        from.send(
+            to.public_key(),
+            Lane::Normal,
+            format!("probe {i}").into_bytes(),
+        )
+        .await
+        .expect("probe sent");
+        if let Ok(Some(m)) = tokio::time::timeout(PROBE_WAIT, to.recv()).await {
+            assert!(
+                m.payload.starts_with(b"probe "),
+                "a probe, got {:?}",
+                m.payload
+            );
+            assert_eq!(m.source, from.public_key());
+            return start.elapsed();
+        }
+    }
+    panic!(
+        "no probe from {} reached {} through the mesh",
+        from.public_key(),
+        to.public_key()
+    );
+}
+
+/// The next `n` payloads `cell` receives that are not probes.
+async fn collect(cell: &mut Cell, n: usize, what: &str) -> BTreeSet<String> {
+    let mut got = BTreeSet::new();
+    within(what, WAIT, async {
+        while got.len() < n {
+            let m = cell.recv().await.expect("the cell runs");
+            if m.payload.starts_with(b"probe ") {
+                continue;
+            }
+            let text = String::from_utf8(m.payload.to_vec()).expect("text");
+            assert!(got.insert(text.clone()), "{what}: {text:?} arrived twice");
+        }
+    })
+    .await;
+    got
+}
+
+each_transport!(a_line_of_three_relays_carries_every_lane_both_ways);
+
+async fn a_line_of_three_relays_carries_every_lane_both_ways(t: Transport) {
+    let edges = [(0, 1), (1, 2)];
+    let mesh = start_mesh(3, &edges, t);
+    for ((_, r), d) in mesh.iter().zip(degrees(3, &edges)) {
+        r.wait_metric_async("celluler_peers", "", d as f64, WAIT)
+            .await;
+    }
+    let (ra, rb, rc) = (&mesh[0].1, &mesh[1].1, &mesh[2].1);
+    rb.wait_log_async("peer link up", WAIT).await;
+    let mut a = connect(ra, Keypair::generate(), options_over(t)).await;
+    let mut c = connect(rc, Keypair::generate(), options_over(t)).await;
+    let ac = reach(&a, &mut c).await;
+    let ca = reach(&c, &mut a).await;
+    println!("line over {t}: A reached C after {ac:?}, C reached A after {ca:?}");
+    let before = rb.metric("celluler_forwarded_to_relay_total", "");
+    let mut want_c = BTreeSet::new();
+    let mut want_a = BTreeSet::new();
+    for lane in Lane::ALL {
+        let to_c = format!("{lane:?} from A to C");
+        let to_a = format!("{lane:?} from C to A");
+        a.send(c.public_key(), lane, to_c.clone().into_bytes())
+            .await
+            .expect("send A to C");
+        c.send(a.public_key(), lane, to_a.clone().into_bytes())
+            .await
+            .expect("send C to A");
+        want_c.insert(to_c);
+        want_a.insert(to_a);
+    }
+    assert_eq!(collect(&mut c, 4, "every lane A to C").await, want_c);
+    assert_eq!(collect(&mut a, 4, "every lane C to A").await, want_a);
+    // Each of the eight crossed the middle relay, forwarded to a relay.
+    rb.wait_metric_async("celluler_forwarded_to_relay_total", "", before + 8.0, WAIT)
+        .await;
+    for (_, r) in mesh {
+        r.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_key_is_not_trusted_is_refused_with_a_reason() {
+    // B trusts only C's key (a configured peer of nobody's, here); A dials
+    // B without being trusted there.
+    let (a, b, c) = (Planned::new(), Planned::new(), Planned::new());
+    let rb = b.start(&format!("[mesh]\ntrusted_relays = [\"{}\"]\n", c.key));
+    let ra = a.start(&format!(
+        "[mesh]\npeers = [{:?}]\n",
+        b.peer(Transport::Quic)
+    ));
+    rb.wait_log_async(&format!("relay {} is not trusted here", a.key), WAIT)
+        .await;
+    rb.wait_metric_async("celluler_relays_refused_total", "", 1.0, WAIT)
+        .await;
+    // The dialer hears why and keeps redialing, with backoff.
+    ra.wait_log_async("dialing peer relay failed", WAIT).await;
+    ra.wait_log_async("not trusted here", WAIT).await;
+    assert_eq!(rb.metric("celluler_peers", ""), 0.0);
+    assert_eq!(ra.metric("celluler_peers", ""), 0.0);
+    drop(c);
+    ra.stop();
+    rb.stop();
+}
