@@ -6,8 +6,8 @@ use relay_client::cell::Cell;
 use relay_codec::{Keypair, Lane};
 use relay_link::Transport;
 use relay_tests::cells::{WAIT, connect, options_over, within};
-use relay_tests::each_transport;
 use relay_tests::mesh::{Planned, degrees, start_mesh};
+use relay_tests::{RelayProcess, each_transport};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -100,8 +100,64 @@ async fn a_line_of_three_relays_carries_every_lane_both_ways(t: Transport) {
     // Each of the eight crossed the middle relay, forwarded to a relay.
     rb.wait_metric_async("celluler_forwarded_to_relay_total", "", before + 8.0, WAIT)
         .await;
+    check_views(&mesh[0].0, &mesh[1].0, &mesh[2].0, ra, rb);
     for (_, r) in mesh {
         r.stop();
+    }
+}
+
+/// The admin views of the line A–B–C: B's peers, A's route to C, A's
+/// topology as JSON and DOT.
+fn check_views(a: &Planned, b: &Planned, c: &Planned, ra: &RelayProcess, rb: &RelayProcess) {
+    let json = |r: &RelayProcess, path: &str| -> serde_json::Value {
+        let (status, body) = r.http_get(path);
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path} is not JSON ({e}): {body}"))
+    };
+    let peers = json(rb, "/peers");
+    let mut keys: Vec<String> = peers["peers"]
+        .as_array()
+        .expect("a peers list")
+        .iter()
+        .map(|p| p["key"].as_str().expect("a key").to_owned())
+        .collect();
+    keys.sort();
+    let mut want = vec![a.key.to_string(), c.key.to_string()];
+    want.sort();
+    assert_eq!(keys, want, "B's peers: {peers}");
+    let routes = json(ra, "/routes");
+    let to_c = routes["routes"]
+        .as_array()
+        .expect("a routes list")
+        .iter()
+        .find(|r| r["relay"] == c.key.to_string())
+        .unwrap_or_else(|| panic!("A has no route to C: {routes}"));
+    assert_eq!(to_c["hops"], 2, "{routes}");
+    assert_eq!(to_c["next_hop"], b.key.to_string(), "{routes}");
+    let topology = json(ra, "/topology");
+    assert_eq!(
+        topology["relays"].as_array().map(Vec::len),
+        Some(3),
+        "{topology}"
+    );
+    let (status, dot) = ra.http_get("/topology?format=dot");
+    assert_eq!(status, 200);
+    assert!(dot.starts_with("graph mesh {"), "{dot}");
+    assert_eq!(
+        dot.matches(" -- ").count(),
+        2,
+        "two links, each once: {dot}"
+    );
+    for (x, y) in [(a, b), (b, c)] {
+        let (lo, hi) = if x.key.to_string() < y.key.to_string() {
+            (x, y)
+        } else {
+            (y, x)
+        };
+        assert!(
+            dot.contains(&format!("\"{}\" -- \"{}\"", lo.key, hi.key)),
+            "{dot}"
+        );
     }
 }
 

@@ -19,7 +19,7 @@
 //! bounded pause: a full queue drops messages for that receiver, and the
 //! node counts and notices them.
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, MeshView};
 use crate::config::{ListenTcp, RelayConfig};
 use crate::metrics::{Metrics, TcpRefusal};
 use relay_codec::frame::{CloseCode, Role};
@@ -448,6 +448,10 @@ impl Node {
         let state = AdminState {
             metrics: shared.metrics.clone(),
             health: Arc::new(move || health_shared.health(quic_addr, tcp_addr)),
+            mesh: {
+                let shared = shared.clone();
+                Arc::new(move |view| shared.mesh_view(view))
+            },
         };
         let admin_task = tokio::spawn(admin::serve(self.admin, state, async {
             let _ = admin_stopped.await;
@@ -629,6 +633,77 @@ impl Shared {
             "uptime_s": self.started.elapsed().as_secs(),
             "time_in_relay_p99_us": self.metrics.time_in_relay_quantile(0.99),
         })
+    }
+
+    /// The JSON of a mesh view for the admin endpoint, from the node's
+    /// views (and, for `/peers`, the shell's view of each link).
+    fn mesh_view(&self, view: MeshView) -> serde_json::Value {
+        use serde_json::json;
+        let me = self.key.to_string();
+        match view {
+            MeshView::Peers => {
+                let peers: Vec<(LinkId, PublicKey)> = self.node().mesh().peers().collect();
+                let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+                let peers: Vec<_> = peers
+                    .into_iter()
+                    .map(|(id, key)| {
+                        let e = links.get(&id);
+                        json!({
+                            "key": key.to_string(),
+                            "link": id,
+                            "transport": e.map(|e| e.handle.link.transport().name()),
+                            "remote": e.map(|e| e.handle.link.remote_address().to_string()),
+                            "dialed": e.map(|e| e.dialed),
+                        })
+                    })
+                    .collect();
+                json!({ "self": me, "peers": peers })
+            }
+            MeshView::Routes => {
+                let mut node = self.node();
+                let stats = node.mesh().stats();
+                let routes: Vec<_> = node
+                    .mesh_mut()
+                    .routes()
+                    .iter()
+                    .map(|(relay, (hops, next))| {
+                        json!({
+                            "relay": relay.to_string(),
+                            "hops": hops,
+                            "next_hop": next.to_string(),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "self": me,
+                    "routes": routes,
+                    "relays_known": stats.relays_known,
+                    "directory_entries": stats.directory_entries,
+                    "cached_routes": stats.cached_routes,
+                    "cache_hits": stats.cache.hits,
+                    "cache_misses": stats.cache.misses,
+                    "pending_lookups": stats.pending_lookups,
+                    "held": stats.held,
+                    "forwarded": stats.forwarded,
+                })
+            }
+            MeshView::Topology => {
+                let node = self.node();
+                let mesh = node.mesh();
+                let relays: Vec<_> = mesh
+                    .topology()
+                    .into_iter()
+                    .map(|(key, links)| {
+                        json!({
+                            "key": key.to_string(),
+                            "addr": mesh.addr_of(&key),
+                            "links": links.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                json!({ "self": me, "relays": relays })
+            }
+        }
     }
 
     /// A relay link up or down: the gauge, and the dialers waiting.
