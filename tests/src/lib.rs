@@ -347,6 +347,13 @@ impl RelayProcess {
         }
     }
 
+    /// Kills the relay with SIGKILL (no shutdown of any kind: its peers
+    /// see it vanish) and waits for it to be gone.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub fn stop(mut self) -> ExitStatus {
         self.terminate()
