@@ -1512,6 +1512,23 @@ sample_rate = 0.5
     }
 
     #[test]
+    fn the_readme_mesh_files_are_valid_and_differ_in_addresses_and_data_dirs() {
+        let files = [
+            include_str!("../../config/mesh-a.toml"),
+            include_str!("../../config/mesh-b.toml"),
+            include_str!("../../config/mesh-c.toml"),
+        ];
+        let cfgs: Vec<RelayConfig> = files.iter().map(|f| parse(f).unwrap()).collect();
+        for (i, a) in cfgs.iter().enumerate() {
+            for b in &cfgs[i + 1..] {
+                assert_ne!(a.node.listen, b.node.listen);
+                assert_ne!(a.node.admin, b.node.admin);
+                assert_ne!(a.node.data_dir, b.node.data_dir);
+            }
+        }
+    }
+
+    #[test]
     fn load_reads_a_file_and_names_it() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("relay.toml");
