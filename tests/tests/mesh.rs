@@ -1,6 +1,10 @@
 //! Relays peered into a mesh, as real processes: cells on different
 //! relays reach each other across hops on every lane, over QUIC and TCP
-//! peer links; a relay whose key is not trusted is refused with a reason.
+//! peer links; a relay whose key is not trusted is refused with a reason;
+//! a broadcast on a ring reaches each cell once; a square routes around a
+//! relay killed with SIGKILL; a restarted relay is peered again; a cell
+//! that moves is reachable where it went. Every wait is on an event (a
+//! metric, a log line, a message), bounded.
 
 use relay_client::cell::Cell;
 use relay_codec::{Keypair, Lane};
@@ -302,6 +306,83 @@ async fn a_square_resumes_traffic_between_opposite_corners_after_sigkill_of_the_
     // The other way too, through the corner left.
     reach(&c, &mut { a }).await;
     for (_, r) in mesh.into_iter().flatten() {
+        r.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_restarts_is_peered_again_and_its_cells_are_reachable_again() {
+    let edges = [(0, 1), (1, 2)];
+    let mut mesh: Vec<Option<(Planned, RelayProcess)>> = start_mesh(3, &edges, Transport::Quic)
+        .into_iter()
+        .map(Some)
+        .collect();
+    for (i, d) in degrees(3, &edges).into_iter().enumerate() {
+        relay(&mesh, i)
+            .wait_metric_async("celluler_peers", "", d as f64, WAIT)
+            .await;
+    }
+    let a = connect(
+        relay(&mesh, 0),
+        Keypair::generate(),
+        options_over(Transport::Quic),
+    )
+    .await;
+    let mut c = connect(
+        relay(&mesh, 2),
+        Keypair::generate(),
+        options_over(Transport::Quic),
+    )
+    .await;
+    reach(&a, &mut c).await;
+    // C dies (SIGKILL) and starts again with its key, port and peer B.
+    let (plan_c, rc) = mesh[2].take().expect("running");
+    rc.kill();
+    drop(c);
+    let b_peer = mesh[1].as_ref().expect("running").0.peer(Transport::Quic);
+    let start = Instant::now();
+    let rc = plan_c.start(&format!("[mesh]\npeers = [{b_peer:?}]\n"));
+    rc.wait_metric_async("celluler_peers", "", 1.0, WAIT).await;
+    relay(&mesh, 1)
+        .wait_metric_async("celluler_peers", "", 2.0, WAIT)
+        .await;
+    let mut c = connect(&rc, Keypair::generate(), options_over(Transport::Quic)).await;
+    let took = reach(&a, &mut c).await;
+    println!(
+        "restart: C peered again and its new cell reached {:?} after its start ({took:?} of probes)",
+        start.elapsed()
+    );
+    rc.stop();
+    for (_, r) in mesh.into_iter().flatten() {
+        r.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_that_moves_to_another_relay_is_reachable_there() {
+    let edges = [(0, 1), (1, 2)];
+    let mesh = start_mesh(3, &edges, Transport::Quic);
+    for ((_, r), d) in mesh.iter().zip(degrees(3, &edges)) {
+        r.wait_metric_async("celluler_peers", "", d as f64, WAIT)
+            .await;
+    }
+    let a = connect(
+        &mesh[0].1,
+        Keypair::generate(),
+        options_over(Transport::Quic),
+    )
+    .await;
+    let key = Keypair::generate();
+    let mut x = connect(&mesh[2].1, key.clone(), options_over(Transport::Quic)).await;
+    reach(&a, &mut x).await;
+    // x leaves C and attaches to B: A's route to it (home C) is stale.
+    within("x closes", WAIT, x.close())
+        .await
+        .expect("closes cleanly");
+    let mut x = connect(&mesh[1].1, key, options_over(Transport::Quic)).await;
+    let took = reach(&a, &mut x).await;
+    println!("move: x reachable on B {took:?} after it attached there");
+    for (_, r) in mesh {
         r.stop();
     }
 }

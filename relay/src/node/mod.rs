@@ -739,7 +739,7 @@ impl Shared {
                 e.handle.role == Role::Relay && e.handle.key == key && e.handle.link.end().is_none()
             })
             .map(|e| dialer(e.dialed))
-            .find(|old| *old != new && *old < new)
+            .find(|old| *old < new)
             .map(|old| {
                 format!(
                     "a link between relays {} and {key} dialed by {old} is up; of two, the one \
