@@ -29,7 +29,8 @@ use tracing::{debug, info, warn};
 
 /// How long a new connection may take to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Control frames waiting for one link's control stream.
+/// Control frames waiting for one cell link's control stream (a relay
+/// link's queue holds its link-state database more: see `serve`).
 const CONTROL_QUEUE: usize = 1024;
 /// After a peer's Close, how long its data streams may take to be read.
 const DRAIN_ON_CLOSE: Duration = Duration::from_secs(5);
@@ -257,7 +258,14 @@ pub(super) async fn serve(
     let id = shared
         .next_link
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (ctl_tx, ctl_rx) = mpsc::channel::<Frame>(CONTROL_QUEUE);
+    // A new relay link is sent the whole link-state database at once (one
+    // frame per relay known, at most `max_relays` + 1) besides its
+    // liveness and credit frames: its queue holds that much more.
+    let depth = match hello.role {
+        Role::Relay => CONTROL_QUEUE + 2 * shared.node().mesh().config().max_relays,
+        Role::Cell => CONTROL_QUEUE,
+    };
+    let (ctl_tx, ctl_rx) = mpsc::channel::<Frame>(depth);
     let handle = Arc::new(LinkHandle {
         id,
         key,
