@@ -426,7 +426,10 @@ pub struct MeshSection {
     /// twice, not this relay's own key. Default none.
     pub peers: Vec<PeerAddr>,
     /// More relay keys whose links are accepted, beside the peers' (which
-    /// are always trusted). Default none: only the configured peers.
+    /// are always trusted). Each is dialed too once the mesh announces
+    /// its address (its LinkState), while the configured peers and those
+    /// dialed leave room under `max_peers`. Default none: only the
+    /// configured peers.
     #[serde(with = "keys")]
     pub trusted_relays: Vec<PublicKey>,
     /// Most relay links up at once, `1..=1024`; one more is refused

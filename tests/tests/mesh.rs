@@ -386,3 +386,33 @@ async fn a_cell_that_moves_to_another_relay_is_reachable_there() {
         r.stop();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_relay_whose_address_the_mesh_announced_is_dialed() {
+    // A and C each peer with B only, and trust each other's key without
+    // an address: they learn it from the LinkStates B passes on, and link.
+    let (a, b, c) = (Planned::new(), Planned::new(), Planned::new());
+    let q = Transport::Quic;
+    let rb = b.start(&format!(
+        "[mesh]\npeers = [{:?}, {:?}]\n",
+        a.peer(q),
+        c.peer(q)
+    ));
+    let ra = a.start(&format!(
+        "[mesh]\npeers = [{:?}]\ntrusted_relays = [\"{}\"]\n",
+        b.peer(q),
+        c.key
+    ));
+    let rc = c.start(&format!(
+        "[mesh]\npeers = [{:?}]\ntrusted_relays = [\"{}\"]\n",
+        b.peer(q),
+        a.key
+    ));
+    ra.wait_metric_async("celluler_peers", "", 2.0, WAIT).await;
+    rc.wait_metric_async("celluler_peers", "", 2.0, WAIT).await;
+    let (_, body) = ra.http_get("/peers");
+    assert!(body.contains(&c.key.to_string()), "A links with C: {body}");
+    for r in [ra, rb, rc] {
+        r.stop();
+    }
+}

@@ -412,15 +412,16 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner()) = Some(key);
     }
 
-    /// One task per configured peer relay, dialing it and redialing it
-    /// ([`peer`]).
+    /// One task per configured peer relay, dialing it and redialing it,
+    /// and one dialing trusted relays the mesh announced ([`peer`]).
     fn spawn_dialers(&self) -> Vec<JoinHandle<()>> {
         let dialing = Arc::new(peer::Dialing {
             keypair: self.keypair.clone(),
             endpoint: self.endpoint.clone(),
             tuning: self.tuning.clone(),
         });
-        self.shared
+        let mut tasks: Vec<JoinHandle<()>> = self
+            .shared
             .cfg
             .mesh
             .peers
@@ -434,7 +435,9 @@ impl Node {
                     seed,
                 ))
             })
-            .collect()
+            .collect();
+        tasks.push(tokio::spawn(peer::learn(self.shared.clone(), dialing)));
+        tasks
     }
 
     /// Serves until `shutdown` completes, then stops accepting, flushes what

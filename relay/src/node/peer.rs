@@ -149,3 +149,63 @@ async fn dial(
         Err(_) => Err(format!("no answer within {DIAL_TIMEOUT:?}")),
     }
 }
+
+/// How often the relays learned from LinkStates are looked at, besides
+/// whenever a relay link comes up or goes down.
+const LEARN_EVERY: Duration = Duration::from_secs(1);
+
+/// Dials relays of `trusted_relays` that are not configured peers once
+/// their address is learned from their LinkState (flooded through the
+/// mesh), while fewer than `max_peers` relay links are up and dialers run:
+/// an operator lists a relay's key, the mesh tells where it is. Each is
+/// then dialed and redialed as a configured peer (over QUIC, at the
+/// address it announced). Ends (with its dialers) when the relay aborts
+/// it at shutdown.
+pub(super) async fn learn(shared: Arc<Shared>, dialing: Arc<Dialing>) {
+    let configured: std::collections::BTreeSet<_> =
+        shared.cfg.mesh.peers.iter().map(|p| p.addr.key).collect();
+    let wanted: Vec<_> = shared
+        .cfg
+        .mesh
+        .trusted_relays
+        .iter()
+        .copied()
+        .filter(|k| !configured.contains(k) && *k != shared.key)
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    let mut dialers = tokio::task::JoinSet::new();
+    let mut dialing_to = std::collections::BTreeSet::new();
+    let mut tick = tokio::time::interval(LEARN_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.peers_changed.notified() => {}
+        }
+        let found: Vec<PeerAddr> = {
+            let node = shared.node();
+            let mesh = node.mesh();
+            let room = shared
+                .cfg
+                .mesh
+                .max_peers
+                .saturating_sub(configured.len() + dialing_to.len());
+            wanted
+                .iter()
+                .filter(|k| !dialing_to.contains(*k))
+                .filter_map(|k| {
+                    let at = mesh.addr_of(k)?;
+                    format!("{k}@{at}").parse::<PeerAddr>().ok()
+                })
+                .take(room)
+                .collect()
+        };
+        for peer in found {
+            info!(%peer, "dialing a trusted relay whose address the mesh announced");
+            dialing_to.insert(peer.addr.key);
+            let seed = getrandom::u64().unwrap_or(u64::from(peer.addr.port));
+            dialers.spawn(run_peer(shared.clone(), dialing.clone(), peer, seed));
+        }
+    }
+}
