@@ -55,16 +55,31 @@ impl Default for Planned {
     }
 }
 
-/// A loopback port free on UDP and on TCP when asked (the kernel may give
-/// it away after; a relay that cannot bind it fails its start loudly).
+/// Ports planned relays are given: below Linux's ephemeral range (32768
+/// and up), so a socket bound to port 0 elsewhere (another test's relay or
+/// cell) cannot take a planned port between its choice and its relay's
+/// start.
+const PLANNED_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A loopback port free on UDP and on TCP when asked, from
+/// [`PLANNED_PORTS`]: tried in an order drawn from the process id and a
+/// counter, so test processes running at once start apart.
 pub fn free_port() -> u16 {
-    loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port");
-        let port = udp.local_addr().expect("its address").port();
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(PLANNED_PORTS.end - PLANNED_PORTS.start);
+    let base = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = PLANNED_PORTS.start + (base.wrapping_add(n.wrapping_mul(37)) % span) as u16;
+        let Ok(_udp) = UdpSocket::bind(("127.0.0.1", port)) else {
+            continue;
+        };
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
+    panic!("no port of {PLANNED_PORTS:?} is free on UDP and TCP");
 }
 
 /// The `[mesh]` section of relay `i` of `plan` on a graph of `edges`:
