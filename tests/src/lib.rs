@@ -14,6 +14,7 @@
 //! - [`each_transport!`]: one test body, one test per transport.
 
 pub mod cells;
+pub mod mesh;
 pub mod raw;
 
 /// Instantiates the test body `async fn NAME(t: Transport)` once per
@@ -128,26 +129,34 @@ impl RelayProcess {
     /// after the flags that set free ports and the data directory (so
     /// `args` may override them, e.g. `["--listen-tcp", "off"]`).
     pub fn start_with(toml: &str, args: &[&str]) -> Self {
+        Self::start_at(toml, "127.0.0.1:0", None, args)
+    }
+
+    /// A relay with `toml` (empty: none) listening at `listen`, with its
+    /// data directory at `data_dir` (`None`: one of its own), and `args`
+    /// after those flags: a relay of a mesh, whose key and port others
+    /// know before it starts.
+    pub fn start_at(
+        toml: &str,
+        listen: &str,
+        data_dir: Option<&std::path::Path>,
+        args: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        let data = data_dir.map_or_else(|| dir.path().join("data"), std::path::Path::to_owned);
         let mut cmd = Command::new(bin_path("relay"));
         if !toml.is_empty() {
             let cfg = dir.path().join("relay.toml");
             std::fs::write(&cfg, toml).expect("write config");
             cmd.arg("--config").arg(cfg);
         }
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .args(args)
-        .env("RUST_LOG", "info,quinn=warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.args(["--listen", listen, "--admin", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .args(args)
+            .env("RUST_LOG", "info,quinn=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn relay");
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().expect("stderr");
@@ -336,6 +345,13 @@ impl RelayProcess {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+
+    /// Kills the relay with SIGKILL (no shutdown of any kind: its peers
+    /// see it vanish) and waits for it to be gone.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
