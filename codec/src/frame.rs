@@ -15,6 +15,7 @@ use crate::batch::BatchFrame;
 use crate::error::DecodeError;
 use crate::key::PublicKey;
 use crate::limits::Limits;
+use crate::mesh::MeshFrame;
 use crate::message::{Lane, MAX_SERVICE_NAME, MessageId, ServiceName};
 use crate::wire::Reader;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -58,6 +59,23 @@ pub enum FrameType {
     Presence = 0x09,
     /// Messages the relay dropped, with why and how many.
     Notice = 0x0A,
+    /// Relay to relay: liveness probe ([`MeshFrame::Ping`]).
+    Ping = 0x0B,
+    /// Relay to relay: its answer ([`MeshFrame::Pong`]).
+    Pong = 0x0C,
+    /// Relay to relay: a relay's links, flooded ([`MeshFrame::LinkState`]).
+    LinkState = 0x0D,
+    /// Relay to relay: credit on a lane ([`MeshFrame::Credit`]).
+    Credit = 0x0E,
+    /// Relay to relay, routed: where a cell is ([`MeshFrame::Route`]).
+    Route = 0x0F,
+    /// Relay to relay, routed: where is a cell? ([`MeshFrame::Lookup`]).
+    Lookup = 0x10,
+    /// Relay to relay, routed: the answer ([`MeshFrame::LookupReply`]).
+    LookupReply = 0x11,
+    /// Relay to relay (and to a traced message's source cell): one hop of
+    /// a traced message ([`MeshFrame::Trace`]).
+    Trace = 0x12,
     /// Durable messages stored, received, refused or expired, by id.
     DurableAck = 0x20,
 }
@@ -76,6 +94,14 @@ impl FrameType {
             0x08 => WatchPresence,
             0x09 => Presence,
             0x0A => Notice,
+            0x0B => Ping,
+            0x0C => Pong,
+            0x0D => LinkState,
+            0x0E => Credit,
+            0x0F => Route,
+            0x10 => Lookup,
+            0x11 => LookupReply,
+            0x12 => Trace,
             0x20 => DurableAck,
             _ => {
                 return Err(DecodeError::Invalid {
@@ -364,6 +390,9 @@ pub enum Frame {
         /// destination, or destinations folded together by a relay).
         subject: PublicKey,
     },
+    /// A relay-to-relay control frame (types `0x0B` to `0x12`), on a
+    /// relay-role link's control stream; a Trace also goes to a cell.
+    Mesh(MeshFrame),
     /// Durable messages, by id, and what became of them (1 to
     /// [`MAX_DURABLE_ACK_IDS`] ids): a relay acknowledges what it logged or
     /// reports a refusal or expiry to the sender; a cell acknowledges what
@@ -465,6 +494,7 @@ impl Frame {
                 out.put_slice(&id.0);
                 out.put_slice(&subject.0);
             }
+            Frame::Mesh(m) => m.encode_typed(out),
             Frame::DurableAck { status, ids } => {
                 out.put_u8(FrameType::DurableAck as u8);
                 out.put_u8(*status as u8);
@@ -530,8 +560,21 @@ impl Frame {
                 .map(Frame::Batch);
         }
         let mut r = Reader::new(&frame[LEN_PREFIX + 1..]);
+        if MeshFrame::is_mesh_type(ty as u8) {
+            let m = MeshFrame::decode_body(ty as u8, &mut r)?;
+            r.finish()?;
+            return Ok(Frame::Mesh(m));
+        }
         let f = match ty {
-            FrameType::Batch => unreachable!("handled above"),
+            FrameType::Batch
+            | FrameType::Ping
+            | FrameType::Pong
+            | FrameType::LinkState
+            | FrameType::Credit
+            | FrameType::Route
+            | FrameType::Lookup
+            | FrameType::LookupReply
+            | FrameType::Trace => unreachable!("handled above"),
             FrameType::Hello => Frame::Hello {
                 version: r.u16()?,
                 role: match r.u8()? {
@@ -649,6 +692,7 @@ impl Frame {
             Frame::WatchPresence(_) => "WatchPresence",
             Frame::Presence { .. } => "Presence",
             Frame::Notice { .. } => "Notice",
+            Frame::Mesh(m) => m.name(),
             Frame::DurableAck { .. } => "DurableAck",
         }
     }
@@ -705,7 +749,7 @@ fn put_str8(out: &mut BytesMut, s: &str, max: usize) {
 
 /// `s` cut to at most `max` bytes on a character boundary: an encoder never
 /// writes what its own decoder would refuse.
-fn truncate_utf8(s: &str, max: usize) -> &str {
+pub(crate) fn truncate_utf8(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }

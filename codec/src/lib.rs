@@ -31,6 +31,7 @@ pub mod id_table;
 pub mod key;
 pub mod keyfile;
 pub mod limits;
+pub mod mesh;
 pub mod message;
 pub mod mux;
 pub mod verify;
@@ -42,6 +43,7 @@ pub use frame::{Frame, FrameType};
 pub use key::{Keypair, NodeAddr, PublicKey};
 pub use keyfile::KeyFileError;
 pub use limits::Limits;
+pub use mesh::{Location, MeshFrame, RouteHeader};
 pub use message::{
     Authenticator, Destination, Envelope, Kind, Lane, Message, MessageId, Qos, ServiceName,
 };

@@ -24,7 +24,8 @@ use relay_codec::keyfile::{read_keyfile, write_keyfile};
 use relay_codec::verify::verify_batch;
 use relay_codec::{
     Authenticator, BatchDecoder, BatchEncoder, Destination, Envelope, Frame, Keypair, Kind, Lane,
-    Limits, Message, MessageId, NodeAddr, PublicKey, Qos, ServiceName, VerifyError,
+    Limits, Location, MeshFrame, Message, MessageId, NodeAddr, PublicKey, Qos, RouteHeader,
+    ServiceName, VerifyError,
 };
 use std::path::PathBuf;
 
@@ -619,7 +620,131 @@ fn control_frames() -> Vec<(&'static str, Frame)> {
                 subject: receiver().public(),
             },
         ),
+        ("frame_ping.hex", Frame::Mesh(MeshFrame::Ping { nonce: 7 })),
+        ("frame_pong.hex", Frame::Mesh(MeshFrame::Pong { nonce: 7 })),
+        (
+            "frame_link_state.hex",
+            Frame::Mesh(MeshFrame::LinkState {
+                origin: sender().public(),
+                seq: 3,
+                addr: "10.0.0.1:4433".into(),
+                neighbors: vec![receiver().public()],
+            }),
+        ),
+        (
+            "frame_credit.hex",
+            Frame::Mesh(MeshFrame::Credit {
+                lane: Lane::Bulk,
+                grant: 4096,
+            }),
+        ),
+        (
+            "frame_route.hex",
+            Frame::Mesh(MeshFrame::Route {
+                header: mesh_header(),
+                up: true,
+                cell: cell_key(),
+                at: Location {
+                    home: sender().public(),
+                    version: T0,
+                },
+            }),
+        ),
+        (
+            "frame_lookup.hex",
+            Frame::Mesh(MeshFrame::Lookup {
+                header: mesh_header(),
+                request: 9,
+                cell: cell_key(),
+            }),
+        ),
+        (
+            "frame_lookup_reply.hex",
+            Frame::Mesh(MeshFrame::LookupReply {
+                header: RouteHeader {
+                    origin: receiver().public(),
+                    target: sender().public(),
+                    hops: 16,
+                },
+                request: 9,
+                cell: cell_key(),
+                at: Some(Location {
+                    home: sender().public(),
+                    version: T0,
+                }),
+            }),
+        ),
+        (
+            "frame_trace.hex",
+            Frame::Mesh(MeshFrame::Trace {
+                header: mesh_header(),
+                id: cell_id,
+                source: cell_key(),
+                ttl: 15,
+                in_relay_us: 250,
+                next: receiver().public(),
+            }),
+        ),
     ]
+}
+
+/// The routing header of the mesh vectors: from the sender's key (as a
+/// relay) to the receiver's, 16 hops.
+fn mesh_header() -> RouteHeader {
+    RouteHeader {
+        origin: sender().public(),
+        target: receiver().public(),
+        hops: 16,
+    }
+}
+
+/// The cell the mesh vectors are about: 32 bytes of 0x0c.
+fn cell_key() -> PublicKey {
+    PublicKey([0x0c; 32])
+}
+
+#[test]
+fn mesh_frames_match_the_documented_offsets() {
+    let frames = control_frames();
+    let get = |name: &str| {
+        let (_, f) = frames.iter().find(|(n, _)| *n == name).unwrap();
+        hex_vector(name, &f.to_bytes(), Compare::Exact)
+    };
+    let ping = get("frame_ping.hex");
+    assert_eq!(&ping[..], &[9, 0, 0, 0, 0x0b, 7, 0, 0, 0, 0, 0, 0, 0]);
+    let ls = get("frame_link_state.hex");
+    assert_eq!(ls[4], 0x0d);
+    assert_eq!(&ls[5..37], &sender().public().0);
+    assert_eq!(u64::from_le_bytes(ls[37..45].try_into().unwrap()), 3);
+    assert_eq!(ls[45] as usize, "10.0.0.1:4433".len());
+    assert_eq!(&ls[46..59], b"10.0.0.1:4433");
+    assert_eq!(&ls[59..61], &[1, 0], "one neighbour");
+    assert_eq!(&ls[61..93], &receiver().public().0);
+    assert_eq!(ls.len(), 93);
+    let credit = get("frame_credit.hex");
+    assert_eq!(&credit[..], &[6, 0, 0, 0, 0x0e, 3, 0, 0x10, 0, 0]);
+    let route = get("frame_route.hex");
+    assert_eq!(route.len(), 4 + 1 + 65 + 1 + 32 + 40);
+    assert_eq!(route[4], 0x0f);
+    assert_eq!(&route[5..37], &sender().public().0, "origin");
+    assert_eq!(&route[37..69], &receiver().public().0, "target");
+    assert_eq!(route[69], 16, "hops");
+    assert_eq!(route[70], 1, "up");
+    assert_eq!(&route[71..103], &cell_key().0);
+    assert_eq!(&route[103..135], &sender().public().0, "home");
+    assert_eq!(u64::from_le_bytes(route[135..143].try_into().unwrap()), T0);
+    let lookup = get("frame_lookup.hex");
+    assert_eq!(lookup.len(), 4 + 1 + 65 + 4 + 32);
+    assert_eq!((lookup[4], lookup[70]), (0x10, 9));
+    let reply = get("frame_lookup_reply.hex");
+    assert_eq!(reply.len(), 4 + 1 + 65 + 4 + 32 + 1 + 40);
+    assert_eq!((reply[4], reply[70], reply[106]), (0x11, 9, 1));
+    let trace = get("frame_trace.hex");
+    assert_eq!(trace.len(), 4 + 1 + 65 + 16 + 32 + 1 + 4 + 32);
+    assert_eq!(trace[4], 0x12);
+    assert_eq!(&trace[70..86], &signed(msg_cell(), &sender()).id().0);
+    assert_eq!(trace[118], 15, "ttl");
+    assert_eq!(u32::from_le_bytes(trace[119..123].try_into().unwrap()), 250);
 }
 
 #[test]

@@ -15,10 +15,24 @@
 //! **Why.** The relay's rules can then be tested one by one, without a
 //! network or a runtime (`node` has a unit test per rule), and a simulation
 //! can run many relays in one process, exchanging the node's actions as
-//! messages on a simulated clock (the mesh of the next step): the same seed
+//! messages on a simulated clock (`tests/sim.rs`): the same seed
 //! and the same events give the same actions, so a failure replays from its
 //! seed. The relay's tokio/quinn shell (crate `relay`) owns sockets, tasks,
 //! queues, metrics and logs, and turns them into events and actions.
+//!
+//! **The mesh** ([`mesh`]): relay-to-relay links, membership, the
+//! directory of where cells are, the route cache, forwarding across hops,
+//! flooding, credit, traces; all inside [`Node`] (see
+//! [`Node::with_mesh`]). Its deterministic simulation is
+//! `core/tests/sim.rs`:
+//!
+//! - `cargo test -p relay-core --test sim`: a bounded set of seeds (CI);
+//! - `SIM_SEED=N cargo test -p relay-core --test sim replay -- --nocapture`:
+//!   replays seed N exactly;
+//! - `SIM_SEEDS=10000 cargo test -p relay-core --release --test sim long_run -- --ignored --nocapture`:
+//!   the long run;
+//! - `cargo test -p relay-core --release --test sim scale_run -- --ignored --nocapture`:
+//!   the scale run (1,000 relays, 100,000 cells).
 //!
 //! The pieces the node is built of are public too: [`DedupWindow`],
 //! [`FreshnessWindow`], [`ttl`], [`Router`], [`NoticeAggregator`],
@@ -31,6 +45,7 @@
 pub mod dedup;
 pub mod durable;
 pub mod freshness;
+pub mod mesh;
 pub mod node;
 pub mod notices;
 pub mod reason;
@@ -41,6 +56,7 @@ pub mod ttl;
 pub use dedup::{DedupVerdict, DedupWindow};
 pub use durable::{DurableConfig, DurableQueues, LogRefusal};
 pub use freshness::{FreshnessWindow, Staleness};
+pub use mesh::{Mesh, MeshConfig, MeshConfigError, MeshStats};
 pub use node::{
     Action, Admission, Departed, LinkInfo, Node, NodeConfig, NodeConfigError, Now, QueueRefusal,
     Undelivered, Verify,

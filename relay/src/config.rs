@@ -1,5 +1,5 @@
-//! Relay configuration: one TOML file, four sections (`[node]`, `[limits]`,
-//! `[security]`, `[link]`).
+//! Relay configuration: one TOML file, five sections (`[node]`, `[limits]`,
+//! `[security]`, `[link]`, `[mesh]`).
 //!
 //! Every setting has a default, and the commented example
 //! `config/relay.toml` holds exactly those defaults (it is embedded as
@@ -51,6 +51,8 @@ pub struct RelayConfig {
     pub security: SecurityConfig,
     /// `[link]`: QUIC transport, batching, compression, lane scheduling.
     pub link: LinkConfig,
+    /// `[mesh]`: peer relays, which relays are trusted, how many links.
+    pub mesh: MeshSection,
     /// `[storage]`: the durable log (DATA_DIR/log) and durable delivery.
     pub storage: StorageConfig,
 }
@@ -478,6 +480,153 @@ impl LinkConfig {
     }
 }
 
+/// `[mesh]`: relay peering (docs/PROTOCOL.md section 10).
+///
+/// Peering is on as soon as one relay is trusted: a configured peer (its
+/// key is trusted, as this relay dials it) or a key in `trusted_relays`.
+/// With neither (the default) every relay-role link is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshSection {
+    /// Relays this relay dials and redials forever (exponential backoff
+    /// with jitter), each [`PeerAddr`] text: `KEY@HOST:PORT` over QUIC,
+    /// `tcp://KEY@HOST:PORT` over TLS on TCP. At most `max_peers`, no key
+    /// twice, not this relay's own key. Default none.
+    pub peers: Vec<PeerAddr>,
+    /// More relay keys whose links are accepted, beside the peers' (which
+    /// are always trusted). Each is dialed too once the mesh announces
+    /// its address (its LinkState), while the configured peers and those
+    /// dialed leave room under `max_peers`. Default none: only the
+    /// configured peers.
+    #[serde(with = "keys")]
+    pub trusted_relays: Vec<PublicKey>,
+    /// Most relay links up at once, `1..=1024`; one more is refused
+    /// (`TooManyLinks`). Default 16.
+    pub max_peers: usize,
+}
+
+impl Default for MeshSection {
+    fn default() -> Self {
+        Self {
+            peers: Vec::new(),
+            trusted_relays: Vec::new(),
+            max_peers: 16,
+        }
+    }
+}
+
+impl MeshSection {
+    /// The relay keys trusted: the peers' and `trusted_relays`.
+    #[must_use]
+    pub fn trusted(&self) -> std::collections::BTreeSet<PublicKey> {
+        self.peers
+            .iter()
+            .map(|p| p.addr.key)
+            .chain(self.trusted_relays.iter().copied())
+            .collect()
+    }
+
+    /// What the relay's node runs its mesh with; `addr` is the address it
+    /// announces to other relays (its QUIC listener).
+    #[must_use]
+    pub fn mesh_config(&self, addr: String) -> relay_core::MeshConfig {
+        relay_core::MeshConfig {
+            trusted_relays: self.trusted(),
+            max_peers: self.max_peers,
+            addr,
+            ..relay_core::MeshConfig::new()
+        }
+    }
+}
+
+/// One peer relay to dial (`mesh.peers`, `relay --peer`): `KEY@HOST:PORT`
+/// over QUIC (also written `quic://KEY@HOST:PORT`), or
+/// `tcp://KEY@HOST:PORT` over TLS on TCP. HOST is resolved at each dial.
+///
+/// ```
+/// use relay::config::PeerAddr;
+///
+/// let key = "a".repeat(52);
+/// let p: PeerAddr = format!("tcp://{key}@127.0.0.1:4433").parse().unwrap();
+/// assert_eq!(p.transport, relay_link::Transport::Tcp);
+/// assert_eq!(p.to_string(), format!("tcp://{key}@127.0.0.1:4433"));
+/// assert!("udp://x@h:1".parse::<PeerAddr>().unwrap_err().contains("tcp://"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddr {
+    /// The peer's key and where it listens.
+    pub addr: relay_codec::NodeAddr,
+    /// How to reach it.
+    pub transport: relay_link::Transport,
+}
+
+impl std::str::FromStr for PeerAddr {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let (transport, rest) = match text.split_once("://") {
+            None => (relay_link::Transport::Quic, text),
+            Some(("quic", rest)) => (relay_link::Transport::Quic, rest),
+            Some(("tcp", rest)) => (relay_link::Transport::Tcp, rest),
+            Some((other, _)) => {
+                return Err(format!(
+                    "{text:?}: unknown transport {other:?}; write KEY@HOST:PORT (QUIC) or \
+                     tcp://KEY@HOST:PORT"
+                ));
+            }
+        };
+        let addr = rest.parse().map_err(|e| {
+            format!(
+                "{text:?} is not a peer: {e}; write KEY@HOST:PORT (QUIC) or tcp://KEY@HOST:PORT"
+            )
+        })?;
+        Ok(Self { addr, transport })
+    }
+}
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.transport {
+            relay_link::Transport::Quic => write!(f, "{}", self.addr),
+            relay_link::Transport::Tcp => write!(f, "tcp://{}", self.addr),
+        }
+    }
+}
+
+impl Serialize for PeerAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PeerAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Relay keys as text in a config file.
+mod keys {
+    use relay_codec::PublicKey;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(keys: &[PublicKey], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(keys.iter().map(ToString::to_string))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PublicKey>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|k| {
+                k.parse()
+                    .map_err(|e| serde::de::Error::custom(format!("relay key {k:?}: {e}")))
+            })
+            .collect()
+    }
+}
+
 /// Why a configuration could not be loaded. Each message names the file
 /// (when there is one) and its cause once; none has a `source()`.
 #[derive(thiserror::Error, Debug)]
@@ -746,6 +895,7 @@ impl RelayConfig {
     /// Settings whose bounds are not a plain integer range, or depend on
     /// another setting.
     fn check_rules(&self, out: &mut Vec<Violation>) {
+        self.check_mesh(out);
         let (n, l, s, k) = (&self.node, &self.limits, &self.security, &self.link);
         if !(1..=19).contains(&k.zstd_level) {
             let reason = format!("must be in 1..=19, got {}", k.zstd_level);
@@ -833,6 +983,40 @@ impl RelayConfig {
     }
 }
 
+impl RelayConfig {
+    /// `[mesh]`'s rules: `max_peers` in range and at least the peers
+    /// configured, no peer twice.
+    fn check_mesh(&self, out: &mut Vec<Violation>) {
+        let m = &self.mesh;
+        let cap = relay_codec::mesh::MAX_NEIGHBORS;
+        if m.max_peers == 0 || m.max_peers > cap {
+            out.push(Violation::new(
+                "mesh.max_peers",
+                None,
+                format!("must be in 1..={cap}, got {}", m.max_peers),
+            ));
+        } else if m.peers.len() > m.max_peers {
+            out.push(Violation::new(
+                "mesh.peers",
+                Some("mesh.max_peers"),
+                format!(
+                    "lists {} peers, more than mesh.max_peers ({})",
+                    m.peers.len(),
+                    m.max_peers
+                ),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(p) = m.peers.iter().find(|p| !seen.insert(p.addr.key)) {
+            out.push(Violation::new(
+                "mesh.peers",
+                None,
+                format!("lists relay {} twice", p.addr.key),
+            ));
+        }
+    }
+}
+
 /// Position of a dotted field in the example file, for a stable error order.
 fn field_order(field: &str) -> usize {
     FIELDS
@@ -879,6 +1063,9 @@ const FIELDS: &[&str] = &[
     "storage.retry_initial_ms",
     "storage.retry_max_ms",
     "storage.compact_interval_ms",
+    "mesh.peers",
+    "mesh.trusted_relays",
+    "mesh.max_peers",
 ];
 
 /// Turns a toml error into [`ConfigError::Parse`], with the line and column
@@ -1393,6 +1580,90 @@ sample_rate = 0.5
             errors[0].to_string(),
             "invalid `node.worker_threads`: must be in 1..=256, got 0"
         );
+    }
+
+    #[test]
+    fn mesh_peers_trusted_relays_and_max_peers_parse_and_bad_ones_name_their_line() {
+        let a = PublicKey([1; 32]);
+        let b = PublicKey([2; 32]);
+        let c = PublicKey([3; 32]);
+        let src = format!(
+            "[mesh]\npeers = [\"{a}@127.0.0.1:4433\", \"tcp://{b}@localhost:4434\"]\n\
+             trusted_relays = [\"{c}\"]\nmax_peers = 4\n"
+        );
+        let cfg = parse(&src).unwrap();
+        assert_eq!(cfg.mesh.peers.len(), 2);
+        assert_eq!(cfg.mesh.peers[0].transport, relay_link::Transport::Quic);
+        assert_eq!(cfg.mesh.peers[1].transport, relay_link::Transport::Tcp);
+        assert_eq!(cfg.mesh.peers[1].addr.host, "localhost");
+        assert_eq!(cfg.mesh.trusted(), [a, b, c].into_iter().collect());
+        let m = cfg.mesh.mesh_config("127.0.0.1:1".into());
+        assert_eq!(m.max_peers, 4);
+        assert!(m.validate().is_ok());
+        // By default only the configured peers are trusted; none: peering off.
+        assert!(RelayConfig::default().mesh.trusted().is_empty());
+        assert_eq!(
+            parse(&format!("[mesh]\npeers = [\"{a}@h:1\"]\n"))
+                .unwrap()
+                .mesh
+                .trusted(),
+            [a].into_iter().collect()
+        );
+        assert_invalid("[mesh]\nmax_peers = 0\n", "mesh.max_peers", Some(2));
+        assert_invalid("[mesh]\nmax_peers = 1025\n", "mesh.max_peers", Some(2));
+        assert_invalid(
+            &format!("[mesh]\npeers = [\"{a}@h:1\", \"{b}@h:2\"]\n\nmax_peers = 1\n"),
+            "mesh.peers",
+            Some(2),
+        );
+        assert_invalid(
+            &format!("[mesh]\n\npeers = [\"{a}@h:1\", \"tcp://{a}@h:2\"]\n"),
+            "mesh.peers",
+            Some(3),
+        );
+        let e = assert_parse_error(
+            "[mesh]\npeers = [\"nokey:1\"]\n",
+            2,
+            &["mesh.peers", "KEY@HOST:PORT"],
+        );
+        assert!(e.starts_with("test.toml:2:"), "{e}");
+        assert_parse_error(
+            &format!("[mesh]\npeers = [\"udp://{a}@h:1\"]\n"),
+            2,
+            &["mesh.peers", "unknown transport"],
+        );
+        assert_parse_error(
+            &format!("[mesh]\npeers = [\"{a}@h:0\"]\n"),
+            2,
+            &["mesh.peers", "port"],
+        );
+        assert_parse_error(
+            "\n[mesh]\ntrusted_relays = [\"not-a-key\"]\n",
+            3,
+            &["mesh.trusted_relays", "relay key"],
+        );
+        let e = parse("[mesh]\nmax_peers = 0\n").unwrap_err().to_string();
+        assert!(
+            e.starts_with("test.toml:2: invalid `mesh.max_peers`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_readme_mesh_files_are_valid_and_differ_in_addresses_and_data_dirs() {
+        let files = [
+            include_str!("../../config/mesh-a.toml"),
+            include_str!("../../config/mesh-b.toml"),
+            include_str!("../../config/mesh-c.toml"),
+        ];
+        let cfgs: Vec<RelayConfig> = files.iter().map(|f| parse(f).unwrap()).collect();
+        for (i, a) in cfgs.iter().enumerate() {
+            for b in &cfgs[i + 1..] {
+                assert_ne!(a.node.listen, b.node.listen);
+                assert_ne!(a.node.admin, b.node.admin);
+                assert_ne!(a.node.data_dir, b.node.data_dir);
+            }
+        }
     }
 
     #[test]

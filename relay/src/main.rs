@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use relay::config::{ConfigError, ListenTcp, RelayConfig, resolve_socket_addr};
+use relay::config::{ConfigError, ListenTcp, PeerAddr, RelayConfig, resolve_socket_addr};
 use relay::node::{KEY_FILE, Node, node_key};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +37,11 @@ struct Cli {
     /// Data directory: node key and, later, the durable log (overrides node.data_dir).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// A peer relay to dial and redial, KEY@HOST:PORT over QUIC or
+    /// tcp://KEY@HOST:PORT; repeatable; added to mesh.peers (its key is
+    /// trusted).
+    #[arg(long = "peer", value_name = "KEY@HOST:PORT")]
+    peers: Vec<PeerAddr>,
 }
 
 #[derive(Subcommand)]
@@ -76,6 +81,7 @@ fn load_config(cli: &Cli) -> Result<RelayConfig, ConfigError> {
     if let Some(d) = &cli.data_dir {
         cfg.node.data_dir = d.clone();
     }
+    cfg.mesh.peers.extend(cli.peers.iter().cloned());
     if let Err(mut errs) = cfg.validate() {
         return Err(errs.remove(0));
     }

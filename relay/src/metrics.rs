@@ -114,6 +114,7 @@ pub struct Metrics {
     signatures_failed: Counter,
     time_in_relay: Mutex<HdrHistogram<u64>>,
     durable: DurableMetrics,
+    mesh: MeshMetrics,
 }
 
 /// The durable log's counters (`celluler_durable_*`).
@@ -195,6 +196,47 @@ impl DurableMetrics {
     /// Sets the log's bytes on disk.
     pub fn log_bytes(&self, bytes: u64) {
         self.log_bytes.set(bytes as i64);
+    }
+}
+
+/// The mesh's series: peer links, messages forwarded to relays, relay
+/// links refused.
+struct MeshMetrics {
+    peers: Gauge,
+    forwarded_to_relay: Counter,
+    forwarded_batches_to_relay: Counter,
+    relays_refused: Counter,
+}
+
+impl MeshMetrics {
+    fn register(r: &mut Registry) -> Self {
+        let m = Self {
+            peers: Gauge::default(),
+            forwarded_to_relay: Counter::default(),
+            forwarded_batches_to_relay: Counter::default(),
+            relays_refused: Counter::default(),
+        };
+        r.register(
+            "celluler_peers",
+            "Relay links up (peer relays, dialed or accepted)",
+            m.peers.clone(),
+        );
+        r.register(
+            "celluler_forwarded_to_relay",
+            "Messages queued for another relay (each hop counts once per relay)",
+            m.forwarded_to_relay.clone(),
+        );
+        r.register(
+            "celluler_forwarded_batches_to_relay",
+            "Batches queued whole for another relay",
+            m.forwarded_batches_to_relay.clone(),
+        );
+        r.register(
+            "celluler_relays_refused",
+            "Relay links refused at admission (untrusted key, max_peers, duplicate link)",
+            m.relays_refused.clone(),
+        );
+        m
     }
 }
 
@@ -369,10 +411,12 @@ impl Metrics {
             "Message signatures that did not verify",
             signatures_failed.clone(),
         );
+        let mesh = MeshMetrics::register(&mut r);
 
         let durable = DurableMetrics::register(&mut r);
         Metrics {
             durable,
+            mesh,
             registry: r,
             messages_in,
             bytes_in,
@@ -473,6 +517,26 @@ impl Metrics {
     #[inline]
     pub fn dedup_hits(&self, n: u64) {
         self.dedup_hits.inc_by(n);
+    }
+
+    /// Sets the number of relay links up.
+    pub fn set_peers(&self, n: usize) {
+        self.mesh.peers.set(n as i64);
+    }
+
+    /// Counts `n` messages queued for another relay, `whole` if as one
+    /// forwarded batch.
+    #[inline]
+    pub fn forwarded_to_relay(&self, n: u64, whole: bool) {
+        self.mesh.forwarded_to_relay.inc_by(n);
+        if whole {
+            self.mesh.forwarded_batches_to_relay.inc();
+        }
+    }
+
+    /// Counts a relay link refused at admission.
+    pub fn relay_refused(&self) {
+        self.mesh.relays_refused.inc();
     }
 
     /// Counts a link opened to a peer of `role` and raises the open-link gauge.

@@ -14,6 +14,7 @@
 //! - [`each_transport!`]: one test body, one test per transport.
 
 pub mod cells;
+pub mod mesh;
 pub mod raw;
 
 /// Instantiates the test body `async fn NAME(t: Transport)` once per
@@ -126,38 +127,45 @@ impl RelayProcess {
 
     /// A relay with `toml` as its config file (empty: none) and `args`
     /// after the flags that set free ports and the data directory (so
-    /// `args` may override them, e.g. `["--listen-tcp", "off"]`, or
-    /// `--listen` and `--admin`, which are then not set to free ports).
+    /// `args` may override them, e.g. `["--listen-tcp", "off"]`).
     pub fn start_with(toml: &str, args: &[&str]) -> Self {
-        Self::start_in(tempfile::tempdir().expect("temp dir"), toml, args)
+        Self::start_at(toml, "127.0.0.1:0", None, args)
     }
 
     /// SIGKILLs the relay (no shutdown, no flush: a crash) and starts a
-    /// new one on the same data directory, config and `args`, on new free
-    /// ports; the key stays the same.
-    pub fn kill_and_restart(mut self, toml: &str, args: &[&str]) -> Self {
+    /// new one on the same data directory and key, with `toml`, listening
+    /// at `listen` (`127.0.0.1:0`: new free ports; the old port: cells
+    /// redial it) and `args`.
+    pub fn kill_and_restart(mut self, toml: &str, listen: &str, args: &[&str]) -> Self {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
-        Self::start_in(dir, toml, args)
+        let mut next = Self::start_at(toml, listen, Some(&dir.path().join("data")), args);
+        // The data directory lives as long as the relay using it.
+        next.dir = dir;
+        next
     }
 
-    fn start_in(dir: tempfile::TempDir, toml: &str, args: &[&str]) -> Self {
+    /// A relay with `toml` (empty: none) listening at `listen`, with its
+    /// data directory at `data_dir` (`None`: one of its own), and `args`
+    /// after those flags: a relay of a mesh, whose key and port others
+    /// know before it starts.
+    pub fn start_at(
+        toml: &str,
+        listen: &str,
+        data_dir: Option<&std::path::Path>,
+        args: &[&str],
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = data_dir.map_or_else(|| dir.path().join("data"), std::path::Path::to_owned);
         let mut cmd = Command::new(bin_path("relay"));
         if !toml.is_empty() {
             let cfg = dir.path().join("relay.toml");
             std::fs::write(&cfg, toml).expect("write config");
             cmd.arg("--config").arg(cfg);
         }
-        // A flag `args` gives (a fixed port for a restart) is not given
-        // twice: the relay refuses that.
-        for flag in ["--listen", "--admin"] {
-            if !args.contains(&flag) {
-                cmd.args([flag, "127.0.0.1:0"]);
-            }
-        }
-        cmd.arg("--data-dir")
-            .arg(dir.path().join("data"))
+        cmd.args(["--listen", listen, "--admin", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
             .args(args)
             .env("RUST_LOG", "info,quinn=warn")
             .stdin(Stdio::null())
@@ -351,6 +359,13 @@ impl RelayProcess {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+
+    /// Kills the relay with SIGKILL (no shutdown of any kind: its peers
+    /// see it vanish) and waits for it to be gone.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.

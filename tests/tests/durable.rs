@@ -64,7 +64,7 @@ async fn an_offline_cell_gets_what_was_acked_after_a_relay_crash_in_lane_order()
     drop(sender);
 
     // A crash: no shutdown, no flush.
-    let relay = relay.kill_and_restart("", &[]);
+    let relay = relay.kill_and_restart("", "127.0.0.1:0", &[]);
     relay.wait_log("durable log", WAIT);
     let mut receiver = link(&relay, b.clone()).await;
     let mut got = Vec::new();
@@ -106,7 +106,7 @@ async fn an_offline_cell_gets_what_was_acked_after_a_relay_crash_in_lane_order()
         .await;
     // Released and restarted again: nothing comes back.
     drop(receiver);
-    let relay = relay.kill_and_restart("", &[]);
+    let relay = relay.kill_and_restart("", "127.0.0.1:0", &[]);
     let mut receiver = link(&relay, b).await;
     let mut probe = link(&relay, Keypair::generate()).await;
     let marker = durable(
@@ -229,7 +229,6 @@ async fn acked_messages_survive_sigkills_and_arrive_exactly_once() {
     let mut relay = RelayProcess::start();
     let port = relay.quic.port();
     let listen = format!("127.0.0.1:{port}");
-    let args = ["--listen", listen.as_str()];
     let opts = || CellOptions {
         transport: relay_link::Transport::Tcp,
         backoff_initial: Duration::from_millis(20),
@@ -288,7 +287,7 @@ async fn acked_messages_survive_sigkills_and_arrive_exactly_once() {
         }
         pending = still;
         let t = std::time::Instant::now();
-        relay = relay.kill_and_restart("", &args);
+        relay = relay.kill_and_restart("", &listen, &[]);
         println!(
             "round {round}: {seen} acks before the kill, restarted in {:?}",
             t.elapsed()

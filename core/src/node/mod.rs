@@ -12,6 +12,7 @@
 //! | event | what the node decides |
 //! |---|---|
 //! | [`link_up`](Node::link_up) | admission (version, role, shutdown, `max_links`), Welcome, replacing an older link of the key, presence |
+//! | [`peer_dialed`](Node::peer_dialed) | a relay link this relay dialed: the same admission as a relay's Hello, no Welcome (relay links: [`crate::mesh`]) |
 //! | [`batch`](Node::batch) | source, signatures, TTL, freshness, dedup, route, forward whole or message by message, drops and their notices |
 //! | [`undelivered`](Node::undelivered) | a drop only the shell sees (a full or closed queue): counted and noticed |
 //! | [`control`](Node::control) | Announce (with its limit), Discover, WatchPresence, the peer's Close, anything else |
@@ -27,6 +28,7 @@
 use crate::dedup::{DedupVerdict, DedupWindow};
 use crate::durable::{DurableConfig, DurableQueues};
 use crate::freshness::{FreshnessWindow, Staleness};
+use crate::mesh::{Mesh, MeshConfig, MeshConfigError, RouteOutcome};
 use crate::notices::{NO_SUBJECT, Notice, NoticeAggregator};
 use crate::reason::{CloseReason, DropReason};
 use crate::router::{LinkId, PresenceReport, Router};
@@ -41,6 +43,8 @@ use relay_codec::{BatchFrame, Destination, Envelope, Frame, Limits, MessageId, P
 use std::collections::{BTreeMap, BTreeSet};
 
 mod durable;
+#[cfg(test)]
+mod mesh_tests;
 #[cfg(test)]
 mod tests;
 
@@ -438,6 +442,8 @@ pub struct Node<H> {
     shutting_down: bool,
     scratch: Scratch<H>,
     durable: DurableQueues,
+    /// Relay peering (crate::mesh): off until [`Node::with_mesh`].
+    mesh: Mesh<H>,
 }
 
 impl<H: Clone> Node<H> {
@@ -485,8 +491,53 @@ impl<H: Clone> Node<H> {
                 durable: Vec::new(),
             },
             durable: DurableQueues::new(cfg.durable),
+            mesh: Mesh::new(cfg.key, MeshConfig::new()),
             cfg,
         })
+    }
+
+    /// The node with relay peering set up as `mesh` says (trusted relays,
+    /// `max_peers`, the mesh's timers and bounds); see [`crate::mesh`].
+    /// Without it, every relay-role link is refused. Call before any link
+    /// is up.
+    ///
+    /// # Errors
+    ///
+    /// A mesh setting out of its range ([`MeshConfig::validate`]).
+    pub fn with_mesh(mut self, mesh: MeshConfig) -> Result<Self, MeshConfigError> {
+        mesh.validate()?;
+        self.mesh = Mesh::new(self.cfg.key, mesh);
+        Ok(self)
+    }
+
+    /// The mesh state: relay links, routes, directory, counters.
+    pub fn mesh(&self) -> &Mesh<H> {
+        &self.mesh
+    }
+
+    /// The mesh state, for views that compute shortest paths on demand.
+    pub fn mesh_mut(&mut self) -> &mut Mesh<H> {
+        &mut self.mesh
+    }
+
+    /// A relay link this relay dialed came up (its peer's Welcome read):
+    /// admitted as [`link_up`](Self::link_up) admits a relay link, but with
+    /// no Welcome of its own.
+    pub fn peer_dialed(
+        &mut self,
+        now: Now,
+        link: LinkId,
+        handle: H,
+        key: PublicKey,
+        out: &mut Vec<Action<H>>,
+    ) -> Admission {
+        let info = LinkInfo {
+            key,
+            role: Role::Relay,
+            version: PROTOCOL_VERSION,
+            notices: false,
+        };
+        self.admit(now, link, handle, info, false, out)
     }
 
     /// The configuration it runs with.
@@ -526,9 +577,15 @@ impl<H: Clone> Node<H> {
 
     /// A link proved `info.key` and sent its Hello. Admitted unless, in this
     /// order: its version is not [`PROTOCOL_VERSION`] (`Version`), it is a
-    /// relay (`Unauthorized`: peering is not enabled), the relay is shutting
-    /// down (`Shutdown`), or `max_links` links are up (`TooManyLinks`, and
-    /// a [`DropReason::TooManyLinks`] drop).
+    /// relay whose key is not trusted (`Unauthorized`; with no mesh set up,
+    /// peering is not enabled), the relay is shutting down (`Shutdown`),
+    /// `max_links` links are up (`TooManyLinks`, and a
+    /// [`DropReason::TooManyLinks`] drop), or it is a relay and `max_peers`
+    /// relay links are up (`TooManyLinks`).
+    ///
+    /// A relay link is not routed to as a cell: the mesh takes it (its
+    /// link-state database goes to it, the own LinkState to the other
+    /// relays; see [`crate::mesh`]).
     ///
     /// Admitted, the actions are: its Welcome; the [`Action::Close`] of an
     /// older link of the same key, which it replaces (`Normal`, counted as
@@ -544,6 +601,20 @@ impl<H: Clone> Node<H> {
         info: LinkInfo,
         out: &mut Vec<Action<H>>,
     ) -> Admission {
+        self.admit(now, link, handle, info, true, out)
+    }
+
+    /// [`link_up`](Self::link_up) and [`peer_dialed`](Self::peer_dialed):
+    /// `welcome` says whether this side sends Welcome.
+    fn admit(
+        &mut self,
+        now: Now,
+        link: LinkId,
+        handle: H,
+        info: LinkInfo,
+        welcome: bool,
+        out: &mut Vec<Action<H>>,
+    ) -> Admission {
         let refuse = |code, reason| Admission::Refused { code, reason };
         if info.version != PROTOCOL_VERSION {
             return refuse(
@@ -554,11 +625,10 @@ impl<H: Clone> Node<H> {
                 ),
             );
         }
-        if info.role == Role::Relay {
-            return refuse(
-                CloseCode::Unauthorized,
-                "relay peering is not enabled on this relay; it serves cells only".to_owned(),
-            );
+        if info.role == Role::Relay
+            && let Err(reason) = self.mesh.admit(&info.key)
+        {
+            return refuse(CloseCode::Unauthorized, reason);
         }
         if self.shutting_down {
             return refuse(CloseCode::Shutdown, "relay shutting down".to_owned());
@@ -579,16 +649,27 @@ impl<H: Clone> Node<H> {
                 ),
             );
         }
-        out.push(Action::Control {
-            to: handle.clone(),
-            frame: Frame::Welcome {
-                version: PROTOCOL_VERSION,
-                node: self.cfg.key,
-                time_ms: now.unix_ms,
-                max_payload: self.cfg.limits.max_payload as u32,
-                max_frame: self.cfg.limits.max_frame as u32,
-            },
-        });
+        if info.role == Role::Relay && !self.mesh.has_room(&info.key) {
+            return refuse(
+                CloseCode::TooManyLinks,
+                format!(
+                    "relay has {} relay links, its limit (max_peers)",
+                    self.mesh.config().max_peers
+                ),
+            );
+        }
+        if welcome {
+            out.push(Action::Control {
+                to: handle.clone(),
+                frame: Frame::Welcome {
+                    version: PROTOCOL_VERSION,
+                    node: self.cfg.key,
+                    time_ms: now.unix_ms,
+                    max_payload: self.cfg.limits.max_payload as u32,
+                    max_frame: self.cfg.limits.max_frame as u32,
+                },
+            });
+        }
         self.links.insert(
             link,
             LinkState {
@@ -603,6 +684,18 @@ impl<H: Clone> Node<H> {
                 closed: None,
             },
         );
+        if info.role == Role::Relay {
+            if let Some(old) = self.mesh.peer_up(now, link, handle, info.key, out) {
+                self.close(
+                    old,
+                    CloseCode::Normal,
+                    "replaced by a newer link of the same relay".to_owned(),
+                    CloseReason::Replaced,
+                    out,
+                );
+            }
+            return Admission::Admitted;
+        }
         let (attach, reports) = self.router.attach(info.key, link, handle.clone());
         if let Some(old) = attach.replaced_link {
             self.close(
@@ -623,6 +716,7 @@ impl<H: Clone> Node<H> {
                 });
             }
         }
+        self.mesh.cell_attached(now, info.key, handle, out);
         Admission::Admitted
     }
 
@@ -633,7 +727,7 @@ impl<H: Clone> Node<H> {
     /// and its timer and stall gate go. `None` if it was not up.
     pub fn link_down(
         &mut self,
-        _now: Now,
+        now: Now,
         link: LinkId,
         out: &mut Vec<Action<H>>,
     ) -> Option<Departed> {
@@ -641,7 +735,14 @@ impl<H: Clone> Node<H> {
         if let Some(due) = state.due {
             self.timers.remove(&(due, link));
         }
-        push_reports(self.router.detach(state.key, link), out);
+        if state.role == Role::Relay {
+            self.mesh.peer_down(link, out);
+        } else {
+            push_reports(self.router.detach(state.key, link), out);
+            if self.router.cell(&state.key).is_none() {
+                self.mesh.cell_detached(now, state.key, out);
+            }
+        }
         Some(Departed {
             key: state.key,
             role: state.role,
@@ -700,6 +801,18 @@ impl<H: Clone> Node<H> {
         };
         let (from_key, from_role) = (from.key, from.role);
         let n = envs.len() as u64;
+        if from_role == Role::Relay
+            && let Err(reason) = self.mesh.received_batch(now, link, batch.lane, n, out)
+        {
+            self.close(
+                link,
+                CloseCode::RateLimited,
+                reason,
+                CloseReason::RateLimited,
+                out,
+            );
+            return;
+        }
         if from_role == Role::Cell
             && let Some(e) = envs.iter().find(|e| e.source() != from_key)
         {
@@ -740,9 +853,7 @@ impl<H: Clone> Node<H> {
                 self.scratch.good.iter().filter(|g| !**g).count() as u64;
         }
         let durable_ok = from_role == Role::Cell;
-        self.route_batch(
-            now, from_key, durable_ok, envs, batch, checked, &mut drops, out,
-        );
+        self.route_batch(now, link, durable_ok, envs, batch, checked, &mut drops, out);
         self.durable_ingest(now, link, from_key, envs, out);
         for (reason, count) in DropReason::ALL.into_iter().zip(drops) {
             if count > 0 {
@@ -833,7 +944,7 @@ impl<H: Clone> Node<H> {
     fn route_batch(
         &mut self,
         now: Now,
-        from_key: PublicKey,
+        from_link: LinkId,
         durable_ok: bool,
         envs: &[Envelope],
         batch: &BatchFrame,
@@ -847,6 +958,7 @@ impl<H: Clone> Node<H> {
             dedup,
             links,
             scratch,
+            mesh,
             ..
         } = self;
         let Scratch {
@@ -930,10 +1042,44 @@ impl<H: Clone> Node<H> {
                             r
                         }
                     };
+                    if e.trace() && mesh.enabled() && route.is_some() {
+                        mesh.trace(now, &e.clone().with_ttl(ttl), id, dest, 0, out);
+                    }
                     match (route, single) {
                         (None, _) => {
-                            drops[DropReason::UnknownDestination as usize] += 1;
-                            add_notice(noticed, NoticeCode::UnknownDestination, dest, id, 1);
+                            // Without a relay link the mesh has nothing to
+                            // offer: no clone, the drop as before.
+                            let outcome = if mesh.active() {
+                                let env = e.clone().with_ttl(ttl);
+                                mesh.route_cell(now, from_link, dest, index, id, env, out)
+                            } else {
+                                RouteOutcome::NoRoute
+                            };
+                            match outcome {
+                                RouteOutcome::Sent | RouteOutcome::Held => {}
+                                RouteOutcome::Dropped(reason) => {
+                                    drops[reason as usize] += 1;
+                                    if reason == DropReason::SlowReceiver {
+                                        add_notice(
+                                            noticed,
+                                            NoticeCode::DroppedSlowReceiver,
+                                            dest,
+                                            id,
+                                            1,
+                                        );
+                                    }
+                                }
+                                RouteOutcome::NoRoute => {
+                                    drops[DropReason::UnknownDestination as usize] += 1;
+                                    add_notice(
+                                        noticed,
+                                        NoticeCode::UnknownDestination,
+                                        dest,
+                                        id,
+                                        1,
+                                    );
+                                }
+                            }
                         }
                         (Some(r), None) => {
                             single = Some(r);
@@ -943,11 +1089,24 @@ impl<H: Clone> Node<H> {
                         (Some((_, h)), Some(_)) => out.push(deliver(h)),
                     }
                 }
+                // Never back to its source: on a cell link that is the
+                // link's key (checked above); from a relay, the cell that
+                // sent it, which may have moved here since.
                 Destination::Broadcast => {
-                    out.extend(router.broadcast(from_key).map(deliver));
+                    out.extend(router.broadcast(e.source()).map(deliver));
+                    if mesh.active() {
+                        let env = e.clone().with_ttl(ttl);
+                        drops[DropReason::SlowReceiver as usize] +=
+                            mesh.flood(from_link, index, id, &env, out);
+                    }
                 }
                 Destination::Service(s) => {
-                    out.extend(router.service_members(&s, from_key).map(deliver));
+                    out.extend(router.service_members(&s, e.source()).map(deliver));
+                    if mesh.active() {
+                        let env = e.clone().with_ttl(ttl);
+                        drops[DropReason::SlowReceiver as usize] +=
+                            mesh.flood(from_link, index, id, &env, out);
+                    }
                 }
             }
         }
@@ -1011,13 +1170,19 @@ impl<H: Clone> Node<H> {
     ///   key, at most [`MAX_DISCOVER_ENTRIES`].
     /// - WatchPresence: starts or stops presence reports to the link.
     /// - Close: [`Action::PeerClosing`].
-    /// - Anything else closes the link (`Malformed`).
+    /// - A mesh frame ([`Frame::Mesh`]) on a relay link: the mesh's
+    ///   (liveness, link state, credit, routed frames; [`crate::mesh`]).
+    /// - Anything else closes the link (`Malformed`), a mesh frame on a
+    ///   cell link included.
     ///
     /// Ignored on a link that is not up, or that the node closed.
-    pub fn control(&mut self, _now: Now, link: LinkId, frame: Frame, out: &mut Vec<Action<H>>) {
+    pub fn control(&mut self, now: Now, link: LinkId, frame: Frame, out: &mut Vec<Action<H>>) {
         let Some(state) = self.links.get(&link).filter(|s| s.closed.is_none()) else {
             return;
         };
+        if state.role == Role::Relay {
+            self.mesh.heard(now, link);
+        }
         match frame {
             Frame::Announce {
                 app_version,
@@ -1057,6 +1222,10 @@ impl<H: Clone> Node<H> {
             } if state.role == Role::Cell => {
                 let key = state.key;
                 self.durable_acked(key, &ids, out);
+            }
+            Frame::Mesh(m) if state.role == Role::Relay => {
+                self.mesh.control(now, link, m, out);
+                self.mesh_events(now, out);
             }
             other => {
                 let reason = format!("unexpected {:?} frame on the control stream", other.name());
@@ -1164,6 +1333,10 @@ impl<H: Clone> Node<H> {
     pub fn tick(&mut self, now: Now, out: &mut Vec<Action<H>>) {
         self.dedup.expire(now.mono_ms);
         self.durable_tick(now, out);
+        if self.mesh.enabled() {
+            self.mesh.tick(now, out);
+            self.mesh_events(now, out);
+        }
         let due: Vec<LinkId> = self
             .timers
             .iter()
@@ -1179,9 +1352,33 @@ impl<H: Clone> Node<H> {
     /// [`Now::mono_ms`] clock), if anything is pending.
     pub fn poll_timeout(&self) -> Option<u64> {
         let notices = self.timers.first().map(|&(due, _)| due);
-        match (notices, self.durable.next_due()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let durable = self.durable.next_due();
+        [notices, self.mesh.next_due(), durable]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Carries out what the mesh asked for: closes (idle relay links) and
+    /// notices of held messages dropped for an unknown destination.
+    fn mesh_events(&mut self, now: Now, out: &mut Vec<Action<H>>) {
+        for (link, code, reason, why) in std::mem::take(&mut self.mesh.events.close) {
+            self.close(link, code, reason, why, out);
+        }
+        let unknown = std::mem::take(&mut self.mesh.events.unknown);
+        if !unknown.is_empty() {
+            out.push(Action::Drop {
+                reason: DropReason::UnknownDestination,
+                count: unknown.len() as u64,
+            });
+        }
+        for (from, dest, id) in unknown {
+            self.notice(
+                now,
+                from,
+                std::iter::once((NoticeCode::UnknownDestination, dest, id, 1)),
+                out,
+            );
         }
     }
 
@@ -1222,6 +1419,9 @@ impl<H: Clone> Node<H> {
             reason,
             why,
         });
+        if state.role == Role::Relay {
+            self.mesh.peer_down(link, out);
+        }
     }
 
     /// Records `drops` for `link`'s notices (if it is up and asked for

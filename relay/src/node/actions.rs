@@ -7,6 +7,7 @@
 use super::Shared;
 use super::handle::LinkHandle;
 use crate::metrics::{CloseReason, DropReason};
+use relay_codec::frame::Role;
 use relay_core::{LinkId, Now, QueueRefusal, Undelivered};
 use relay_link::{ForwardedBatch, Outbound};
 use std::sync::Arc;
@@ -130,12 +131,22 @@ fn execute(
         Action::Forward { to, batch, first } => {
             let count = u64::from(batch.count);
             match to.queues.push_batch(ForwardedBatch { batch, queued_at }) {
-                Ok(()) => wake(woken, to),
+                Ok(()) => {
+                    if to.role == Role::Relay {
+                        m.forwarded_to_relay(count, true);
+                    }
+                    wake(woken, to)
+                }
                 Err(_) => refuse(refused, from, &to, first, count),
             }
         }
         Action::Deliver { to, id, env, .. } => match to.queues.push(Outbound { env, queued_at }) {
-            Ok(()) => wake(woken, to),
+            Ok(()) => {
+                if to.role == Role::Relay {
+                    m.forwarded_to_relay(1, false);
+                }
+                wake(woken, to)
+            }
             Err(_) => refuse(refused, from, &to, id, 1),
         },
         Action::MayPause { link, to } => pause.push((link, to)),

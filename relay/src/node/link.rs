@@ -13,6 +13,7 @@ use super::handle::{LinkHandle, RelayObserver};
 use super::{LinkEntry, Shared};
 use crate::metrics::{CloseReason, Metrics};
 use relay_codec::frame::CloseCode;
+use relay_codec::frame::Role;
 use relay_codec::{Frame, Lane};
 use relay_core::{Action, Admission, LinkInfo, Now};
 use relay_link::tcp::{TcpIncoming, TcpLink};
@@ -28,7 +29,8 @@ use tracing::{debug, info, warn};
 
 /// How long a new connection may take to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Control frames waiting for one link's control stream.
+/// Control frames waiting for one cell link's control stream (a relay
+/// link's queue holds its link-state database more: see `serve`).
 const CONTROL_QUEUE: usize = 1024;
 /// After a peer's Close, how long its data streams may take to be read.
 const DRAIN_ON_CLOSE: Duration = Duration::from_secs(5);
@@ -134,6 +136,18 @@ impl Drop for LinkGuard {
             .unwrap_or_else(|| end.as_ref().map_or(CloseReason::Internal, close_reason));
         s.metrics.link_closed(h.role, reason);
         let (peer, remote, transport) = (h.key, self.remote, self.transport);
+        if h.role == Role::Relay {
+            s.peers_changed();
+            let why = end
+                .as_ref()
+                .map_or_else(|| "its task failed".to_owned(), ToString::to_string);
+            info!(%peer, %remote, %transport, reason = reason.as_str(), "peer link down: {why}");
+            if end.is_none() {
+                h.link
+                    .close(CloseCode::Normal, "internal error in the relay");
+            }
+            return;
+        }
         match &end {
             Some(why) => {
                 info!(%peer, %remote, %transport, reason = reason.as_str(), "link closed: {why}");
@@ -173,25 +187,85 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: Incoming) {
         link.close(CloseCode::Unauthorized, "no proven key");
         return;
     };
-    let (mut ctl_send, mut ctl_recv, hello) =
-        match relay_link::accept_hello(&link, HELLO_TIMEOUT).await {
-            Ok(v) => v,
-            Err(e) => {
-                let code = match &e {
-                    LinkError::Timeout(_) => CloseCode::Idle,
-                    e => e.peer_fault().unwrap_or(CloseCode::Malformed),
-                };
-                let reason = e.to_string();
-                m.link_refused(CloseReason::HandshakeFailed);
-                warn!(%remote, %transport, peer = %key, "link refused at Hello: {reason}");
-                link.close(code, &reason);
-                return;
-            }
-        };
+    let (ctl_send, ctl_recv, hello) = match relay_link::accept_hello(&link, HELLO_TIMEOUT).await {
+        Ok(v) => v,
+        Err(e) => {
+            let code = match &e {
+                LinkError::Timeout(_) => CloseCode::Idle,
+                e => e.peer_fault().unwrap_or(CloseCode::Malformed),
+            };
+            let reason = e.to_string();
+            m.link_refused(CloseReason::HandshakeFailed);
+            warn!(%remote, %transport, peer = %key, "link refused at Hello: {reason}");
+            link.close(code, &reason);
+            return;
+        }
+    };
+    serve(
+        shared,
+        link,
+        remote,
+        transport,
+        key,
+        Side::Accepted(hello),
+        ctl_send,
+        ctl_recv,
+    )
+    .await;
+}
+
+/// How a link that passed its handshake came to be.
+pub(super) enum Side {
+    /// Accepted: the peer's Hello, read; this relay answers with Welcome.
+    Accepted(relay_link::Hello),
+    /// Dialed by this relay to a peer relay ([`super::peer`]): its
+    /// Welcome was read.
+    Dialed,
+}
+
+/// A link from its admission to its close, accepted or dialed alike.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn serve(
+    shared: Arc<Shared>,
+    link: Link,
+    remote: SocketAddr,
+    transport: Transport,
+    key: relay_codec::PublicKey,
+    side: Side,
+    mut ctl_send: relay_link::ControlSender,
+    mut ctl_recv: FrameReceiver,
+) {
+    let m = shared.metrics.clone();
+    let dialed = matches!(side, Side::Dialed);
+    let hello = match side {
+        Side::Accepted(h) => h,
+        Side::Dialed => relay_link::Hello {
+            version: relay_codec::frame::PROTOCOL_VERSION,
+            role: Role::Relay,
+            notices: false,
+            agent: "(dialed by this relay)".to_owned(),
+        },
+    };
+    if hello.role == Role::Relay
+        && let Some(reason) = shared.redundant_peer_link(key, dialed)
+    {
+        m.link_refused(CloseReason::HandshakeFailed);
+        m.relay_refused();
+        info!(peer = %key, %remote, %transport, dialed, "peer link not kept: {reason}");
+        relay_link::close(&link, Some(&mut ctl_send), CloseCode::Normal, &reason).await;
+        return;
+    }
     let id = shared
         .next_link
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (ctl_tx, ctl_rx) = mpsc::channel::<Frame>(CONTROL_QUEUE);
+    // A new relay link is sent the whole link-state database at once (one
+    // frame per relay known, at most `max_relays` + 1) besides its
+    // liveness and credit frames: its queue holds that much more.
+    let depth = match hello.role {
+        Role::Relay => CONTROL_QUEUE + 2 * shared.node().mesh().config().max_relays,
+        Role::Cell => CONTROL_QUEUE,
+    };
+    let (ctl_tx, ctl_rx) = mpsc::channel::<Frame>(depth);
     let handle = Arc::new(LinkHandle {
         id,
         key,
@@ -208,12 +282,21 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: Incoming) {
     };
     let mut ex = Executor::default();
     let (now, at) = shared.now();
-    let admission = shared
-        .node()
-        .link_up(now, id, handle.clone(), info, &mut ex.actions);
+    let admission = if dialed {
+        shared
+            .node()
+            .peer_dialed(now, id, handle.clone(), key, &mut ex.actions)
+    } else {
+        shared
+            .node()
+            .link_up(now, id, handle.clone(), info, &mut ex.actions)
+    };
     if let Admission::Refused { code, reason } = admission {
         ex.run(&shared, now, at, id);
         m.link_refused(CloseReason::HandshakeFailed);
+        if hello.role == Role::Relay {
+            m.relay_refused();
+        }
         warn!(%remote, %transport, peer = %key, agent = %hello.agent, "link refused: {reason}");
         relay_link::close(&link, Some(&mut ctl_send), code, &reason).await;
         return;
@@ -243,9 +326,15 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: Incoming) {
             LinkEntry {
                 handle: handle.clone(),
                 writer: Some(writer),
+                dialed,
             },
         );
-    info!(peer = %key, %remote, %transport, agent = %hello.agent, "link opened");
+    if hello.role == Role::Relay {
+        shared.peers_changed();
+        info!(peer = %key, %remote, %transport, dialed, "peer link up");
+    } else {
+        info!(peer = %key, %remote, %transport, agent = %hello.agent, "link opened");
+    }
 
     let (finish_tx, finish_rx) = oneshot::channel();
     let mut ctl_writer = tokio::spawn(control_writer(m.clone(), ctl_send, ctl_rx, finish_rx));

@@ -19,10 +19,10 @@
 //! bounded pause: a full queue drops messages for that receiver, and the
 //! node counts and notices them.
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, MeshView};
 use crate::config::{ListenTcp, RelayConfig};
 use crate::metrics::{Metrics, TcpRefusal};
-use relay_codec::frame::CloseCode;
+use relay_codec::frame::{CloseCode, Role};
 use relay_codec::keyfile::{KeyFileError, load_or_create_keyfile, read_keyfile};
 use relay_codec::{Keypair, Limits, PublicKey};
 use relay_core::{LinkId, NodeConfigError, Now};
@@ -44,6 +44,7 @@ mod actions;
 mod durable;
 mod handle;
 mod link;
+mod peer;
 
 use actions::Executor;
 pub use handle::LinkHandle;
@@ -140,6 +141,10 @@ pub enum NodeError {
     /// The durable log (DATA_DIR/log) could not be opened.
     #[error("durable log: {0}")]
     Storage(#[from] relay_storage::StorageError),
+    /// The mesh settings cannot run (a peer with this relay's own key, or
+    /// a bound out of range).
+    #[error("mesh: {0}")]
+    Mesh(String),
     /// The admin address could not be bound.
     #[error(
         "admin address {addr}: {error}{}",
@@ -193,6 +198,24 @@ const SAME_PORT_TRIES: usize = 16;
 /// period), in-flight admin requests.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
+/// The node with `[mesh]` set up: its peers' and `trusted_relays`' keys
+/// trusted, announcing `quic` as where it may be dialed.
+fn with_mesh(
+    node: CoreNode,
+    cfg: &RelayConfig,
+    me: PublicKey,
+    quic: SocketAddr,
+) -> Result<CoreNode, NodeError> {
+    if cfg.mesh.peers.iter().any(|p| p.addr.key == me) {
+        return Err(NodeError::Mesh(format!(
+            "mesh.peers (or --peer) lists this relay's own key {me}; a relay does not peer with \
+             itself"
+        )));
+    }
+    node.with_mesh(cfg.mesh.mesh_config(quic.to_string()))
+        .map_err(|e| NodeError::Mesh(e.to_string()))
+}
+
 /// Milliseconds since the Unix epoch, read once per batch.
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -204,6 +227,8 @@ fn unix_ms() -> u64 {
 struct LinkEntry {
     handle: Arc<LinkHandle>,
     writer: Option<JoinHandle<()>>,
+    /// Whether this relay dialed it (a peer link of `mesh.peers`).
+    dialed: bool,
 }
 
 struct Shared {
@@ -233,6 +258,9 @@ struct Shared {
     tcp_refused: Option<Arc<TcpListenerStats>>,
     /// The durable log; `None` only in a relay that never opened one.
     durable: Option<durable::DurableStore>,
+    /// Told whenever a relay link comes up or goes down: the peer dialers
+    /// wait on it while their peer's link is up.
+    peers_changed: tokio::sync::Notify,
     /// Test hook: the key whose next link task panics once it is up.
     #[cfg(debug_assertions)]
     fault_panic: Mutex<Option<PublicKey>>,
@@ -251,6 +279,9 @@ pub struct Node {
     /// The log's answers, for [`durable::run_durable`].
     durable_rx:
         Option<tokio::sync::mpsc::UnboundedReceiver<(u64, Result<u64, relay_core::LogRefusal>)>>,
+    /// The identity and QUIC tuning peer links are dialed with.
+    keypair: Keypair,
+    tuning: TransportTuning,
     /// The data directory's lock, held until the node is dropped (after
     /// [`run`](Node::run) returns).
     _lock: std::fs::File,
@@ -312,7 +343,8 @@ impl Node {
         // Every random choice of the node (the dedup table's hash key, the
         // messages a sampled policy checks) comes from this seed.
         let seed = getrandom::u64().map_err(NodeError::Random)?;
-        let mut node = CoreNode::new(cfg.node_config(keypair.public()), seed)?;
+        let node = CoreNode::new(cfg.node_config(keypair.public()), seed)?;
+        let mut node = with_mesh(node, &cfg, keypair.public(), quic_addr)?;
         let started = Instant::now();
         let mut opened = durable::open(
             dir,
@@ -346,6 +378,7 @@ impl Node {
             durable: Some(opened.store),
             not_quic,
             tcp_refused: tcp.as_ref().map(|l| l.stats().clone()),
+            peers_changed: tokio::sync::Notify::new(),
             #[cfg(debug_assertions)]
             fault_panic: Mutex::new(None),
             cfg,
@@ -360,6 +393,8 @@ impl Node {
             admin_addr,
             key_created,
             durable_rx: Some(opened.answers),
+            keypair,
+            tuning,
             _lock: lock,
         })
     }
@@ -407,16 +442,49 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner()) = Some(key);
     }
 
+    /// One task per configured peer relay, dialing it and redialing it,
+    /// and one dialing trusted relays the mesh announced ([`peer`]).
+    fn spawn_dialers(&self) -> Vec<JoinHandle<()>> {
+        let dialing = Arc::new(peer::Dialing {
+            keypair: self.keypair.clone(),
+            endpoint: self.endpoint.clone(),
+            tuning: self.tuning.clone(),
+        });
+        let mut tasks: Vec<JoinHandle<()>> = self
+            .shared
+            .cfg
+            .mesh
+            .peers
+            .iter()
+            .map(|p| {
+                let seed = getrandom::u64().unwrap_or(p.addr.port.into());
+                tokio::spawn(peer::run_peer(
+                    self.shared.clone(),
+                    dialing.clone(),
+                    p.clone(),
+                    seed,
+                ))
+            })
+            .collect();
+        tasks.push(tokio::spawn(peer::learn(self.shared.clone(), dialing)));
+        tasks
+    }
+
     /// Serves until `shutdown` completes, then stops accepting, flushes what
     /// is queued (bounded by `link.shutdown_grace_ms`) and closes every link.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let shared = self.shared.clone();
+        let dialers = self.spawn_dialers();
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let health_shared = shared.clone();
         let (quic_addr, tcp_addr) = (self.quic_addr, self.tcp_addr);
         let state = AdminState {
             metrics: shared.metrics.clone(),
             health: Arc::new(move || health_shared.health(quic_addr, tcp_addr)),
+            mesh: {
+                let shared = shared.clone();
+                Arc::new(move |view| shared.mesh_view(view))
+            },
         };
         let admin_task = tokio::spawn(admin::serve(self.admin, state, async {
             let _ = admin_stopped.await;
@@ -514,6 +582,9 @@ impl Node {
         if let Some(t) = durable_task {
             t.abort();
         }
+        for d in dialers {
+            d.abort();
+        }
         let _ = admin_stop.send(());
         let _ = tokio::time::timeout(CLOSE_WAIT, admin_task).await;
         info!("stopped");
@@ -601,6 +672,120 @@ impl Shared {
             "uptime_s": self.started.elapsed().as_secs(),
             "time_in_relay_p99_us": self.metrics.time_in_relay_quantile(0.99),
         })
+    }
+
+    /// The JSON of a mesh view for the admin endpoint, from the node's
+    /// views (and, for `/peers`, the shell's view of each link).
+    fn mesh_view(&self, view: MeshView) -> serde_json::Value {
+        use serde_json::json;
+        let me = self.key.to_string();
+        match view {
+            MeshView::Peers => {
+                let peers: Vec<(LinkId, PublicKey)> = self.node().mesh().peers().collect();
+                let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+                let peers: Vec<_> = peers
+                    .into_iter()
+                    .map(|(id, key)| {
+                        let e = links.get(&id);
+                        json!({
+                            "key": key.to_string(),
+                            "link": id,
+                            "transport": e.map(|e| e.handle.link.transport().name()),
+                            "remote": e.map(|e| e.handle.link.remote_address().to_string()),
+                            "dialed": e.map(|e| e.dialed),
+                        })
+                    })
+                    .collect();
+                json!({ "self": me, "peers": peers })
+            }
+            MeshView::Routes => {
+                let mut node = self.node();
+                let stats = node.mesh().stats();
+                let routes: Vec<_> = node
+                    .mesh_mut()
+                    .routes()
+                    .iter()
+                    .map(|(relay, (hops, next))| {
+                        json!({
+                            "relay": relay.to_string(),
+                            "hops": hops,
+                            "next_hop": next.to_string(),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "self": me,
+                    "routes": routes,
+                    "relays_known": stats.relays_known,
+                    "directory_entries": stats.directory_entries,
+                    "cached_routes": stats.cached_routes,
+                    "cache_hits": stats.cache.hits,
+                    "cache_misses": stats.cache.misses,
+                    "pending_lookups": stats.pending_lookups,
+                    "held": stats.held,
+                    "forwarded": stats.forwarded,
+                })
+            }
+            MeshView::Topology => {
+                let node = self.node();
+                let mesh = node.mesh();
+                let relays: Vec<_> = mesh
+                    .topology()
+                    .into_iter()
+                    .map(|(key, links)| {
+                        json!({
+                            "key": key.to_string(),
+                            "addr": mesh.addr_of(&key),
+                            "links": links.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                json!({ "self": me, "relays": relays })
+            }
+        }
+    }
+
+    /// A relay link up or down: the gauge, and the dialers waiting.
+    fn peers_changed(&self) {
+        let n = self.node().mesh().peers().count();
+        self.metrics.set_peers(n);
+        self.peers_changed.notify_waiters();
+    }
+
+    /// Whether a relay link of `key` is up (one the node has not closed).
+    fn peer_link_up(&self, key: PublicKey) -> bool {
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .any(|e| {
+                e.handle.role == Role::Relay && e.handle.key == key && e.handle.link.end().is_none()
+            })
+    }
+
+    /// Why a new relay link of `key` (`dialed` by this relay or not) is
+    /// redundant, if it is. Two relays that list each other both dial: of
+    /// two links between them, both keep the one dialed by the lower key,
+    /// so they never close each other's last link. A link from the same
+    /// dialer as the one up replaces it (the peer restarted).
+    fn redundant_peer_link(&self, key: PublicKey, dialed: bool) -> Option<String> {
+        let dialer = |ours: bool| if ours { self.key } else { key };
+        let new = dialer(dialed);
+        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        links
+            .values()
+            .filter(|e| {
+                e.handle.role == Role::Relay && e.handle.key == key && e.handle.link.end().is_none()
+            })
+            .map(|e| dialer(e.dialed))
+            .find(|old| *old < new)
+            .map(|old| {
+                format!(
+                    "a link between relays {} and {key} dialed by {old} is up; of two, the one \
+                     dialed by the lower key is kept",
+                    self.key
+                )
+            })
     }
 
     fn writer_config(&self) -> WriterConfig {
