@@ -53,12 +53,10 @@ pub enum Cmd {
     /// Attach --cells idle cells: attach rate (cells/s) and the relay's
     /// memory per cell.
     Connections(ConnectionsArgs),
-    /// Durable (store-and-forward) messages: not available yet.
-    Durable {
-        /// Ignored.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        rest: Vec<String>,
-    },
+    /// `throughput` with durable messages: each is logged and synced by
+    /// the relay before it is acknowledged; adds the time to that ack
+    /// (ack_p50_us, ack_p99_us) to the report. Same flags as throughput.
+    Durable(ThroughputArgs),
 }
 
 /// Which server to measure.

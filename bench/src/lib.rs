@@ -1,7 +1,8 @@
 //! `relay-bench`: load generator and reporter for Celluler relays.
 //!
-//! Modes: `throughput`, `latency`, `fanout`, `connections` (and `durable`,
-//! not available yet). Each runs against a relay the bench starts
+//! Modes: `throughput`, `latency`, `fanout`, `connections` and `durable`
+//! (throughput's shape with durable messages, plus the time to the relay's
+//! ack). Each runs against a relay the bench starts
 //! (`--spawn`, see [`target`]) or one already running (`--relay
 //! KEY@HOST:PORT`), with cells built on the real client API
 //! ([`relay_client::Cell`]), and reports a table on stdout plus optional
@@ -90,13 +91,10 @@ pub fn main_entry() -> ExitCode {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Durable { .. } => Err(Unavailable(
-            "durable: durable (store-and-forward) messages arrive with the storage issue: the \
-             relay does not keep messages on disk for offline cells yet, so there is nothing \
-             to measure; use `throughput` or `latency` for best-effort messages"
-                .into(),
-        )
-        .into()),
+        Cmd::Durable(a) => {
+            let (common, plan) = mode::durable::plan(&a)?;
+            message_mode(&a.target, common, plan)
+        }
         Cmd::Throughput(a) => {
             let (common, plan) = mode::throughput::plan(&a)?;
             message_mode(&a.target, common, plan)

@@ -151,6 +151,22 @@ pub struct Report {
     /// The same, 99th percentile.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay_time_p99_us: Option<f64>,
+    /// `durable`: time from queueing a message to the relay's ack that it
+    /// is logged and synced, median, µs (warm-up messages included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ack_p50_us: Option<f64>,
+    /// The same, 99th percentile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ack_p99_us: Option<f64>,
+    /// The same, largest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ack_max_us: Option<f64>,
+    /// `durable`: messages the relay acknowledged as stored (by report time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub durable_acked: Option<u64>,
+    /// `durable`: messages the relay refused (log full or failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub durable_refused: Option<u64>,
     /// Notices from the relay about sent messages: dropped for a slow
     /// receiver.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -296,6 +296,47 @@ pub struct Plan {
     /// Unpaced senders wait while more than this many of their messages
     /// are in flight (sent, not yet received); `None`: open loop.
     pub window: Option<u64>,
+    /// Durable messages (`durable` mode): each is acknowledged by the
+    /// relay once logged and synced, and the time to that ack is measured.
+    pub durable: bool,
+}
+
+/// Times from queueing a durable message to the relay's ack, over every
+/// sender, and the refusals.
+#[derive(Default)]
+struct AckTimes {
+    hist: std::sync::Mutex<Option<Histogram<u64>>>,
+    acked: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl AckTimes {
+    fn record(&self, ns: u64) {
+        let mut h = self.hist.lock().unwrap_or_else(|e| e.into_inner());
+        let h = h.get_or_insert_with(|| {
+            Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds")
+        });
+        let _ = h.record(ns.max(1));
+        self.acked.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Awaits one sender's durable receipts in order, recording each time to
+/// ack; ends when the sender is done.
+async fn collect_acks(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(u64, relay_client::cell::DurableReceipt)>,
+    times: Arc<AckTimes>,
+) {
+    while let Some((t0, receipt)) = rx.recv().await {
+        match receipt.await {
+            Ok(relay_codec::frame::DurableStatus::Acked) => {
+                times.record(now_ns().saturating_sub(t0));
+            }
+            _ => {
+                times.refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// A finished run: the report and the histograms behind it.
@@ -347,6 +388,12 @@ enum Tx {
     Cell(CellHandle),
     Raw(Box<crate::raw::RawSender>),
     Nats(async_nats::Client),
+    /// A cell sending durable messages to one cell; each receipt goes to
+    /// its [`collect_acks`] with the time it was queued.
+    Durable(
+        CellHandle,
+        tokio::sync::mpsc::UnboundedSender<(u64, relay_client::cell::DurableReceipt)>,
+    ),
 }
 
 impl Tx {
@@ -366,6 +413,16 @@ impl Tx {
                 .await
                 .map_err(|e| anyhow!("sending failed: {e}")),
             (Tx::Raw(r), dest) => r.send(dest.destination(), lane, p).await,
+            (Tx::Durable(h, acks), Dest::Cell(k)) => {
+                let t0 = now_ns();
+                let (_, receipt) = h
+                    .start_durable(*k, lane, p)
+                    .await
+                    .map_err(|e| anyhow!("sending failed: {e}"))?;
+                let _ = acks.send((t0, receipt));
+                Ok(())
+            }
+            (Tx::Durable(..), _) => bail!("internal error: durable messages go to one cell"),
         }
     }
 
@@ -374,7 +431,7 @@ impl Tx {
     /// they run, so for them there is nothing to do.
     async fn flush(&mut self) -> Result<()> {
         match self {
-            Tx::Cell(_) | Tx::Nats(_) => Ok(()),
+            Tx::Cell(_) | Tx::Nats(_) | Tx::Durable(..) => Ok(()),
             Tx::Raw(r) => r.flush().await,
         }
     }
@@ -718,8 +775,15 @@ pub async fn run(server: &Server, common: &Common, plan: &Plan) -> Result<Outcom
     let notices = Arc::new(Notices::default());
     let mut watchers = Vec::new();
     let mut txs: Vec<Tx> = Vec::new();
+    let ack_times = Arc::new(AckTimes::default());
     for cell in tx_cells {
-        txs.push(Tx::Cell(cell.handle()));
+        if plan.durable {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(collect_acks(rx, ack_times.clone()));
+            txs.push(Tx::Durable(cell.handle(), tx));
+        } else {
+            txs.push(Tx::Cell(cell.handle()));
+        }
         watchers.push(tokio::spawn(cells::watch_sender(
             cell,
             notices.clone(),
@@ -1030,6 +1094,17 @@ pub async fn run(server: &Server, common: &Common, plan: &Plan) -> Result<Outcom
         ..Report::default()
     };
     report.set_latency(&Percentiles::of(&all.hist));
+    if plan.durable {
+        let h = ack_times.hist.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = h.as_ref() {
+            let us = |q: f64| crate::stats::round1(h.value_at_quantile(q) as f64 / 1e3);
+            report.ack_p50_us = Some(us(0.5));
+            report.ack_p99_us = Some(us(0.99));
+            report.ack_max_us = Some(crate::stats::round1(h.max() as f64 / 1e3));
+        }
+        report.durable_acked = Some(ack_times.acked.load(Ordering::Relaxed));
+        report.durable_refused = Some(ack_times.refused.load(Ordering::Relaxed));
+    }
     let mut notes = Vec::new();
     if let Some(p) = plan.pacing {
         report.rate = Some(p.rate);

@@ -129,9 +129,42 @@ fn sealed_auth_is_not_available_yet() {
 }
 
 #[test]
-fn durable_is_not_available_yet() {
-    fails_with(&["durable"], 2, "storage issue");
-    fails_with(&["durable", "--spawn", "--count", "10"], 2, "storage issue");
+fn durable_refuses_what_it_cannot_measure() {
+    fails_with(
+        &["durable", "--spawn", "--client", "raw", "--count", "10"],
+        2,
+        "relay-client cells",
+    );
+}
+
+#[test]
+fn durable_delivers_everything_and_times_the_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("d.json");
+    let v = measure(
+        &[
+            "durable",
+            "--spawn",
+            "--count",
+            "5000",
+            "--size",
+            "128",
+            "--window",
+            "1000",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &json,
+        Duration::from_secs(60),
+    );
+    assert_eq!(v["mode"], "durable");
+    assert_eq!(u(&v, "sent"), 5_000, "{v:#}");
+    assert_eq!(u(&v, "received"), 5_000, "{v:#}");
+    assert_eq!(u(&v, "lost"), 0, "{v:#}");
+    assert_eq!(u(&v, "durable_acked"), 5_000, "{v:#}");
+    assert_eq!(u(&v, "durable_refused"), 0, "{v:#}");
+    let (p50, p99) = (f(&v, "ack_p50_us"), f(&v, "ack_p99_us"));
+    assert!(p50 > 0.0 && p99 >= p50, "{v:#}");
 }
 
 #[test]

@@ -862,6 +862,7 @@ fn placeholder() -> Received {
         timestamp_ms: 0,
         payload: Bytes::from_static(&[0xff; 4]),
         auth: ReceivedAuth::Link,
+        durable: false,
     }
 }
 

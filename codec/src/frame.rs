@@ -32,6 +32,8 @@ pub const MAX_REASON: usize = 1024;
 const HELLO_NOTICES: u8 = 1;
 /// Most entries in one discovery reply.
 pub const MAX_DISCOVER_ENTRIES: usize = 4096;
+/// Most message ids in one [`Frame::DurableAck`].
+pub const MAX_DURABLE_ACK_IDS: usize = 1024;
 
 /// The frame type byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +76,8 @@ pub enum FrameType {
     /// Relay to relay (and to a traced message's source cell): one hop of
     /// a traced message ([`MeshFrame::Trace`]).
     Trace = 0x12,
+    /// Durable messages stored, received, refused or expired, by id.
+    DurableAck = 0x20,
 }
 
 impl FrameType {
@@ -98,6 +102,7 @@ impl FrameType {
             0x10 => Lookup,
             0x11 => LookupReply,
             0x12 => Trace,
+            0x20 => DurableAck,
             _ => {
                 return Err(DecodeError::Invalid {
                     field: "frame type",
@@ -105,6 +110,50 @@ impl FrameType {
                 });
             }
         })
+    }
+}
+
+/// What a [`Frame::DurableAck`] says of its messages (PROTOCOL.md 4.12).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DurableStatus {
+    /// From a relay: logged and synced, the relay answers for them now.
+    /// From a cell: its application has them; the relay may forget them.
+    Acked = 0,
+    /// Refused: the relay's durable log is full (`storage.max_bytes`).
+    /// Nothing was stored; best-effort traffic still flows.
+    Full = 1,
+    /// Dropped unacknowledged: their time to live ran out before the
+    /// destination took them.
+    Expired = 2,
+    /// Refused: the relay could not store them (its log failed).
+    Failed = 3,
+}
+
+impl DurableStatus {
+    fn from_u8(v: u8) -> Result<Self, DecodeError> {
+        Ok(match v {
+            0 => Self::Acked,
+            1 => Self::Full,
+            2 => Self::Expired,
+            3 => Self::Failed,
+            _ => {
+                return Err(DecodeError::Invalid {
+                    field: "durable status",
+                    value: v as u64,
+                });
+            }
+        })
+    }
+
+    /// Its name, for logs and error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Acked => "acked",
+            Self::Full => "refused: the relay's durable log is full (storage.max_bytes)",
+            Self::Expired => "expired before the destination took it",
+            Self::Failed => "refused: the relay could not store it",
+        }
     }
 }
 
@@ -344,6 +393,16 @@ pub enum Frame {
     /// A relay-to-relay control frame (types `0x0B` to `0x12`), on a
     /// relay-role link's control stream; a Trace also goes to a cell.
     Mesh(MeshFrame),
+    /// Durable messages, by id, and what became of them (1 to
+    /// [`MAX_DURABLE_ACK_IDS`] ids): a relay acknowledges what it logged or
+    /// reports a refusal or expiry to the sender; a cell acknowledges what
+    /// its application took to the relay that delivered it.
+    DurableAck {
+        /// What it says of them.
+        status: DurableStatus,
+        /// Their ids.
+        ids: Vec<MessageId>,
+    },
 }
 
 impl Frame {
@@ -436,6 +495,15 @@ impl Frame {
                 out.put_slice(&subject.0);
             }
             Frame::Mesh(m) => m.encode_typed(out),
+            Frame::DurableAck { status, ids } => {
+                out.put_u8(FrameType::DurableAck as u8);
+                out.put_u8(*status as u8);
+                let n = ids.len().min(MAX_DURABLE_ACK_IDS);
+                out.put_u16_le(n as u16);
+                for id in &ids[..n] {
+                    out.put_slice(&id.0);
+                }
+            }
         }
         let len = (out.len() - start - LEN_PREFIX) as u32;
         out[start..start + LEN_PREFIX].copy_from_slice(&len.to_le_bytes());
@@ -591,6 +659,21 @@ impl Frame {
                 id: MessageId(r.array()?),
                 subject: PublicKey(r.array()?),
             },
+            FrameType::DurableAck => {
+                let status = DurableStatus::from_u8(r.u8()?)?;
+                let n = r.u16()? as usize;
+                if n == 0 || n > MAX_DURABLE_ACK_IDS {
+                    return Err(DecodeError::Invalid {
+                        field: "durable ack count",
+                        value: n as u64,
+                    });
+                }
+                let mut ids = Vec::with_capacity(n.min(r.remaining() / 16));
+                for _ in 0..n {
+                    ids.push(MessageId(r.array()?));
+                }
+                Frame::DurableAck { status, ids }
+            }
         };
         r.finish()?;
         Ok(f)
@@ -610,6 +693,7 @@ impl Frame {
             Frame::Presence { .. } => "Presence",
             Frame::Notice { .. } => "Notice",
             Frame::Mesh(m) => m.name(),
+            Frame::DurableAck { .. } => "DurableAck",
         }
     }
 
@@ -684,6 +768,10 @@ mod tests {
         let k = PublicKey([7; 32]);
         let svc = ServiceName::new("chat").unwrap();
         vec![
+            Frame::DurableAck {
+                status: DurableStatus::Acked,
+                ids: vec![MessageId([1; 16]), MessageId([2; 16])],
+            },
             Frame::Hello {
                 version: PROTOCOL_VERSION,
                 role: Role::Cell,
@@ -818,6 +906,29 @@ mod tests {
                 assert!(reason.len() <= MAX_REASON && reason.starts_with('é'))
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn durable_ack_is_byte_exact_and_bounded() {
+        let f = Frame::DurableAck {
+            status: DurableStatus::Full,
+            ids: vec![MessageId([0xAB; 16])],
+        };
+        let b = f.to_bytes();
+        let mut want = vec![20, 0, 0, 0, 0x20, 1, 1, 0];
+        want.extend_from_slice(&[0xAB; 16]);
+        assert_eq!(&b[..], &want[..]);
+        assert_eq!(Frame::decode(b, &Limits::default()).unwrap(), f);
+        // Zero ids, an unknown status, too many ids: refused.
+        for body in [
+            vec![0x20, 0, 0, 0],
+            vec![0x20, 9, 1, 0],
+            vec![0x20, 0, 0x01, 0x04],
+        ] {
+            let mut fr = (body.len() as u32).to_le_bytes().to_vec();
+            fr.extend_from_slice(&body);
+            assert!(Frame::decode(Bytes::from(fr), &Limits::default()).is_err());
         }
     }
 }

@@ -43,6 +43,7 @@
 #![warn(missing_docs)]
 
 pub mod dedup;
+pub mod durable;
 pub mod freshness;
 pub mod mesh;
 pub mod node;
@@ -53,6 +54,7 @@ pub mod stall;
 pub mod ttl;
 
 pub use dedup::{DedupVerdict, DedupWindow};
+pub use durable::{DurableConfig, DurableQueues, LogRefusal};
 pub use freshness::{FreshnessWindow, Staleness};
 pub use mesh::{Mesh, MeshConfig, MeshConfigError, MeshStats};
 pub use node::{

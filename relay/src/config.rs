@@ -53,6 +53,74 @@ pub struct RelayConfig {
     pub link: LinkConfig,
     /// `[mesh]`: peer relays, which relays are trusted, how many links.
     pub mesh: MeshSection,
+    /// `[storage]`: the durable log (DATA_DIR/log) and durable delivery.
+    pub storage: StorageConfig,
+}
+
+/// Which writer the durable log runs (`storage.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageBackend {
+    /// io_uring where the kernel allows it, the portable writer otherwise.
+    Auto,
+    /// io_uring, or the relay does not start.
+    IoUring,
+    /// Plain `pwrite` + `fdatasync` on a writer thread.
+    Portable,
+}
+
+/// `[storage]`: the durable log and durable delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Bound on the log's segment files on disk, bytes,
+    /// `2 × segment_bytes..=2^50`; past it new durable messages are
+    /// refused. Default 1 GiB.
+    pub max_bytes: u64,
+    /// Size of each preallocated segment file, bytes, `4 KiB..=4 GiB`.
+    /// Default 64 MiB.
+    pub segment_bytes: u64,
+    /// The log's writer. Default [`StorageBackend::Auto`].
+    pub backend: StorageBackend,
+    /// How long a durable message waits for its destination, ms,
+    /// `1_000..=31_536_000_000` (a year). Default 86 400 000 (a day).
+    pub ttl_ms: u64,
+    /// First retry of an unacknowledged delivery, ms, `10..=3_600_000`.
+    /// Default 1 000.
+    pub retry_initial_ms: u64,
+    /// Longest wait between retries, ms, `retry_initial_ms..=3_600_000`.
+    /// Default 60 000.
+    pub retry_max_ms: u64,
+    /// How often acknowledged segments are looked for and removed, ms,
+    /// `100..=3_600_000`. Default 1 000.
+    pub compact_interval_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 1 << 30,
+            segment_bytes: 64 << 20,
+            backend: StorageBackend::Auto,
+            ttl_ms: 86_400_000,
+            retry_initial_ms: 1_000,
+            retry_max_ms: 60_000,
+            compact_interval_ms: 1_000,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The durable settings of the relay's node.
+    #[must_use]
+    pub fn durable_config(&self) -> relay_core::DurableConfig {
+        relay_core::DurableConfig {
+            ttl_ms: self.ttl_ms,
+            retry_initial_ms: self.retry_initial_ms,
+            retry_max_ms: self.retry_max_ms,
+            ..relay_core::DurableConfig::default()
+        }
+    }
 }
 
 /// `[node]`: where the relay listens and keeps its files.
@@ -662,6 +730,7 @@ impl RelayConfig {
             },
             notice_interval_ms: self.link.notice_interval_ms,
             max_stall_ms: self.link.max_stall_ms,
+            durable: self.storage.durable_config(),
         }
     }
 
@@ -741,6 +810,33 @@ impl RelayConfig {
         };
         let size = |v: usize| v as u64;
         let (n, l, s, k) = (&self.node, &self.limits, &self.security, &self.link);
+        let st = &self.storage;
+        range("storage.segment_bytes", st.segment_bytes, 4096, 4 << 30);
+        range(
+            "storage.max_bytes",
+            st.max_bytes,
+            st.segment_bytes.saturating_mul(2),
+            1 << 50,
+        );
+        range("storage.ttl_ms", st.ttl_ms, 1_000, 31_536_000_000);
+        range(
+            "storage.retry_initial_ms",
+            st.retry_initial_ms,
+            10,
+            3_600_000,
+        );
+        range(
+            "storage.retry_max_ms",
+            st.retry_max_ms,
+            st.retry_initial_ms,
+            3_600_000,
+        );
+        range(
+            "storage.compact_interval_ms",
+            st.compact_interval_ms,
+            100,
+            3_600_000,
+        );
         range("node.worker_threads", size(n.worker_threads), 1, 256);
         let payload_cap = size(Limits::MAX_PAYLOAD_CAP);
         range("limits.max_payload", size(l.max_payload), 1, payload_cap);
@@ -960,6 +1056,13 @@ const FIELDS: &[&str] = &[
     "link.shutdown_grace_ms",
     "link.max_stall_ms",
     "link.notice_interval_ms",
+    "storage.max_bytes",
+    "storage.segment_bytes",
+    "storage.backend",
+    "storage.ttl_ms",
+    "storage.retry_initial_ms",
+    "storage.retry_max_ms",
+    "storage.compact_interval_ms",
     "mesh.peers",
     "mesh.trusted_relays",
     "mesh.max_peers",
@@ -1109,6 +1212,38 @@ mod tests {
             }
             other => panic!("expected a parse error for {src:?}, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn storage_settings_out_of_bounds_are_refused_with_their_line() {
+        assert_invalid(
+            "[storage]\nmax_bytes = 4096\n",
+            "storage.max_bytes",
+            Some(2),
+        );
+        assert_invalid(
+            "[storage]\nsegment_bytes = 100\n",
+            "storage.segment_bytes",
+            Some(2),
+        );
+        assert_invalid("[storage]\nttl_ms = 0\n", "storage.ttl_ms", Some(2));
+        assert_invalid(
+            "[storage]\nretry_initial_ms = 5000\nretry_max_ms = 1000\n",
+            "storage.retry_max_ms",
+            Some(3),
+        );
+        assert_invalid(
+            "[storage]\ncompact_interval_ms = 1\n",
+            "storage.compact_interval_ms",
+            Some(2),
+        );
+        assert_parse_error("[storage]\nbackend = \"fast\"\n", 2, &["storage.backend"]);
+        let ok = parse(
+            "[storage]\nmax_bytes = 1048576\nsegment_bytes = 65536\nbackend = \"portable\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.storage.backend, StorageBackend::Portable);
+        assert_eq!(ok.storage.max_bytes, 1 << 20);
     }
 
     #[test]

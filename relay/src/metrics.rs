@@ -113,7 +113,90 @@ pub struct Metrics {
     signatures_checked: Counter,
     signatures_failed: Counter,
     time_in_relay: Mutex<HdrHistogram<u64>>,
+    durable: DurableMetrics,
     mesh: MeshMetrics,
+}
+
+/// The durable log's counters (`celluler_durable_*`).
+#[derive(Debug, Default)]
+pub struct DurableMetrics {
+    logged: Counter,
+    acked: Counter,
+    released: Counter,
+    refused: Counter,
+    expired: Counter,
+    log_bytes: Gauge,
+}
+
+impl DurableMetrics {
+    fn register(r: &mut Registry) -> Self {
+        let m = Self::default();
+        for (name, help, c) in [
+            (
+                "celluler_durable_logged",
+                "Durable messages appended to the log and synced",
+                &m.logged,
+            ),
+            (
+                "celluler_durable_acked",
+                "Durable messages acknowledged to their sender as stored (resends included)",
+                &m.acked,
+            ),
+            (
+                "celluler_durable_released",
+                "Durable messages their destination acknowledged, released from the log",
+                &m.released,
+            ),
+            (
+                "celluler_durable_refused",
+                "Durable messages refused to their sender (log full or failed)",
+                &m.refused,
+            ),
+            (
+                "celluler_durable_expired",
+                "Durable messages whose time to live ran out before their destination took them",
+                &m.expired,
+            ),
+        ] {
+            r.register(name, help, c.clone());
+        }
+        r.register(
+            "celluler_durable_log_bytes",
+            "Bytes of durable log segment files on disk",
+            m.log_bytes.clone(),
+        );
+        m
+    }
+
+    /// Counts `n` messages synced to the log.
+    pub fn logged(&self, n: u64) {
+        self.logged.inc_by(n);
+    }
+
+    /// Counts `n` messages acknowledged to their sender.
+    pub fn acked(&self, n: u64) {
+        self.acked.inc_by(n);
+    }
+
+    /// Counts `n` messages released by their destination's ack.
+    pub fn released(&self, n: u64) {
+        self.released.inc_by(n);
+    }
+
+    /// Counts `n` messages refused.
+    pub fn refused(&self, n: u64) {
+        self.refused.inc_by(n);
+    }
+
+    /// Counts `n` messages expired.
+    pub fn expired(&self, n: u64) {
+        self.expired.inc_by(n);
+    }
+
+    /// Sets the log's bytes on disk.
+    pub fn log_bytes(&self, bytes: u64) {
+        self.log_bytes.set(bytes as i64);
+    }
 }
 
 /// The mesh's series: peer links, messages forwarded to relays, relay
@@ -330,7 +413,9 @@ impl Metrics {
         );
         let mesh = MeshMetrics::register(&mut r);
 
+        let durable = DurableMetrics::register(&mut r);
         Metrics {
+            durable,
             mesh,
             registry: r,
             messages_in,
@@ -421,6 +506,11 @@ impl Metrics {
             self.stall_timeouts.inc();
         }
         self.stall_seconds.inc_by(seconds);
+    }
+
+    /// The durable log's counters.
+    pub fn durable(&self) -> &DurableMetrics {
+        &self.durable
     }
 
     /// Counts `n` dedup-window hits.

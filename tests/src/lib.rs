@@ -132,6 +132,20 @@ impl RelayProcess {
         Self::start_at(toml, "127.0.0.1:0", None, args)
     }
 
+    /// SIGKILLs the relay (no shutdown, no flush: a crash) and starts a
+    /// new one on the same data directory and key, with `toml`, listening
+    /// at `listen` (`127.0.0.1:0`: new free ports; the old port: cells
+    /// redial it) and `args`.
+    pub fn kill_and_restart(mut self, toml: &str, listen: &str, args: &[&str]) -> Self {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+        let mut next = Self::start_at(toml, listen, Some(&dir.path().join("data")), args);
+        // The data directory lives as long as the relay using it.
+        next.dir = dir;
+        next
+    }
+
     /// A relay with `toml` (empty: none) listening at `listen`, with its
     /// data directory at `data_dir` (`None`: one of its own), and `args`
     /// after those flags: a relay of a mesh, whose key and port others

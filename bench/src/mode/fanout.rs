@@ -50,6 +50,7 @@ pub fn plan(a: &FanoutArgs) -> anyhow::Result<(Common, Plan)> {
             duration: a.duration,
             pacing: None,
             window: a.window,
+            durable: false,
         },
     ))
 }

@@ -28,6 +28,7 @@ pub fn plan(a: &LatencyArgs) -> anyhow::Result<(Common, Plan)> {
                 tick: Duration::from_micros(a.tick_us),
             }),
             window: None,
+            durable: false,
         },
     ))
 }

@@ -2,6 +2,7 @@
 //! and runs it.
 
 pub mod connections;
+pub mod durable;
 pub mod fanout;
 pub mod latency;
 pub mod throughput;

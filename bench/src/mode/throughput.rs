@@ -30,6 +30,7 @@ pub fn plan(a: &ThroughputArgs) -> anyhow::Result<(Common, Plan)> {
             duration: a.duration,
             pacing: None,
             window: a.window,
+            durable: false,
         },
     ))
 }

@@ -37,10 +37,13 @@ use tokio::io::AsyncBufReadExt as _;
 /// `cell send`'s exit status when the relay reported messages it did not
 /// deliver.
 const EXIT_UNDELIVERED: u8 = 3;
+/// Exit status of `cell send --durable` when the relay refused a message
+/// or reported it expired.
+const EXIT_REFUSED: u8 = 4;
 
 /// What `cell send --help` says after the options.
 const SEND_HELP: &str = "\
-Delivery is best effort, and nothing is stored for later: a message to a cell that is not \
+Without --durable, delivery is best effort, and nothing is stored for later: a message to a cell that is not \
 attached to the relay is dropped, as is one whose receiver reads too slowly or that the relay \
 refuses (expired, from the future, out of hops). The relay reports each drop to the sender; \
 cell send waits for its reports before it exits and lists them on stderr, e.g.
@@ -48,11 +51,14 @@ cell send waits for its reports before it exits and lists them on stderr, e.g.
   1 of 1 messages were not delivered
 A broadcast or service message that no cell receives is not reported.
 
+With --durable (to one cell, --to KEY): each message is stored by the relay before it is acknowledged, and waits there for a receiver that is away. `acked N` is printed on stdout when the Nth message (N from 1, in order) is acknowledged; messages not yet acknowledged are resent unchanged after each reconnect (the receiver drops repeats), across relay restarts. It exits 0 once every message is acknowledged, 4 with the reason on stderr if the relay refuses one (its durable log is full) or reports one expired.
+
 Exit status:
   0  every message was sent and the relay reported none dropped
   1  an error: the link failed, or not every message was sent
   2  a usage error
-  3  the relay reported messages it did not deliver";
+  3  the relay reported messages it did not deliver
+  4  (--durable) the relay refused a message or reported it expired";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -118,6 +124,10 @@ enum Cmd {
         /// proof of this cell's link.
         #[arg(long, value_enum, default_value_t = AuthArg::Signed)]
         auth: AuthArg,
+        /// Durable: stored by the relay until the receiver takes it; see
+        /// below. Needs --to.
+        #[arg(long)]
+        durable: bool,
         /// The message; without it, each line of stdin is one message.
         message: Option<String>,
     },
@@ -220,8 +230,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             target,
             lane,
             auth,
+            durable,
             message,
-        } => send(link, target, lane, auth, message).await,
+        } => {
+            if durable {
+                send_durable(link, target, lane, auth, message).await
+            } else {
+                send(link, target, lane, auth, message).await
+            }
+        }
         Cmd::Discover { link, service } => discover(link, service).await.map(|()| done),
     }
 }
@@ -276,6 +293,8 @@ async fn listen(
     let first_service = services.first().cloned();
     let opts = CellOptions {
         services,
+        // Acknowledged below, once written out.
+        ack_durable_on_receive: false,
         ..CellOptions::default()
     };
     let (mut cell, relay) = connect(&link, opts).await?;
@@ -327,6 +346,12 @@ async fn listen(
                     // Whoever reads stdout is gone: nothing more to do.
                     break Ok(());
                 }
+                drop(out);
+                if m.durable {
+                    // A lost ack (the link is down) is made good: the
+                    // relay redelivers, and the cell acks the repeat.
+                    let _ = cell.ack_durable(&[m.id]).await;
+                }
                 received += 1;
             }
             Some(Some(Event::Disconnected { reason })) => {
@@ -373,7 +398,125 @@ fn message_json(m: &Received) -> serde_json::Value {
         "auth": auth,
         "encoding": encoding,
         "payload": payload,
+        "durable": m.durable,
     })
+}
+
+/// Reads the messages to send: MESSAGE, or each line of stdin, into `tx`.
+async fn read_lines(
+    message: Option<String>,
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+) -> anyhow::Result<()> {
+    if let Some(m) = message {
+        let _ = tx.send(m.into_bytes()).await;
+        return Ok(());
+    }
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    loop {
+        let mut line = Vec::new();
+        let n = stdin
+            .read_until(b'\n', &mut line)
+            .await
+            .context("reading stdin")?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+        }
+        if tx.send(line).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// `cell send --durable`: every message in flight at once, `acked N`
+/// printed in order as the relay acknowledges them.
+async fn send_durable(
+    link: LinkArgs,
+    target: Target,
+    lane: Lane,
+    auth: AuthArg,
+    message: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let Some(to) = &target.to else {
+        bail!("--durable sends to one cell: give --to KEY");
+    };
+    let to: PublicKey = to.parse().map_err(|e| anyhow!("--to {to:?}: {e}"))?;
+    let opts = CellOptions {
+        auth: match auth {
+            AuthArg::Signed => AuthMode::Signed,
+            AuthArg::Link => AuthMode::Link,
+        },
+        // Keep trying while a relay restarts.
+        backoff_max: Duration::from_secs(1),
+        ..CellOptions::default()
+    };
+    let (cell, _) = connect(&link, opts).await?;
+    let handle = cell.handle();
+    let (line_tx, mut line_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1024);
+    let reader = tokio::spawn(read_lines(message, line_tx));
+    let (receipt_tx, mut receipt_rx) = tokio::sync::mpsc::channel::<(
+        relay_codec::MessageId,
+        relay_client::cell::DurableReceipt,
+    )>(65_536);
+    let starter = {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            while let Some(line) = line_rx.recv().await {
+                let started = handle.start_durable(to, lane, line).await?;
+                if receipt_tx.send(started).await.is_err() {
+                    break;
+                }
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut acked = 0u64;
+    let mut outcome = Ok(ExitCode::SUCCESS);
+    let mut stopped_early = false;
+    let stdout = std::io::stdout();
+    while let Some((id, receipt)) = receipt_rx.recv().await {
+        match receipt.await {
+            Ok(relay_codec::frame::DurableStatus::Acked) => {
+                acked += 1;
+                let mut out = stdout.lock();
+                let _ = writeln!(out, "acked {acked}").and_then(|()| out.flush());
+            }
+            Ok(status) => {
+                eprintln!("message {} ({id}) {}", acked + 1, status.name());
+                outcome = Ok(ExitCode::from(EXIT_REFUSED));
+                stopped_early = true;
+                break;
+            }
+            Err(_) => {
+                outcome = Err(anyhow!(
+                    "the cell stopped before message {} was acknowledged",
+                    acked + 1
+                ));
+                stopped_early = true;
+                break;
+            }
+        }
+    }
+    if stopped_early {
+        // Stopped early: whatever is still on stdin is not read.
+        starter.abort();
+        reader.abort();
+    }
+    if let Ok(Err(e)) = reader.await {
+        eprintln!("{e:#}");
+        outcome = Err(e);
+    }
+    if let Ok(Err(e)) = starter.await {
+        outcome = Err(e);
+    }
+    eprintln!("{acked} durable message(s) acknowledged");
+    let _ = cell.close().await;
+    outcome
 }
 
 async fn send(

@@ -78,6 +78,15 @@ pub enum CellError {
         /// Why.
         reason: String,
     },
+    /// The relay did not take a durable message: its log is full, it
+    /// failed, or the message expired before its destination took it.
+    #[error("durable message {id} {}", status.name())]
+    DurableRefused {
+        /// The message.
+        id: relay_codec::MessageId,
+        /// What the relay said.
+        status: relay_codec::frame::DurableStatus,
+    },
     /// A key or address is not valid.
     #[error(transparent)]
     Key(#[from] KeyError),

@@ -40,6 +40,11 @@ pub struct Received {
     pub payload: Bytes,
     /// How its origin was established.
     pub auth: ReceivedAuth,
+    /// Whether it was sent durable: the relay keeps it until this cell
+    /// acknowledges it (on receipt by default, see
+    /// [`CellOptions::ack_durable_on_receive`], or with
+    /// [`Cell::ack_durable`]).
+    pub durable: bool,
 }
 
 /// Something that happened on the link, in the order it happened per lane.

@@ -133,7 +133,22 @@ pub(crate) struct Shared {
     pub(crate) closing: AtomicBool,
     /// What the relay reported as not delivered.
     pub(crate) undelivered: Mutex<Tally>,
+    /// Durable messages sent and not yet acknowledged by the relay, by id:
+    /// their bytes, resent unchanged after a reconnect.
+    pub(crate) durable: Mutex<HashMap<MessageId, Outstanding>>,
 }
+
+/// A durable message the relay has not acknowledged yet.
+pub(crate) struct Outstanding {
+    lane: Lane,
+    raw: Bytes,
+    waiters: Vec<oneshot::Sender<relay_codec::frame::DurableStatus>>,
+}
+
+/// The relay's answer about a durable message: resolves once the relay
+/// has logged it ([`DurableStatus::Acked`](relay_codec::frame::DurableStatus::Acked))
+/// or refused it.
+pub type DurableReceipt = oneshot::Receiver<relay_codec::frame::DurableStatus>;
 
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -228,6 +243,58 @@ impl Shared {
         })
     }
 
+    /// With [`CellOptions::ack_durable_on_receive`]: acknowledges the
+    /// durable messages of a batch the application takes. A full control
+    /// queue loses the ack; the relay redelivers and the redelivery is
+    /// acknowledged.
+    pub(crate) fn auto_ack(&self, batch: &[Received]) {
+        if !self.opts.ack_durable_on_receive {
+            return;
+        }
+        let ids: Vec<MessageId> = batch.iter().filter(|r| r.durable).map(|r| r.id).collect();
+        for frame in super::receive::durable_acks(&ids) {
+            let _ = self.control.try_send(frame);
+        }
+    }
+
+    /// The relay's DurableAck: answers the senders waiting on `ids`.
+    pub(crate) fn durable_answer(
+        &self,
+        status: relay_codec::frame::DurableStatus,
+        ids: &[MessageId],
+    ) {
+        let mut d = lock(&self.durable);
+        for id in ids {
+            if let Some(o) = d.remove(id) {
+                for w in o.waiters {
+                    let _ = w.send(status);
+                }
+            }
+        }
+    }
+
+    /// After a reconnect: every durable message not acknowledged goes
+    /// again, unchanged (same bytes, same id); the relay acknowledges a
+    /// copy it already logged without logging it twice.
+    pub(crate) fn resend_durable(&self) {
+        let again: Vec<(Lane, Bytes)> = lock(&self.durable)
+            .values()
+            .map(|o| (o.lane, o.raw.clone()))
+            .collect();
+        for (lane, raw) in again {
+            let id = MessageId([0; 16]);
+            let put = move |buf: &mut BytesMut| {
+                buf.extend_from_slice(&raw);
+                id
+            };
+            // A full lane: the rest go with the next reconnect or resend.
+            if self.queues.stage(lane, put).is_err() {
+                break;
+            }
+        }
+        self.queues.wake();
+    }
+
     pub(crate) fn fail_pending(&self) {
         // Dropping the senders wakes the waiting discover calls.
         lock(&self.pending).clear();
@@ -288,6 +355,7 @@ impl Cell {
             link: Mutex::new(LinkState::default()),
             closing: AtomicBool::new(false),
             undelivered: Mutex::new(Tally::default()),
+            durable: Mutex::new(HashMap::new()),
             opts: CellOptions { limits, ..opts },
         });
         let mut dialer = Dialer::new(shared.opts.endpoint.clone());
@@ -379,6 +447,23 @@ impl Cell {
         self.handle.send_message(msg).await
     }
 
+    /// Sends `payload` to the cell `to` durable; see
+    /// [`CellHandle::send_durable`].
+    pub async fn send_durable(
+        &self,
+        to: PublicKey,
+        lane: Lane,
+        payload: impl Into<Bytes>,
+    ) -> Result<MessageId, CellError> {
+        self.handle.send_durable(to, lane, payload).await
+    }
+
+    /// Acknowledges durable messages to the relay; see
+    /// [`CellHandle::ack_durable`].
+    pub async fn ack_durable(&self, ids: &[MessageId]) -> Result<(), CellError> {
+        self.handle.ack_durable(ids).await
+    }
+
     /// The next event: a message, a presence change, a notice, or the link
     /// going down or coming back. `None` once the cell has stopped for good
     /// (the link was lost without [`CellOptions::reconnect`]).
@@ -449,6 +534,7 @@ impl Cell {
                         // Hand the batch's vector over instead of copying
                         // it (and whatever comes next into it).
                         self.handle.shared.release(batch.len());
+                        self.handle.shared.auto_ack(&batch);
                         *out = batch;
                         return out.len();
                     }
@@ -462,6 +548,7 @@ impl Cell {
     /// queue back.
     pub(crate) fn take(&mut self, batch: Vec<Received>) {
         self.handle.shared.release(batch.len());
+        self.handle.shared.auto_ack(&batch);
         self.buffered = batch.into_iter();
     }
 
@@ -691,6 +778,107 @@ impl CellHandle {
             services,
         })
         .await
+    }
+
+    /// Sends `payload` to the cell `to` on `lane` as a durable message and
+    /// returns its id once the relay has acknowledged it as stored (logged
+    /// and synced). Until then, a lost link does not lose it: after each
+    /// reconnect it is resent unchanged (same bytes, same id), and the
+    /// receiver's dedup drops a repeat.
+    ///
+    /// Errors with [`CellError::DurableRefused`] when the relay refuses it
+    /// (its log is full or failed) or reports it expired, and as
+    /// [`send_message`](Self::send_message) does.
+    pub async fn send_durable(
+        &self,
+        to: PublicKey,
+        lane: Lane,
+        payload: impl Into<Bytes>,
+    ) -> Result<MessageId, CellError> {
+        let (id, receipt) = self.start_durable(to, lane, payload).await?;
+        match receipt.await {
+            Ok(relay_codec::frame::DurableStatus::Acked) => Ok(id),
+            Ok(status) => Err(CellError::DurableRefused { id, status }),
+            Err(_) => Err(self.shared.closed_error()),
+        }
+    }
+
+    /// Queues a durable message like [`send_durable`](Self::send_durable)
+    /// and returns at once with its id and the receipt that resolves with
+    /// the relay's answer, so that many can be in flight.
+    pub async fn start_durable(
+        &self,
+        to: PublicKey,
+        lane: Lane,
+        payload: impl Into<Bytes>,
+    ) -> Result<(MessageId, DurableReceipt), CellError> {
+        let s = &self.shared;
+        if s.closing.load(Ordering::Acquire) {
+            return Err(CellError::Closed);
+        }
+        let payload = payload.into();
+        let limit = s.max_payload.load(Ordering::Relaxed);
+        if payload.len() > limit {
+            return Err(CellError::PayloadTooLarge {
+                size: payload.len(),
+                limit,
+            });
+        }
+        let msg = Message::new(self.public_key(), Destination::Cell(to), payload)
+            .with_lane(lane)
+            .with_qos(relay_codec::Qos::Durable)
+            .with_timestamp(clock::now_ms())
+            .with_nonce(s.nonce.fetch_add(1, Ordering::Relaxed));
+        let mut buf = BytesMut::new();
+        if s.opts.auth == AuthMode::Signed {
+            msg.encode_signed(&s.key, &mut buf);
+        } else {
+            msg.encode(&mut buf);
+        }
+        let raw = buf.freeze();
+        let id = Envelope::parse(&mut raw.clone(), &s.opts.limits)
+            .map_err(|e| CellError::Invalid(format!("durable message does not decode: {e}")))?
+            .id();
+        let (tx, rx) = oneshot::channel();
+        lock(&s.durable).insert(
+            id,
+            Outstanding {
+                lane,
+                raw: raw.clone(),
+                waiters: vec![tx],
+            },
+        );
+        let put = move |b: &mut BytesMut| {
+            b.extend_from_slice(&raw);
+            id
+        };
+        match s.queues.stage(lane, put) {
+            Ok(_) => s.queues.wake(),
+            Err(put) => {
+                if s.queues.stage_wait(lane, put).await.is_err() {
+                    lock(&s.durable).remove(&id);
+                    return Err(s.closed_error());
+                }
+            }
+        }
+        Ok((id, rx))
+    }
+
+    /// Acknowledges durable messages this cell received to the relay, so
+    /// it forgets them (needed only with
+    /// [`CellOptions::ack_durable_on_receive`] off; acknowledging twice is
+    /// harmless). While the link is down there is nothing to do: the relay
+    /// redelivers after the reconnect.
+    pub async fn ack_durable(&self, ids: &[MessageId]) -> Result<(), CellError> {
+        for frame in super::receive::durable_acks(ids) {
+            self.control(frame).await?;
+        }
+        Ok(())
+    }
+
+    /// Durable messages sent and not yet acknowledged by the relay.
+    pub fn durable_outstanding(&self) -> usize {
+        lock(&self.shared.durable).len()
     }
 
     /// Starts or stops presence events; see [`Cell::watch_presence`].

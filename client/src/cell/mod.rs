@@ -57,5 +57,5 @@ pub use error::CellError;
 pub use event::{
     CellStats, Event, MAX_UNDELIVERED_DESTINATIONS, Received, ReceivedAuth, Undelivered,
 };
-pub use handle::{Cell, CellHandle};
+pub use handle::{Cell, CellHandle, DurableReceipt};
 pub use options::{AuthMode, CellOptions};

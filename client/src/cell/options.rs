@@ -100,6 +100,11 @@ pub struct CellOptions {
     pub limits: Limits,
     /// How outbound messages are batched.
     pub writer: WriterConfig,
+    /// Acknowledge a durable message to the relay as soon as the
+    /// application takes it from the cell (`recv`, `recv_many`,
+    /// `next_event`). Off: the application calls [`Cell::ack_durable`]
+    /// once it has dealt with it (the relay redelivers until then).
+    pub ack_durable_on_receive: bool,
 }
 
 impl Default for CellOptions {
@@ -128,6 +133,7 @@ impl Default for CellOptions {
             tcp: TcpTuning::default(),
             limits: Limits::default(),
             writer: WriterConfig::default(),
+            ack_durable_on_receive: true,
         }
     }
 }

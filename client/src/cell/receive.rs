@@ -80,7 +80,16 @@ pub(crate) async fn read_data(
             }
         };
         let passed;
-        (envs, passed) = check(&shared.counters, envs, seen).await;
+        let mut reack = Vec::new();
+        (envs, passed) = check(&shared.counters, envs, seen, &mut reack).await;
+        if !reack.is_empty() {
+            // A redelivery of what the application already has: its ack
+            // was lost; a full control queue loses this one too, and the
+            // relay redelivers again.
+            for frame in durable_acks(&reack) {
+                let _ = shared.control.try_send(frame);
+            }
+        }
         if passed.is_empty() {
             continue;
         }
@@ -107,6 +116,7 @@ pub(crate) async fn check(
     counters: &Counters,
     mut envs: Vec<Envelope>,
     seen: &mut LaneDedup,
+    reack: &mut Vec<MessageId>,
 ) -> (Vec<Envelope>, Vec<Received>) {
     let signed = envs
         .iter()
@@ -165,8 +175,12 @@ pub(crate) async fn check(
         }
         // Only after the signature passed: a forged copy must not make the
         // genuine message look like a duplicate.
+        let durable = env.qos() == relay_codec::Qos::Durable;
         if !seen.is_new(id.as_u128()) {
             duplicate += 1;
+            if durable {
+                reack.push(id);
+            }
             continue;
         }
         out.push(Received {
@@ -176,6 +190,7 @@ pub(crate) async fn check(
             lane: env.lane(),
             timestamp_ms: env.timestamp_ms(),
             auth,
+            durable,
             payload: env.into_payload(),
         });
     }
@@ -191,6 +206,16 @@ pub(crate) async fn check(
         }
     }
     (envs, out)
+}
+
+/// DurableAck frames (acknowledged) for `ids`, as many as they need.
+pub(crate) fn durable_acks(ids: &[MessageId]) -> Vec<relay_codec::Frame> {
+    ids.chunks(relay_codec::frame::MAX_DURABLE_ACK_IDS)
+        .map(|c| relay_codec::Frame::DurableAck {
+            status: relay_codec::frame::DurableStatus::Acked,
+            ids: c.to_vec(),
+        })
+        .collect()
 }
 
 /// Recently seen message ids of one lane, to drop duplicates: the relay's
@@ -353,7 +378,7 @@ mod tests {
             unsigned.clone(),
             unsigned,
         ];
-        let (left, out) = check(&counters, envs, &mut seen).await;
+        let (left, out) = check(&counters, envs, &mut seen, &mut Vec::new()).await;
         assert!(left.is_empty());
         let got: Vec<_> = out.iter().map(|r| (r.id, r.auth)).collect();
         assert_eq!(
@@ -375,7 +400,7 @@ mod tests {
             .map(|n| signed(&kp, 100 + n, AuthMode::Signed))
             .collect();
         let ids: Vec<MessageId> = many.iter().map(Envelope::id).collect();
-        let (_, out) = check(&counters, many, &mut seen).await;
+        let (_, out) = check(&counters, many, &mut seen, &mut Vec::new()).await;
         assert_eq!(out.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
         assert!(out.iter().all(|r| payload_of(r) == b"x"));
     }

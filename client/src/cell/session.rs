@@ -93,6 +93,7 @@ pub(crate) async fn supervise(
                     }
                 }
                 shared.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                shared.resend_durable();
                 tracing::info!(relay = %shared.relay, "link to the relay re-established");
                 shared.emit(&events, Event::Reconnected);
             }
@@ -197,6 +198,13 @@ pub(crate) async fn serve(
     let end = loop {
         tokio::select! {
             _ = stopping(shutdown) => {
+                // Control frames queued before the close go first (acks of
+                // durable messages the application has).
+                while let Ok(frame) = control_rx.try_recv() {
+                    if control.send(&frame).await.is_err() {
+                        break;
+                    }
+                }
                 let r = graceful_close(shared, &link, &mut control, &mut writer, &writer_cfg, &state).await;
                 break End::Shutdown(r);
             }
@@ -362,6 +370,7 @@ pub(crate) async fn read_control(
                         None => tracing::debug!(request, "discover reply nobody waits for"),
                     }
                 }
+                Frame::DurableAck { status, ids } => shared.durable_answer(status, &ids),
                 Frame::Close { code, reason } => {
                     tracing::debug!(?code, %reason, "relay sent Close");
                     *lock(&state.close) = Some((code, reason));

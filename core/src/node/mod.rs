@@ -26,6 +26,7 @@
 //! paused for a backlogged receiver.
 
 use crate::dedup::{DedupVerdict, DedupWindow};
+use crate::durable::{DurableConfig, DurableQueues};
 use crate::freshness::{FreshnessWindow, Staleness};
 use crate::mesh::{Mesh, MeshConfig, MeshConfigError, RouteOutcome};
 use crate::notices::{NO_SUBJECT, Notice, NoticeAggregator};
@@ -33,12 +34,15 @@ use crate::reason::{CloseReason, DropReason};
 use crate::router::{LinkId, PresenceReport, Router};
 use crate::stall::StallGate;
 use crate::ttl;
-use relay_codec::frame::{CloseCode, MAX_DISCOVER_ENTRIES, NoticeCode, PROTOCOL_VERSION, Role};
+use relay_codec::frame::{
+    CloseCode, DurableStatus, MAX_DISCOVER_ENTRIES, NoticeCode, PROTOCOL_VERSION, Role,
+};
 use relay_codec::id_table::IdKey;
 use relay_codec::verify::verify_each;
-use relay_codec::{BatchFrame, Destination, Envelope, Frame, Limits, MessageId, PublicKey};
+use relay_codec::{BatchFrame, Destination, Envelope, Frame, Limits, MessageId, PublicKey, Qos};
 use std::collections::{BTreeMap, BTreeSet};
 
+mod durable;
 #[cfg(test)]
 mod mesh_tests;
 #[cfg(test)]
@@ -110,6 +114,9 @@ pub struct NodeConfig {
     /// pauses (`link.max_stall_ms`). The node only decides whether a pause
     /// may happen ([`Node::may_wait`]); the shell times it.
     pub max_stall_ms: u64,
+    /// Durable store-and-forward: time to live and retry timing
+    /// (`storage.*`).
+    pub durable: DurableConfig,
 }
 
 impl NodeConfig {
@@ -125,6 +132,7 @@ impl NodeConfig {
             verify: Verify::Off,
             notice_interval_ms: 100,
             max_stall_ms: 20,
+            durable: DurableConfig::default(),
         }
     }
 }
@@ -274,6 +282,64 @@ pub enum Action<H> {
         /// What to count it as.
         why: CloseReason,
     },
+    /// Append this durable message to the log (a message record: its id,
+    /// lane, destination, expiry and the message's bytes as they are,
+    /// TTL already lowered), then report the outcome with `token` to
+    /// [`Node::durable_logged`], after the record is synced and never
+    /// before.
+    DurableLog {
+        /// Echoed in [`Node::durable_logged`].
+        token: u64,
+        /// The message id.
+        id: MessageId,
+        /// Its destination cell.
+        dest: PublicKey,
+        /// Its lane (0 first).
+        lane: u8,
+        /// When it expires, ms since the Unix epoch.
+        expires_unix_ms: u64,
+        /// The message.
+        env: Envelope,
+    },
+    /// Queue this logged durable message (log sequence `seq`) on `to`. A
+    /// full or closed queue is not a drop: the node retries it.
+    DurableDeliver {
+        /// The receiver.
+        to: H,
+        /// Its log sequence number.
+        seq: u64,
+        /// The message.
+        env: Envelope,
+    },
+    /// Read the logged durable message `seq` back from the log and queue
+    /// it on `to`, as [`Action::DurableDeliver`]; these come in the order
+    /// the receiver must get them (lane by lane, oldest first).
+    DurableRead {
+        /// The receiver.
+        to: H,
+        /// Its log sequence number.
+        seq: u64,
+    },
+    /// The durable message `seq` leaves the log: its destination
+    /// acknowledged it, or (`expired`) its time to live ran out. The shell
+    /// logs an acknowledgement record, so a restart does not bring it
+    /// back, and counts it.
+    DurableRelease {
+        /// Its log sequence number.
+        seq: u64,
+        /// Whether it expired (not acknowledged).
+        expired: bool,
+    },
+    /// A durable message from `key` was refused (its sender was told,
+    /// with a [`Frame::DurableAck`]): count and log it.
+    DurableRefused {
+        /// The sender.
+        key: PublicKey,
+        /// The message id.
+        id: MessageId,
+        /// Why.
+        status: DurableStatus,
+    },
     /// The peer sent Close: the shell reads its data streams to their end
     /// (their messages are still ingested), then calls [`Node::finish`].
     PeerClosing {
@@ -349,6 +415,8 @@ struct Scratch<H> {
     /// consecutive ones of one (code, subject) merged.
     noticed: Vec<(NoticeCode, PublicKey, MessageId, u64)>,
     notices: Vec<Notice>,
+    /// Durable messages of the batch, taken aside: (index, TTL).
+    durable: Vec<(u32, u8)>,
 }
 
 /// One relay's decisions; see the [module documentation](self).
@@ -373,6 +441,7 @@ pub struct Node<H> {
     sample_below: Option<u64>,
     shutting_down: bool,
     scratch: Scratch<H>,
+    durable: DurableQueues,
     /// Relay peering (crate::mesh): off until [`Node::with_mesh`].
     mesh: Mesh<H>,
 }
@@ -419,7 +488,9 @@ impl<H: Clone> Node<H> {
                 unicast: Vec::new(),
                 noticed: Vec::new(),
                 notices: Vec::new(),
+                durable: Vec::new(),
             },
+            durable: DurableQueues::new(cfg.durable),
             mesh: Mesh::new(cfg.key, MeshConfig::new()),
             cfg,
         })
@@ -492,6 +563,11 @@ impl<H: Clone> Node<H> {
     /// The dedup window (for its size and early evictions).
     pub fn dedup(&self) -> &DedupWindow {
         &self.dedup
+    }
+
+    /// The durable messages this node answers for.
+    pub fn durable(&self) -> &DurableQueues {
+        &self.durable
     }
 
     /// Whether [`shut_down`](Self::shut_down) was called.
@@ -631,6 +707,15 @@ impl<H: Clone> Node<H> {
             );
         }
         push_reports(reports, out);
+        if info.role == Role::Cell {
+            for seq in self.durable.queued_seqs(&info.key) {
+                self.durable.delivering(now.mono_ms, seq, &mut self.rng);
+                out.push(Action::DurableRead {
+                    to: handle.clone(),
+                    seq,
+                });
+            }
+        }
         self.mesh.cell_attached(now, info.key, handle, out);
         Admission::Admitted
     }
@@ -767,7 +852,9 @@ impl<H: Clone> Node<H> {
             drops[DropReason::BadSignature as usize] =
                 self.scratch.good.iter().filter(|g| !**g).count() as u64;
         }
-        self.route_batch(now, link, envs, batch, checked, &mut drops, out);
+        let durable_ok = from_role == Role::Cell;
+        self.route_batch(now, link, durable_ok, envs, batch, checked, &mut drops, out);
+        self.durable_ingest(now, link, from_key, envs, out);
         for (reason, count) in DropReason::ALL.into_iter().zip(drops) {
             if count > 0 {
                 out.push(Action::Drop { reason, count });
@@ -858,6 +945,7 @@ impl<H: Clone> Node<H> {
         &mut self,
         now: Now,
         from_link: LinkId,
+        durable_ok: bool,
         envs: &[Envelope],
         batch: &BatchFrame,
         checked: bool,
@@ -879,8 +967,10 @@ impl<H: Clone> Node<H> {
             held,
             unicast,
             noticed,
+            durable,
             ..
         } = scratch;
+        durable.clear();
         ids.clear();
         ids.extend(envs.iter().map(Envelope::id));
         // The lookups are random accesses to tables of tens of MiB: start
@@ -916,6 +1006,12 @@ impl<H: Clone> Node<H> {
                 };
                 drops[reason as usize] += 1;
                 add_notice(noticed, code, dest_subject(e), id, 1);
+                continue;
+            }
+            // Durable cell-to-cell messages go through the log, with their
+            // own dedup (a resend is acknowledged again, not dropped).
+            if durable_ok && e.qos() == Qos::Durable && e.dest_cell().is_some() {
+                durable.push((i as u32, ttl));
                 continue;
             }
             if dedup.check_and_insert(id.as_u128(), now.mono_ms) == DedupVerdict::Duplicate {
@@ -1120,6 +1216,13 @@ impl<H: Clone> Node<H> {
                 self.router.watch(link, handle, on);
             }
             Frame::Close { code, reason } => out.push(Action::PeerClosing { link, code, reason }),
+            Frame::DurableAck {
+                status: DurableStatus::Acked,
+                ids,
+            } if state.role == Role::Cell => {
+                let key = state.key;
+                self.durable_acked(key, &ids, out);
+            }
             Frame::Mesh(m) if state.role == Role::Relay => {
                 self.mesh.control(now, link, m, out);
                 self.mesh_events(now, out);
@@ -1229,6 +1332,7 @@ impl<H: Clone> Node<H> {
     /// what expired.
     pub fn tick(&mut self, now: Now, out: &mut Vec<Action<H>>) {
         self.dedup.expire(now.mono_ms);
+        self.durable_tick(now, out);
         if self.mesh.enabled() {
             self.mesh.tick(now, out);
             self.mesh_events(now, out);
@@ -1248,10 +1352,11 @@ impl<H: Clone> Node<H> {
     /// [`Now::mono_ms`] clock), if anything is pending.
     pub fn poll_timeout(&self) -> Option<u64> {
         let notices = self.timers.first().map(|&(due, _)| due);
-        match (notices, self.mesh.next_due()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let durable = self.durable.next_due();
+        [notices, self.mesh.next_due(), durable]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Carries out what the mesh asked for: closes (idle relay links) and

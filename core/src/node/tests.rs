@@ -1251,14 +1251,20 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 /// The links an action names.
 fn named(a: &Action<LinkId>) -> Vec<LinkId> {
     match a {
-        Action::Forward { to, .. } | Action::Deliver { to, .. } | Action::Control { to, .. } => {
-            vec![*to]
-        }
+        Action::Forward { to, .. }
+        | Action::Deliver { to, .. }
+        | Action::Control { to, .. }
+        | Action::DurableDeliver { to, .. }
+        | Action::DurableRead { to, .. } => vec![*to],
         Action::MayPause { link, to } | Action::Close { link, to, .. } => vec![*link, *to],
         Action::PeerClosing { link, .. }
         | Action::Refused { link, .. }
         | Action::BadSignatures { link, .. } => vec![*link],
-        Action::Drop { .. } | Action::Verified { .. } => vec![],
+        Action::Drop { .. }
+        | Action::Verified { .. }
+        | Action::DurableLog { .. }
+        | Action::DurableRelease { .. }
+        | Action::DurableRefused { .. } => vec![],
     }
 }
 

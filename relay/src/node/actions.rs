@@ -37,7 +37,15 @@ pub(super) struct Executor {
     /// Receivers the last batch's sender may pause for
     /// ([`relay_core::Action::MayPause`]); the lane reader empties it.
     pub(super) pause: Vec<(LinkId, Arc<LinkHandle>)>,
+    /// Durable messages a full lane queue refused, in order: queued by a
+    /// task that waits for room (a durable message is never dropped for a
+    /// slow receiver; past [`SPILL_WAIT`] the node's retry takes over).
+    spill: Vec<(Arc<LinkHandle>, Outbound)>,
 }
+
+/// The longest a spilled durable delivery waits for room before it is
+/// left to the node's retry.
+const SPILL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Executor {
     /// Carries out every action in [`actions`](Self::actions), in order,
@@ -51,10 +59,13 @@ impl Executor {
             refused,
             woken,
             pause,
+            spill,
         } = self;
         loop {
             for action in actions.drain(..) {
-                execute(shared, action, queued_at, from, refused, woken, pause);
+                execute(
+                    shared, action, queued_at, from, refused, woken, pause, spill,
+                );
             }
             if refused.is_empty() {
                 break;
@@ -67,9 +78,44 @@ impl Executor {
         for h in woken.drain(..) {
             h.queues.wake();
         }
+        if !spill.is_empty() {
+            let items = std::mem::take(spill);
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + SPILL_WAIT;
+                for (to, out) in items {
+                    if tokio::time::timeout_at(deadline, to.queues.push_wait(out))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
     }
 }
 
+/// Queues a durable message on `to`, or (its lane full, or an earlier one
+/// of this run to it spilled) keeps it, in order, for the spill task.
+fn deliver_durable(
+    to: Arc<LinkHandle>,
+    out: Outbound,
+    woken: &mut Vec<Arc<LinkHandle>>,
+    spill: &mut Vec<(Arc<LinkHandle>, Outbound)>,
+) {
+    if spill.iter().any(|(h, _)| Arc::ptr_eq(h, &to)) {
+        spill.push((to, out));
+        return;
+    }
+    match to.queues.push(out) {
+        Ok(()) => wake(woken, to),
+        Err(out) if !to.queues.is_closed() => spill.push((to, out)),
+        // Closed: the cell is leaving; the node redelivers when it is back.
+        Err(_) => {}
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn execute(
     shared: &Shared,
     action: Action,
@@ -78,6 +124,7 @@ fn execute(
     refused: &mut Vec<Undelivered>,
     woken: &mut Vec<Arc<LinkHandle>>,
     pause: &mut Vec<(LinkId, Arc<LinkHandle>)>,
+    spill: &mut Vec<(Arc<LinkHandle>, Outbound)>,
 ) {
     let m = &shared.metrics;
     match action {
@@ -103,7 +150,63 @@ fn execute(
             Err(_) => refuse(refused, from, &to, id, 1),
         },
         Action::MayPause { link, to } => pause.push((link, to)),
-        Action::Control { to, frame } => to.control(frame),
+        Action::Control { to, frame } => {
+            if let relay_codec::Frame::DurableAck {
+                status: relay_codec::frame::DurableStatus::Acked,
+                ids,
+            } = &frame
+            {
+                m.durable().acked(ids.len() as u64);
+            }
+            to.control(frame);
+        }
+        Action::DurableLog {
+            token,
+            id,
+            dest,
+            lane,
+            expires_unix_ms,
+            env,
+        } => {
+            if let Some(d) = &shared.durable {
+                d.log(
+                    token,
+                    id,
+                    dest,
+                    lane,
+                    expires_unix_ms,
+                    &env,
+                    super::unix_ms(),
+                );
+            }
+        }
+        Action::DurableDeliver { to, env, .. } => {
+            deliver_durable(to, Outbound { env, queued_at }, woken, spill);
+        }
+        Action::DurableRead { to, seq } => {
+            let env = shared
+                .durable
+                .as_ref()
+                .and_then(|d| d.read(seq, &shared.limits));
+            match env {
+                Some(env) => deliver_durable(to, Outbound { env, queued_at }, woken, spill),
+                None => warn!(seq, "durable log: a queued record could not be read back"),
+            }
+        }
+        Action::DurableRelease { seq, expired } => {
+            if let Some(d) = &shared.durable {
+                d.release(seq);
+            }
+            if expired {
+                m.durable().expired(1);
+            } else {
+                m.durable().released(1);
+            }
+        }
+        Action::DurableRefused { key, id, status } => {
+            m.durable().refused(1);
+            warn!(sender = %key.short(), %id, "durable message refused: {}", status.name());
+        }
         Action::Close {
             to,
             code,

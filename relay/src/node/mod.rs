@@ -41,6 +41,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 mod actions;
+mod durable;
 mod handle;
 mod link;
 mod peer;
@@ -137,6 +138,9 @@ pub enum NodeError {
     /// The OS gave no randomness to seed the node with.
     #[error("no randomness from the OS to seed the relay: {0}")]
     Random(getrandom::Error),
+    /// The durable log (DATA_DIR/log) could not be opened.
+    #[error("durable log: {0}")]
+    Storage(#[from] relay_storage::StorageError),
     /// The mesh settings cannot run (a peer with this relay's own key, or
     /// a bound out of range).
     #[error("mesh: {0}")]
@@ -252,6 +256,8 @@ struct Shared {
     not_quic: Arc<AtomicU64>,
     /// What the TCP listener turned away, likewise; `None` without one.
     tcp_refused: Option<Arc<TcpListenerStats>>,
+    /// The durable log; `None` only in a relay that never opened one.
+    durable: Option<durable::DurableStore>,
     /// Told whenever a relay link comes up or goes down: the peer dialers
     /// wait on it while their peer's link is up.
     peers_changed: tokio::sync::Notify,
@@ -270,6 +276,9 @@ pub struct Node {
     tcp_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
     key_created: bool,
+    /// The log's answers, for [`durable::run_durable`].
+    durable_rx:
+        Option<tokio::sync::mpsc::UnboundedReceiver<(u64, Result<u64, relay_core::LogRefusal>)>>,
     /// The identity and QUIC tuning peer links are dialed with.
     keypair: Keypair,
     tuning: TransportTuning,
@@ -335,7 +344,26 @@ impl Node {
         // messages a sampled policy checks) comes from this seed.
         let seed = getrandom::u64().map_err(NodeError::Random)?;
         let node = CoreNode::new(cfg.node_config(keypair.public()), seed)?;
-        let node = with_mesh(node, &cfg, keypair.public(), quic_addr)?;
+        let mut node = with_mesh(node, &cfg, keypair.public(), quic_addr)?;
+        let started = Instant::now();
+        let mut opened = durable::open(
+            dir,
+            &cfg.storage,
+            cfg.security.dedup_window_ms,
+            &limits,
+            unix_ms(),
+        )?;
+        let now = Now {
+            mono_ms: 0,
+            unix_ms: unix_ms(),
+        };
+        let recovered = opened.recover_into(&mut node, now);
+        if recovered > 0 {
+            info!(
+                queued = recovered,
+                "durable messages recovered from the log; each goes to its cell when it attaches"
+            );
+        }
         let shared = Arc::new(Shared {
             key: keypair.public(),
             limits,
@@ -346,7 +374,8 @@ impl Node {
             metrics: Arc::new(Metrics::new()),
             links: Mutex::new(HashMap::new()),
             next_link: AtomicU64::new(1),
-            started: Instant::now(),
+            started,
+            durable: Some(opened.store),
             not_quic,
             tcp_refused: tcp.as_ref().map(|l| l.stats().clone()),
             peers_changed: tokio::sync::Notify::new(),
@@ -363,6 +392,7 @@ impl Node {
             tcp_addr,
             admin_addr,
             key_created,
+            durable_rx: Some(opened.answers),
             keypair,
             tuning,
             _lock: lock,
@@ -461,6 +491,9 @@ impl Node {
         }));
         let garbage_task = tokio::spawn(report_refused(shared.clone()));
         let timer_task = tokio::spawn(run_timers(shared.clone()));
+        let durable_task = self
+            .durable_rx
+            .map(|rx| tokio::spawn(durable::run_durable(shared.clone(), rx)));
         let tcp = self.tcp;
         // One task per connection, kept so shutdown can wait for each to
         // record its close; finished ones are reaped as they end, so the
@@ -546,6 +579,9 @@ impl Node {
         let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
         garbage_task.abort();
         timer_task.abort();
+        if let Some(t) = durable_task {
+            t.abort();
+        }
         for d in dialers {
             d.abort();
         }
