@@ -699,9 +699,7 @@ impl CellHandle {
     /// closed (or disconnected for good).
     pub async fn send_message(&self, mut msg: Message) -> Result<MessageId, CellError> {
         let s = &self.shared;
-        if s.closing.load(Ordering::Acquire) {
-            return Err(CellError::Closed);
-        }
+        self.check_sendable(msg.payload.len())?;
         if msg.source != s.key.public() {
             return Err(CellError::Invalid(format!(
                 "message source {} is not this cell's key {}; the relay only forwards a \
@@ -709,13 +707,6 @@ impl CellHandle {
                 msg.source,
                 s.key.public()
             )));
-        }
-        let limit = s.max_payload.load(Ordering::Relaxed);
-        if msg.payload.len() > limit {
-            return Err(CellError::PayloadTooLarge {
-                size: msg.payload.len(),
-                limit,
-            });
         }
         let mut sign = false;
         if msg.auth == Authenticator::None {
@@ -745,20 +736,47 @@ impl CellHandle {
             );
             MessageId::of(&buf[start + 1..start + auth_start])
         };
+        self.stage(msg.lane, encode).await
+    }
+
+    /// Errors if the cell is closing or `payload_len` is over the relay's
+    /// limit: what every send checks first.
+    fn check_sendable(&self, payload_len: usize) -> Result<(), CellError> {
+        let s = &self.shared;
+        if s.closing.load(Ordering::Acquire) {
+            return Err(CellError::Closed);
+        }
+        let limit = s.max_payload.load(Ordering::Relaxed);
+        if payload_len > limit {
+            return Err(CellError::PayloadTooLarge {
+                size: payload_len,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Stages one message on `lane` (`encode` writes it and returns its
+    /// id), waiting while the lane is full; errors once the cell is closed.
+    async fn stage(
+        &self,
+        lane: Lane,
+        encode: impl FnOnce(&mut BytesMut) -> MessageId,
+    ) -> Result<MessageId, CellError> {
+        let s = &self.shared;
         // Room in the lane is the common case: stage without registering
         // for the room notification `stage_wait` sets up.
-        let id = match s.queues.stage(msg.lane, encode) {
+        match s.queues.stage(lane, encode) {
             Ok(id) => {
                 s.queues.wake();
-                id
+                Ok(id)
             }
             Err(encode) => s
                 .queues
-                .stage_wait(msg.lane, encode)
+                .stage_wait(lane, encode)
                 .await
-                .map_err(|_| s.closed_error())?,
-        };
-        Ok(id)
+                .map_err(|_| s.closed_error()),
+        }
     }
 
     /// Replaces this cell's announcement; see [`Cell::announce`].
@@ -813,17 +831,8 @@ impl CellHandle {
         payload: impl Into<Bytes>,
     ) -> Result<(MessageId, DurableReceipt), CellError> {
         let s = &self.shared;
-        if s.closing.load(Ordering::Acquire) {
-            return Err(CellError::Closed);
-        }
         let payload = payload.into();
-        let limit = s.max_payload.load(Ordering::Relaxed);
-        if payload.len() > limit {
-            return Err(CellError::PayloadTooLarge {
-                size: payload.len(),
-                limit,
-            });
-        }
+        self.check_sendable(payload.len())?;
         let msg = Message::new(self.public_key(), Destination::Cell(to), payload)
             .with_lane(lane)
             .with_qos(relay_codec::Qos::Durable)
@@ -852,14 +861,9 @@ impl CellHandle {
             b.extend_from_slice(&raw);
             id
         };
-        match s.queues.stage(lane, put) {
-            Ok(_) => s.queues.wake(),
-            Err(put) => {
-                if s.queues.stage_wait(lane, put).await.is_err() {
-                    lock(&s.durable).remove(&id);
-                    return Err(s.closed_error());
-                }
-            }
+        if let Err(e) = self.stage(lane, put).await {
+            lock(&s.durable).remove(&id);
+            return Err(e);
         }
         Ok((id, rx))
     }
