@@ -215,32 +215,11 @@ impl<H: Clone> Node<H> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::*;
     use super::super::*;
     use crate::durable::LogRefusal;
     use bytes::{Bytes, BytesMut};
-    use relay_codec::{BatchDecoder, BatchEncoder, Keypair, Lane, Message};
-
-    const T0: u64 = 1_700_000_000_000;
-
-    fn at(mono_ms: u64) -> Now {
-        Now {
-            mono_ms,
-            unix_ms: T0 + mono_ms,
-        }
-    }
-
-    fn kp(i: u8) -> Keypair {
-        Keypair::from_secret_bytes(&[i; 32])
-    }
-
-    fn cell(i: u8) -> LinkInfo {
-        LinkInfo {
-            key: kp(i).public(),
-            role: Role::Cell,
-            version: PROTOCOL_VERSION,
-            notices: true,
-        }
-    }
+    use relay_codec::{BatchDecoder, BatchEncoder, Lane, Message};
 
     /// Messages from cell `from` to cell `to`: (lane, durable, nonce).
     fn batch(from: u8, to: u8, lane: Lane, msgs: &[(bool, u64)]) -> (BatchFrame, Vec<Envelope>) {

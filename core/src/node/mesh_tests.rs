@@ -2,19 +2,11 @@
 //! actions alone: admission of relay links, liveness, credit, link state,
 //! the directory, forwarding and flooding, traces.
 
+use super::test_support::{T0, at};
 use super::*;
 use crate::mesh::MeshConfig;
 use bytes::{Bytes, BytesMut};
 use relay_codec::{BatchDecoder, BatchEncoder, Lane, Location, MeshFrame, Message, RouteHeader};
-
-const T0: u64 = 1_700_000_000_000;
-
-fn at(mono_ms: u64) -> Now {
-    Now {
-        mono_ms,
-        unix_ms: T0 + mono_ms,
-    }
-}
 
 fn key(i: u8) -> PublicKey {
     PublicKey([i; 32])

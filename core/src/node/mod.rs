@@ -46,6 +46,8 @@ mod durable;
 #[cfg(test)]
 mod mesh_tests;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 
 /// Largest batch forwarded whole, as it arrived: what a cell accepts by

@@ -1,39 +1,13 @@
 //! Every rule of the node, each through its events and actions alone.
 
+use super::test_support::*;
 use super::*;
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
-use relay_codec::{BatchDecoder, BatchEncoder, Keypair, Lane, Message, ServiceName};
-
-/// The wall clock at mono time 0.
-const T0: u64 = 1_700_000_000_000;
-
-fn at(mono_ms: u64) -> Now {
-    Now {
-        mono_ms,
-        unix_ms: T0 + mono_ms,
-    }
-}
-
-fn kp(i: u8) -> Keypair {
-    Keypair::from_secret_bytes(&[i; 32])
-}
-
-fn key(i: u8) -> PublicKey {
-    kp(i).public()
-}
+use relay_codec::{BatchDecoder, BatchEncoder, Lane, Message, ServiceName};
 
 fn svc(s: &str) -> ServiceName {
     ServiceName::new(s).unwrap()
-}
-
-fn cell(i: u8) -> LinkInfo {
-    LinkInfo {
-        key: key(i),
-        role: Role::Cell,
-        version: PROTOCOL_VERSION,
-        notices: true,
-    }
 }
 
 /// A message from cell `from` to `dest`, stamped `now`, unique by `nonce`.
