@@ -1065,10 +1065,15 @@ mod tests {
         assert!(tx.try_push(lane, &mut [frame(1, 0)], 5, 2000).unwrap());
     }
 
-    /// A link over one end of an in-memory pipe; the other end is the
-    /// test's peer.
+    /// A link over one end of an in-memory pipe of 64 KiB; the other end
+    /// is the test's peer.
     fn piped() -> (TcpLink, tokio::io::DuplexStream) {
-        let (ours, peer) = tokio::io::duplex(64 * 1024);
+        piped_with(64 * 1024)
+    }
+
+    /// [`piped`] with a pipe of `capacity` bytes.
+    fn piped_with(capacity: usize) -> (TcpLink, tokio::io::DuplexStream) {
+        let (ours, peer) = tokio::io::duplex(capacity);
         let (read, write) = tokio::io::split(ours);
         let tuning = TcpTuning {
             linger: std::time::Duration::from_millis(50),
@@ -1162,20 +1167,7 @@ mod tests {
     #[tokio::test]
     async fn a_close_ends_the_writer_even_when_the_peer_never_reads() {
         // A pipe of 1 KiB nobody reads: a 16 KiB chunk write never ends.
-        let (ours, _peer) = tokio::io::duplex(1024);
-        let (read, write) = tokio::io::split(ours);
-        let tuning = TcpTuning {
-            linger: std::time::Duration::from_millis(50),
-            ..TcpTuning::default()
-        };
-        let link = TcpLink::start(
-            [0; 32],
-            "127.0.0.1:1".parse().unwrap(),
-            read,
-            write,
-            Limits::default(),
-            &tuning,
-        );
+        let (link, _peer) = piped_with(1024);
         let mut lanes = link.lane_sender();
         let f = frame(100_000, 0);
         lanes.send(Lane::Bulk, [f]).await.unwrap();
