@@ -105,6 +105,7 @@ pub struct Metrics {
     links: [Gauge; 2],
     links_opened: [Counter; 2],
     links_closed: [Counter; CloseReason::ALL.len()],
+    control_dropped: [Counter; 2],
     batches_out: Counter,
     batch_messages: Histogram,
     batch_raw_bytes: Counter,
@@ -370,6 +371,13 @@ impl Metrics {
             "reason",
             CloseReason::ALL.map(CloseReason::as_str),
         );
+        let control_dropped = family_children::<Counter, 2>(
+            &mut r,
+            "celluler_control_frames_dropped",
+            "Control frames dropped because the link's control queue was full, by peer role",
+            "role",
+            ROLE_NAMES,
+        );
 
         let batches_out = Counter::default();
         r.register("celluler_batches_out", "Batches sent", batches_out.clone());
@@ -433,6 +441,7 @@ impl Metrics {
             links,
             links_opened,
             links_closed,
+            control_dropped,
             batches_out,
             batch_messages,
             batch_raw_bytes,
@@ -561,6 +570,12 @@ impl Metrics {
     pub fn link_closed(&self, role: Role, reason: CloseReason) {
         self.links_closed[reason as usize].inc();
         self.links[role as usize].dec();
+    }
+
+    /// Counts a control frame dropped for a link of `role` whose control
+    /// queue was full.
+    pub fn control_dropped(&self, role: Role) {
+        self.control_dropped[role as usize].inc();
     }
 
     /// Counts one batch sent carrying `messages` messages, `raw` bytes before
@@ -814,6 +829,7 @@ mod tests {
         m.signatures(5, 2);
         m.tcp_refused(TcpRefusal::TimedOut, 3);
         m.tcp_refused(TcpRefusal::OverLimit, 1);
+        m.control_dropped(Role::Relay);
 
         let t = m.encode();
         let s = |series: &str| sample(&t, series).unwrap_or_else(|| panic!("no {series}:\n{t}"));
@@ -829,6 +845,14 @@ mod tests {
         assert_eq!(s("celluler_links{role=\"relay\"}"), 1.0);
         assert_eq!(s("celluler_links{role=\"cell\"}"), 1.0);
         assert_eq!(s("celluler_links_opened_total{role=\"relay\"}"), 2.0);
+        assert_eq!(
+            s("celluler_control_frames_dropped_total{role=\"relay\"}"),
+            1.0
+        );
+        assert_eq!(
+            s("celluler_control_frames_dropped_total{role=\"cell\"}"),
+            0.0
+        );
         assert_eq!(s("celluler_links_closed_total{reason=\"idle\"}"), 1.0);
         assert_eq!(
             s("celluler_links_closed_total{reason=\"handshake_failed\"}"),

@@ -5,7 +5,7 @@
 //! it.
 
 use super::Shared;
-use super::handle::LinkHandle;
+use super::handle::{ControlQueued, LinkHandle};
 use crate::metrics::{CloseReason, DropReason};
 use relay_codec::frame::Role;
 use relay_core::{LinkId, Now, QueueRefusal, Undelivered};
@@ -158,7 +158,18 @@ fn execute(
             {
                 m.durable().acked(ids.len() as u64);
             }
-            to.control(frame);
+            if let ControlQueued::Full { first } = to.control(frame) {
+                m.control_dropped(to.role);
+                if first {
+                    warn!(
+                        peer = %to.key,
+                        role = ?to.role,
+                        "control frames dropped: the link's control queue is full \
+                         (it does not read its control stream); counted in \
+                         celluler_control_frames_dropped_total"
+                    );
+                }
+            }
         }
         Action::DurableLog {
             token,

@@ -9,6 +9,7 @@ use relay_codec::{Frame, Lane, PublicKey};
 use relay_core::LinkId;
 use relay_link::{LaneQueues, Link, WriteObserver};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tokio::sync::mpsc;
 
@@ -21,14 +22,38 @@ pub struct LinkHandle {
     pub(super) queues: Arc<LaneQueues>,
     pub(super) control: mpsc::Sender<Frame>,
     pub(super) link: Link,
+    /// Set at the first control frame dropped for a full queue, so the
+    /// log says so once per link while the counter counts every one.
+    pub(super) control_full_logged: AtomicBool,
 }
 
 impl LinkHandle {
     /// Queues a control frame if there is room; control traffic to a link
-    /// that does not read is dropped, never waited for.
-    pub(super) fn control(&self, frame: Frame) {
-        let _ = self.control.try_send(frame);
+    /// that does not read is dropped, never waited for. Returns what
+    /// happened, so the caller counts a drop (a closed queue is a link
+    /// that is ending, not a drop).
+    pub(super) fn control(&self, frame: Frame) -> ControlQueued {
+        match self.control.try_send(frame) {
+            Ok(()) => ControlQueued::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => ControlQueued::Full {
+                first: !self.control_full_logged.swap(true, Ordering::Relaxed),
+            },
+            Err(mpsc::error::TrySendError::Closed(_)) => ControlQueued::Closed,
+        }
     }
+}
+
+/// What became of a control frame handed to [`LinkHandle::control`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ControlQueued {
+    Queued,
+    /// Dropped: the link's control queue was full; `first` for the first
+    /// such drop on this link.
+    Full {
+        first: bool,
+    },
+    /// The link is ending.
+    Closed,
 }
 
 /// Counts and times what a link writer sends.

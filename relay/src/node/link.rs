@@ -22,6 +22,7 @@ use relay_link::{
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
@@ -273,6 +274,7 @@ pub(super) async fn serve(
         queues: Arc::new(LaneQueues::new(shared.cfg.limits.lane_queue_depth)),
         control: ctl_tx,
         link: link.clone(),
+        control_full_logged: AtomicBool::new(false),
     });
     let info = LinkInfo {
         key,
