@@ -503,6 +503,12 @@ pub struct MeshSection {
     /// Most relay links up at once, `1..=1024`; one more is refused
     /// (`TooManyLinks`). Default 16.
     pub max_peers: usize,
+    /// Where other relays may dial this one (`HOST:PORT`, at most 255
+    /// bytes), announced to the mesh in its LinkState. Default empty: the
+    /// QUIC listener's address, unless it is a wildcard (`0.0.0.0`, `::`),
+    /// which no relay can dial: then nothing is announced (the relay still
+    /// dials and accepts its peers) and the start log says to set this.
+    pub advertise: String,
 }
 
 impl Default for MeshSection {
@@ -511,6 +517,7 @@ impl Default for MeshSection {
             peers: Vec::new(),
             trusted_relays: Vec::new(),
             max_peers: 16,
+            advertise: String::new(),
         }
     }
 }
@@ -1014,6 +1021,22 @@ impl RelayConfig {
                 format!("lists relay {} twice", p.addr.key),
             ));
         }
+        if !m.advertise.is_empty() {
+            let any = PublicKey([0; 32]);
+            let parsed = format!("{any}@{}", m.advertise).parse::<relay_codec::NodeAddr>();
+            let why = match parsed {
+                Err(e) => Some(e.to_string()),
+                Ok(_) if m.advertise.len() > 255 => Some("longer than 255 bytes".to_owned()),
+                Ok(_) => None,
+            };
+            if let Some(why) = why {
+                out.push(Violation::new(
+                    "mesh.advertise",
+                    None,
+                    format!("must be HOST:PORT where other relays reach this one ({why})"),
+                ));
+            }
+        }
     }
 }
 
@@ -1066,6 +1089,7 @@ const FIELDS: &[&str] = &[
     "mesh.peers",
     "mesh.trusted_relays",
     "mesh.max_peers",
+    "mesh.advertise",
 ];
 
 /// Turns a toml error into [`ConfigError::Parse`], with the line and column
@@ -1610,6 +1634,25 @@ sample_rate = 0.5
             [a].into_iter().collect()
         );
         assert_invalid("[mesh]\nmax_peers = 0\n", "mesh.max_peers", Some(2));
+        assert_invalid(
+            "[mesh]\nadvertise = \"noport\"\n",
+            "mesh.advertise",
+            Some(2),
+        );
+        assert_invalid(
+            "[mesh]\nadvertise = \"h:99999\"\n",
+            "mesh.advertise",
+            Some(2),
+        );
+        let long = format!("[mesh]\nadvertise = \"{}:1\"\n", "h".repeat(260));
+        assert_invalid(&long, "mesh.advertise", Some(2));
+        assert_eq!(
+            parse("[mesh]\nadvertise = \"relay.example:4433\"\n")
+                .unwrap()
+                .mesh
+                .advertise,
+            "relay.example:4433"
+        );
         assert_invalid("[mesh]\nmax_peers = 1025\n", "mesh.max_peers", Some(2));
         assert_invalid(
             &format!("[mesh]\npeers = [\"{a}@h:1\", \"{b}@h:2\"]\n\nmax_peers = 1\n"),

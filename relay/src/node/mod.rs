@@ -212,8 +212,28 @@ fn with_mesh(
              itself"
         )));
     }
-    node.with_mesh(cfg.mesh.mesh_config(quic.to_string()))
+    node.with_mesh(cfg.mesh.mesh_config(announced_addr(cfg, quic)))
         .map_err(|e| NodeError::Mesh(e.to_string()))
+}
+
+/// What the relay announces as where it may be dialed: `mesh.advertise`,
+/// else the QUIC listener's address, or nothing if that is a wildcard no
+/// relay can dial (said once, with what to do, if the relay peers at all).
+fn announced_addr(cfg: &RelayConfig, quic: SocketAddr) -> String {
+    if !cfg.mesh.advertise.is_empty() {
+        return cfg.mesh.advertise.clone();
+    }
+    if !quic.ip().is_unspecified() {
+        return quic.to_string();
+    }
+    if !cfg.mesh.trusted().is_empty() {
+        warn!(
+            listen = %quic,
+            "the mesh is not told where to dial this relay (it listens on a wildcard address): \
+             set mesh.advertise = \"HOST:PORT\" so that relays that learn of it can dial it"
+        );
+    }
+    String::new()
 }
 
 /// Milliseconds since the Unix epoch, read once per batch.
@@ -1022,4 +1042,21 @@ pub fn node_key(data_dir: &Path, create: bool) -> Result<(Keypair, bool), NodeEr
         error,
     })?;
     Ok(load_or_create_keyfile(&path)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_listener_is_not_announced_unless_advertised() {
+        let mut cfg = RelayConfig::default();
+        let wild: SocketAddr = "0.0.0.0:4433".parse().unwrap();
+        let lo: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+        assert_eq!(announced_addr(&cfg, lo), "127.0.0.1:4433");
+        assert_eq!(announced_addr(&cfg, wild), "");
+        assert_eq!(announced_addr(&cfg, "[::]:9".parse().unwrap()), "");
+        cfg.mesh.advertise = "relay.example:4433".into();
+        assert_eq!(announced_addr(&cfg, wild), "relay.example:4433");
+    }
 }
