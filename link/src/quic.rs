@@ -139,10 +139,18 @@ pub fn server_endpoint(
 /// datagram that cannot be a QUIC packet (empty, fixed bit clear, or a long
 /// header of an unknown version too short to negotiate). quinn drops such
 /// datagrams silently; the count lets an operator see garbage arriving.
+///
+/// Its stateless-reset key is derived from `identity` (the node's secret
+/// key), so the same node restarted on the same address answers packets
+/// of its former connections with a stateless reset (RFC 9000 §10.3) that
+/// their peers accept: a cell learns at its next packet (at the latest its
+/// keep-alive) that the relay restarted, instead of waiting out the idle
+/// timeout.
 pub fn server_endpoint_counting(
     addr: SocketAddr,
     cfg: quinn::ServerConfig,
     not_quic: Arc<std::sync::atomic::AtomicU64>,
+    identity: &[u8; 32],
 ) -> Result<quinn::Endpoint, TransportError> {
     use quinn::Runtime;
     let socket =
@@ -151,8 +159,13 @@ pub fn server_endpoint_counting(
     let inner = quinn::TokioRuntime
         .wrap_udp_socket(socket)
         .map_err(|error| TransportError::Endpoint { addr, error })?;
+    let mut endpoint = endpoint_config();
+    let (reset, cid_key) = restart_keys(identity);
+    endpoint.reset_key(reset).cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     quinn::Endpoint::new_with_abstract_socket(
-        endpoint_config(),
+        endpoint,
         Some(cfg),
         Arc::new(CountingSocket { inner, not_quic }),
         Arc::new(quinn::TokioRuntime),
@@ -167,6 +180,26 @@ fn endpoint_config() -> quinn::EndpointConfig {
     let mut cfg = quinn::EndpointConfig::default();
     cfg.grease_quic_bit(false);
     cfg
+}
+
+/// What a node needs to answer its former connections after a restart,
+/// from its secret key `identity`: the HMAC key of stateless-reset tokens,
+/// and the key of the connection-id generator (quinn answers only packets
+/// whose connection id it could have issued, so a new process must issue
+/// them the same way). Both are HMAC-SHA256 keyed by the secret over fixed
+/// labels: the same across restarts, different per node, and revealing
+/// nothing of the secret.
+fn restart_keys(identity: &[u8; 32]) -> (Arc<dyn quinn::crypto::HmacKey>, u64) {
+    use ring::hmac;
+    let derive = hmac::Key::new(hmac::HMAC_SHA256, identity);
+    let reset = hmac::sign(&derive, b"celluler/1 QUIC stateless reset key");
+    let cid = hmac::sign(&derive, b"celluler/1 QUIC connection id key");
+    let mut cid_key = [0; 8];
+    cid_key.copy_from_slice(&cid.as_ref()[..8]);
+    (
+        Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())),
+        u64::from_le_bytes(cid_key),
+    )
 }
 
 /// A UDP socket that counts datagrams which cannot be QUIC, passing

@@ -167,7 +167,11 @@ impl RelayProcess {
         cmd.args(["--listen", listen, "--admin", "127.0.0.1:0", "--data-dir"])
             .arg(data)
             .args(args)
-            .env("RUST_LOG", "info,quinn=warn")
+            // RELAY_TEST_LOG sets the relays' RUST_LOG when debugging a test.
+            .env(
+                "RUST_LOG",
+                std::env::var("RELAY_TEST_LOG").unwrap_or_else(|_| "info,quinn=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -340,7 +340,7 @@ impl Node {
         };
         let not_quic = Arc::new(AtomicU64::new(0));
         let (endpoint, quic_addr, tcp) =
-            bind_listeners(&cfg, &tuning, &tls, &tcp_tuning, &not_quic)?;
+            bind_listeners(&cfg, &tuning, &tls, &tcp_tuning, &not_quic, &keypair)?;
         let tcp_addr = match &tcp {
             Some(l) => Some(l.local_addr().map_err(|error| NodeError::ListenTcp {
                 addr: quic_addr,
@@ -862,20 +862,21 @@ fn bind_listeners(
     tls: &Arc<rustls::ServerConfig>,
     tcp_tuning: &TcpTuning,
     not_quic: &Arc<AtomicU64>,
+    identity: &Keypair,
 ) -> Result<(quinn::Endpoint, SocketAddr, Option<TcpListener>), NodeError> {
     let listen = cfg.node.listen;
     let mut tries = 0;
     loop {
         tries += 1;
         let server = quic::server_config_from(tls.clone(), tuning).map_err(NodeError::Transport)?;
-        let endpoint = quic::server_endpoint_counting(listen, server, not_quic.clone()).map_err(
-            |e| match e {
+        let secret = identity.secret_bytes();
+        let endpoint = quic::server_endpoint_counting(listen, server, not_quic.clone(), &secret)
+            .map_err(|e| match e {
                 relay_link::TransportError::Bind { addr, error } => {
                     NodeError::Listen { addr, error }
                 }
                 e => NodeError::Transport(e),
-            },
-        )?;
+            })?;
         let quic_addr = endpoint.local_addr().map_err(|error| NodeError::Listen {
             addr: listen,
             error,
