@@ -26,7 +26,7 @@ pub use relay_link as link;
 
 pub use cell::{
     AuthMode, Cell, CellError, CellHandle, CellOptions, CellStats, Event, Received, ReceivedAuth,
-    Undelivered,
+    TraceHop, Undelivered,
 };
 pub use relay_codec::{Destination, Keypair, Lane, MessageId, NodeAddr, PublicKey, ServiceName};
 pub use relay_link::Transport;

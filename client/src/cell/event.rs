@@ -86,6 +86,26 @@ pub enum Event {
     },
     /// The link is back: services re-announced, presence re-watched.
     Reconnected,
+    /// One relay reported a hop of a message this cell sent with the trace
+    /// flag (PROTOCOL.md 10.8).
+    Trace(TraceHop),
+}
+
+/// One hop of a traced message, as a relay reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceHop {
+    /// The traced message.
+    pub id: MessageId,
+    /// The relay that reports (it forwarded or delivered the message).
+    pub relay: PublicKey,
+    /// The TTL the message left that relay with (falls by one per hop).
+    pub ttl: u8,
+    /// How long the message stayed in that relay, in microseconds.
+    pub in_relay_us: u32,
+    /// Where it went next: the next relay, or the destination cell.
+    pub next: PublicKey,
+    /// When this cell read the report (monotonic).
+    pub at: std::time::Instant,
 }
 
 /// Counters of what this cell received and dropped.

@@ -55,7 +55,8 @@ mod session;
 
 pub use error::CellError;
 pub use event::{
-    CellStats, Event, MAX_UNDELIVERED_DESTINATIONS, Received, ReceivedAuth, Undelivered,
+    CellStats, Event, MAX_UNDELIVERED_DESTINATIONS, Received, ReceivedAuth, TraceHop,
+    Undelivered,
 };
 pub use handle::{Cell, CellHandle, DurableReceipt};
 pub use options::{AuthMode, CellOptions};

@@ -371,6 +371,26 @@ pub(crate) async fn read_control(
                     }
                 }
                 Frame::DurableAck { status, ids } => shared.durable_answer(status, &ids),
+                // The one mesh frame a cell accepts: a hop report of a
+                // message it traced (PROTOCOL.md 10.8).
+                Frame::Mesh(relay_codec::mesh::MeshFrame::Trace {
+                    header,
+                    id,
+                    ttl,
+                    in_relay_us,
+                    next,
+                    ..
+                }) => shared.emit(
+                    &events,
+                    Event::Trace(super::TraceHop {
+                        id,
+                        relay: header.origin,
+                        ttl,
+                        in_relay_us,
+                        next,
+                        at: std::time::Instant::now(),
+                    }),
+                ),
                 Frame::Close { code, reason } => {
                     tracing::debug!(?code, %reason, "relay sent Close");
                     *lock(&state.close) = Some((code, reason));

@@ -1044,7 +1044,8 @@ impl<H: Clone> Node<H> {
                             r
                         }
                     };
-                    if e.trace() && mesh.enabled() && route.is_some() {
+                    // The last hop: delivered here, with or without a mesh.
+                    if e.trace() && route.is_some() {
                         mesh.trace(now, &e.clone().with_ttl(ttl), id, dest, 0, out);
                     }
                     match (route, single) {
