@@ -64,7 +64,7 @@ Exit status:
 #[command(
     name = "cell",
     version,
-    about = "A Celluler cell on the command line: make keys, send, listen, discover",
+    about = "A Celluler cell on the command line: make keys, send, listen, discover, trace",
     after_help = "Machine-readable output (keys, JSON lines) goes to stdout; notes and errors \
                   to stderr. Logs: RUST_LOG (default warn)."
 )]
@@ -130,6 +130,28 @@ enum Cmd {
         durable: bool,
         /// The message; without it, each line of stdin is one message.
         message: Option<String>,
+    },
+    /// Send one traced message to the cell DEST and print the relays it
+    /// passed, like traceroute: one line per hop (index, relay, time in
+    /// relay, time since send, next hop), in hop order.
+    ///
+    /// Exits 0 once a relay reports delivering it to DEST; 1 with the hop
+    /// that did not report if the reports stop for --timeout-ms.
+    Trace {
+        #[command(flatten)]
+        link: LinkArgs,
+        /// Priority lane: control, high, normal or bulk.
+        #[arg(long, default_value = "normal", value_name = "LANE")]
+        lane: Lane,
+        /// Give up when the destination is not reached within this many
+        /// milliseconds of sending.
+        #[arg(long, default_value_t = 5000, value_name = "MS")]
+        timeout_ms: u64,
+        /// One JSON object per hop on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// The destination cell's public key.
+        dest: String,
     },
     /// Ask the relay which cells offer SERVICE; prints one JSON line per
     /// cell, or a note on stderr (and nothing on stdout) if none does.
@@ -240,6 +262,104 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Discover { link, service } => discover(link, service).await.map(|()| done),
+        Cmd::Trace {
+            link,
+            lane,
+            timeout_ms,
+            json,
+            dest,
+        } => trace(link, lane, timeout_ms, json, dest).await,
+    }
+}
+
+/// Most hops `cell trace` keeps: a message's TTL is one byte.
+const MAX_TRACE_HOPS: usize = 256;
+
+/// `cell trace`: one traced message to `dest`, its hops printed in order.
+async fn trace(
+    link: LinkArgs,
+    lane: Lane,
+    timeout_ms: u64,
+    json: bool,
+    dest: String,
+) -> anyhow::Result<ExitCode> {
+    let dest: PublicKey = dest.parse().map_err(|e| anyhow!("DEST {dest:?}: {e}"))?;
+    let (mut cell, _) = connect(&link, CellOptions::default()).await?;
+    let mut msg = relay_codec::Message::new(
+        cell.public_key(),
+        Destination::Cell(dest),
+        bytes::Bytes::from_static(b"trace"),
+    )
+    .with_lane(lane);
+    msg.trace = true;
+    let sent_at = std::time::Instant::now();
+    let id = cell.send_message(msg).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+    let mut hops: Vec<relay_client::cell::TraceHop> = Vec::new();
+    let reached = loop {
+        if hops.iter().any(|h| h.next == dest) {
+            break true;
+        }
+        match tokio::time::timeout_at(deadline, cell.next_event()).await {
+            Err(_) => break false,
+            Ok(None) => {
+                let _ = cell.close().await;
+                bail!("the link to the relay ended before the trace was complete");
+            }
+            Ok(Some(Event::Trace(h))) if h.id == id => {
+                if hops.len() < MAX_TRACE_HOPS {
+                    hops.push(h);
+                }
+            }
+            Ok(Some(other)) => tracing::debug!(?other, "event"),
+        }
+    };
+    let _ = cell.close().await;
+    // Reports can arrive out of order; each hop lowers the TTL by one.
+    hops.sort_by(|a, b| b.ttl.cmp(&a.ttl));
+    let mut out = std::io::stdout().lock();
+    for (i, h) in hops.iter().enumerate() {
+        let since_us = h.at.saturating_duration_since(sent_at).as_micros();
+        let next = if h.next == dest {
+            format!("{} (destination)", h.next)
+        } else {
+            h.next.to_string()
+        };
+        if json {
+            let line = serde_json::json!({
+                "hop": i + 1,
+                "relay": h.relay.to_string(),
+                "ttl": h.ttl,
+                "in_relay_us": h.in_relay_us,
+                "since_send_us": since_us as u64,
+                "next": h.next.to_string(),
+                "destination": h.next == dest,
+            });
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(
+                out,
+                "{:>2}  {}  {:.3} ms in relay  {:.3} ms  -> {}",
+                i + 1,
+                h.relay,
+                f64::from(h.in_relay_us) / 1000.0,
+                since_us as f64 / 1000.0,
+                next
+            )?;
+        }
+    }
+    if reached {
+        if !json {
+            writeln!(out, "destination {dest} reached in {} hop(s)", hops.len())?;
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        drop(out);
+        bail!(
+            "no report from hop {} within {timeout_ms} ms: {dest} not reached (not attached \
+             anywhere, or the path is down)",
+            hops.len() + 1
+        )
     }
 }
 
