@@ -416,3 +416,89 @@ async fn a_trusted_relay_whose_address_the_mesh_announced_is_dialed() {
         r.stop();
     }
 }
+
+/// Runs `cell trace ARGS` as a real process to its end (bounded by
+/// [`WAIT`], polled); returns (exit success, stdout, stderr).
+async fn cell_trace(args: Vec<String>) -> (bool, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(relay_tests::bin_path("cell"))
+            .arg("trace")
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn cell trace");
+        let end = Instant::now() + WAIT;
+        while matches!(child.try_wait(), Ok(None)) {
+            if Instant::now() > end {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("cell trace {args:?} ran over {WAIT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().expect("cell trace output");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .expect("cell trace ran")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cell_trace_across_a_line_of_three_relays_prints_each_hop_in_order() {
+    let edges = [(0, 1), (1, 2)];
+    let mesh = start_mesh(3, &edges, Transport::Quic);
+    for ((_, r), d) in mesh.iter().zip(degrees(3, &edges)) {
+        r.wait_metric_async("celluler_peers", "", d as f64, WAIT)
+            .await;
+    }
+    let (ra, rc) = (&mesh[0].1, &mesh[2].1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key_file = dir.path().join("a.key");
+    let ka = Keypair::generate();
+    relay_codec::keyfile::write_keyfile(&key_file, &ka).expect("key file");
+    // A's cell is connected once to learn the route (the probes), then
+    // closed: `cell trace` attaches with the same key.
+    let a = connect(ra, ka.clone(), options_over(Transport::Quic)).await;
+    let mut c = connect(rc, Keypair::generate(), options_over(Transport::Quic)).await;
+    reach(&a, &mut c).await;
+    let _ = a.close().await;
+    let args = |dest: String, timeout: &str| {
+        vec![
+            "--relay".to_owned(),
+            ra.addr().to_string(),
+            "--key".to_owned(),
+            key_file.display().to_string(),
+            "--timeout-ms".to_owned(),
+            timeout.to_owned(),
+            dest,
+        ]
+    };
+    let (ok, out, err) = cell_trace(args(c.public_key().to_string(), "10000")).await;
+    assert!(ok, "cell trace failed: {out}\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "3 hops and the last line: {out}");
+    for (i, (p, _)) in mesh.iter().enumerate() {
+        assert!(
+            lines[i].trim_start().starts_with(&format!("{}  {}", i + 1, p.key)),
+            "hop {} is relay {}: {out}",
+            i + 1,
+            p.key
+        );
+    }
+    assert!(lines[2].contains(&format!("-> {} (destination)", c.public_key())), "{out}");
+    assert!(lines[3].starts_with("destination"), "{out}");
+    // A cell attached nowhere: no hop reports it delivered; exit 1.
+    let nowhere = Keypair::generate().public();
+    let (ok, _, err) = cell_trace(args(nowhere.to_string(), "1500")).await;
+    assert!(!ok, "a trace to a cell attached nowhere must fail");
+    assert!(err.contains("within 1500 ms"), "a reason: {err}");
+    let _ = c.close().await;
+    for (_, r) in mesh {
+        r.stop();
+    }
+}
