@@ -1065,3 +1065,28 @@ async fn cells_can_share_one_endpoint() {
         .await
         .expect("the shared endpoint goes idle once its cells closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traced_message_on_one_relay_reports_its_one_hop() {
+    let relay = TestRelay::start().await;
+    let t = Transport::Quic;
+    let (mut a, a_key) = connect(&relay, t, CellOptions::default()).await;
+    let (mut b, b_key) = connect(&relay, t, CellOptions::default()).await;
+    let mut msg = relay_codec::Message::new(
+        a_key.public(),
+        Destination::Cell(b_key.public()),
+        Bytes::from_static(b"traced"),
+    );
+    msg.trace = true;
+    let id = a.send_message(msg).await.expect("send traced");
+    assert_eq!(&next_message(&mut b).await.payload[..], b"traced");
+    let hop = loop {
+        match next_event(&mut a).await {
+            relay_client::cell::Event::Trace(h) => break h,
+            other => println!("skipping {other:?}"),
+        }
+    };
+    assert_eq!(hop.id, id);
+    assert_eq!(hop.relay, relay.key, "the relay reports");
+    assert_eq!(hop.next, b_key.public(), "delivered to the destination");
+}

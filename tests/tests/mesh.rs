@@ -484,13 +484,18 @@ async fn cell_trace_across_a_line_of_three_relays_prints_each_hop_in_order() {
     assert_eq!(lines.len(), 4, "3 hops and the last line: {out}");
     for (i, (p, _)) in mesh.iter().enumerate() {
         assert!(
-            lines[i].trim_start().starts_with(&format!("{}  {}", i + 1, p.key)),
+            lines[i]
+                .trim_start()
+                .starts_with(&format!("{}  {}", i + 1, p.key)),
             "hop {} is relay {}: {out}",
             i + 1,
             p.key
         );
     }
-    assert!(lines[2].contains(&format!("-> {} (destination)", c.public_key())), "{out}");
+    assert!(
+        lines[2].contains(&format!("-> {} (destination)", c.public_key())),
+        "{out}"
+    );
     assert!(lines[3].starts_with("destination"), "{out}");
     // A cell attached nowhere: no hop reports it delivered; exit 1.
     let nowhere = Keypair::generate().public();

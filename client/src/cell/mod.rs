@@ -55,8 +55,7 @@ mod session;
 
 pub use error::CellError;
 pub use event::{
-    CellStats, Event, MAX_UNDELIVERED_DESTINATIONS, Received, ReceivedAuth, TraceHop,
-    Undelivered,
+    CellStats, Event, MAX_UNDELIVERED_DESTINATIONS, Received, ReceivedAuth, TraceHop, Undelivered,
 };
 pub use handle::{Cell, CellHandle, DurableReceipt};
 pub use options::{AuthMode, CellOptions};

@@ -793,14 +793,7 @@ impl<H: Clone> Mesh<H> {
         out: &mut Vec<Action<H>>,
     ) {
         let source = env.source();
-        let mut frame = MeshFrame::Trace {
-            header: self.header(self.me),
-            id,
-            source,
-            ttl: env.ttl(),
-            in_relay_us: in_relay_us.min(u64::from(u32::MAX)) as u32,
-            next,
-        };
+        let mut frame = self.trace_frame(env, id, next, in_relay_us);
         if let Some(c) = self.local.get(&source) {
             out.push(Action::Control {
                 to: c.handle.clone(),
@@ -819,6 +812,25 @@ impl<H: Clone> Mesh<H> {
             return;
         }
         let _ = self.lookup(now, source, Held::Trace(Box::new(frame)), out);
+    }
+
+    /// The hop report of a traced message (`env`, as it leaves) from this
+    /// relay, addressed to this relay (retargeted when routed on).
+    pub(crate) fn trace_frame(
+        &self,
+        env: &Envelope,
+        id: MessageId,
+        next: PublicKey,
+        in_relay_us: u64,
+    ) -> MeshFrame {
+        MeshFrame::Trace {
+            header: self.header(self.me),
+            id,
+            source: env.source(),
+            ttl: env.ttl(),
+            in_relay_us: in_relay_us.min(u64::from(u32::MAX)) as u32,
+            next,
+        }
     }
 
     /// Sends a routed frame this relay originates or passes on to the next

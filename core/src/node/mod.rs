@@ -1046,7 +1046,16 @@ impl<H: Clone> Node<H> {
                     };
                     // The last hop: delivered here, with or without a mesh.
                     if e.trace() && route.is_some() {
-                        mesh.trace(now, &e.clone().with_ttl(ttl), id, dest, 0, out);
+                        let env = e.clone().with_ttl(ttl);
+                        if mesh.enabled() {
+                            mesh.trace(now, &env, id, dest, 0, out);
+                        } else if let Some((_, to)) = router.cell(&e.source()) {
+                            // No mesh: the source, if attached, is here.
+                            out.push(Action::Control {
+                                to: to.clone(),
+                                frame: Frame::Mesh(mesh.trace_frame(&env, id, dest, 0)),
+                            });
+                        }
                     }
                     match (route, single) {
                         (None, _) => {
