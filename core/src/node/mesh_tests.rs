@@ -623,3 +623,33 @@ fn a_traced_message_reports_its_hop_to_its_source() {
         [MeshFrame::Trace { next, source, .. }] if next == key(11) && source == key(10)
     ));
 }
+
+#[test]
+fn without_a_mesh_the_delivering_relay_reports_the_last_hop_to_its_source() {
+    let mut n: Node<LinkId> = Node::new(NodeConfig::new(key(100)), 1).unwrap();
+    cell(&mut n, 10, 10);
+    cell(&mut n, 11, 11);
+    let mut m = msg(10, Destination::Cell(key(11)), 1);
+    m.trace = true;
+    let out = send(&mut n, at(1), 10, &[m.clone()]);
+    match &mesh_frames(&out, 10)[..] {
+        [
+            MeshFrame::Trace {
+                header,
+                next,
+                source,
+                ..
+            },
+        ] => {
+            assert_eq!(header.origin, key(100), "this relay reports");
+            assert_eq!(*next, key(11), "delivered to the destination");
+            assert_eq!(*source, key(10));
+        }
+        other => panic!("one Trace to the source, got {other:?}"),
+    }
+    // Untraced: no report.
+    m.trace = false;
+    m.nonce += 1;
+    let out = send(&mut n, at(2), 10, &[m]);
+    assert!(mesh_frames(&out, 10).is_empty());
+}
