@@ -316,7 +316,7 @@ async fn trace(
     };
     let _ = cell.close().await;
     // Reports can arrive out of order; each hop lowers the TTL by one.
-    hops.sort_by(|a, b| b.ttl.cmp(&a.ttl));
+    hops.sort_by_key(|h| std::cmp::Reverse(h.ttl));
     let mut out = std::io::stdout().lock();
     for (i, h) in hops.iter().enumerate() {
         let since_us = h.at.saturating_duration_since(sent_at).as_micros();
