@@ -83,12 +83,14 @@ pub struct TargetArgs {
     /// ports, default config: no JetStream).
     #[arg(long)]
     pub spawn: bool,
-    /// With --spawn: how many relays to start (more than 1 needs relay
-    /// peering, not available yet).
+    /// With --spawn: how many relays to start, each with its own key and
+    /// data directory, peered as --topology says (at most 64); the run
+    /// starts once every relay sees all N. Senders attach to the first
+    /// relay, receivers to the last (square: the opposite corner).
     #[arg(long, value_name = "N", default_value_t = 1, requires = "spawn",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub relays: u32,
-    /// With --spawn --relays N: how the relays would be linked.
+    /// With --spawn --relays N: how the relays are peered (over QUIC).
     #[arg(long, value_enum, default_value_t = Topology::Line, requires = "spawn")]
     pub topology: Topology,
     /// With --spawn: the relay binary to start.
@@ -174,15 +176,27 @@ impl From<TransportArg> for relay_client::Transport {
     }
 }
 
-/// How spawned relays would be linked.
+/// How spawned relays are peered.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Topology {
     /// r1 - r2 - ... - rN.
     Line,
     /// A line whose ends are linked.
     Ring,
-    /// A grid of sqrt(N) x sqrt(N).
+    /// A grid of ceil(sqrt N) columns, each relay linked to its right and
+    /// lower neighbours.
     Square,
+}
+
+impl Topology {
+    /// Its name in reports, as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Topology::Line => "line",
+            Topology::Ring => "ring",
+            Topology::Square => "square",
+        }
+    }
 }
 
 /// How messages are authenticated.

@@ -168,17 +168,17 @@ fn open_server(t: &TargetArgs) -> Result<Server> {
 
 /// The relay to measure: started, or attached to.
 fn open_target(t: &TargetArgs) -> Result<Target> {
-    if t.spawn && t.relays > 1 {
-        return Err(Unavailable(format!(
-            "--relays {} --topology {:?}: relays do not peer with each other yet (the mesh \
-             issue), so a multi-relay topology cannot be built; use one relay (--relays 1, the \
-             default)",
-            t.relays, t.topology
-        ))
-        .into());
-    }
     let transport = t.transport.map_or(Transport::Quic, Transport::from);
-    if t.spawn {
+    if t.spawn && t.relays > 1 {
+        Target::spawn_mesh(
+            t.relay_bin.as_deref(),
+            t.relay_config.as_deref(),
+            &t.relay_log,
+            transport,
+            t.relays as usize,
+            t.topology,
+        )
+    } else if t.spawn {
         Target::spawn(
             t.relay_bin.as_deref(),
             t.relay_config.as_deref(),
