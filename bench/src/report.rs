@@ -335,7 +335,7 @@ pub fn table(r: &Report, notes: &[String]) -> String {
             let _ = writeln!(
                 s,
                 "mesh: {n} relays, {t}; senders on the first (above), receivers on the last; \
-                 relay CPU and RSS summed over all {n}, relay counters the first's"
+                 relay CPU, RSS and drops summed over all {n}, in/out counters the first's"
             );
         }
     }

@@ -45,6 +45,9 @@ pub struct Target {
     pub pid: Option<u32>,
     /// Its admin HTTP address, if known.
     pub admin: Option<SocketAddr>,
+    /// The admin addresses of the mesh's other relays (all but the first),
+    /// whose drops are added to the first's.
+    pub mesh_admins: Vec<SocketAddr>,
     spawned: Option<Spawned>,
     /// The mesh's other relays (all but the first), stopped with it.
     mesh: Vec<Spawned>,
@@ -63,6 +66,7 @@ impl Target {
             transport,
             pid,
             admin: None,
+            mesh_admins: Vec::new(),
             spawned: None,
             mesh: Vec::new(),
         })
@@ -111,6 +115,7 @@ impl Target {
             transport,
             pid: Some(pid),
             admin,
+            mesh_admins: Vec::new(),
             spawned: Some(spawned),
             mesh: Vec::new(),
         })
@@ -207,6 +212,7 @@ impl Target {
             transport,
             pid: Some(first.child.id()),
             admin: Some(ready[0].1),
+            mesh_admins: ready[1..].iter().map(|r| r.1).collect(),
             spawned: Some(first),
             mesh: spawned.collect(),
         })
@@ -231,16 +237,27 @@ impl Target {
     }
 
     /// Messages in, out and dropped, every lane and reason, from the
-    /// relay's metrics (one read of `/metrics`).
+    /// relay's metrics (one read of `/metrics`); in a mesh, in and out are
+    /// the first relay's and drops are summed over every relay (a message
+    /// may be dropped at any hop).
     pub async fn counts(&self) -> ServerCounts {
         let Some(body) = self.metrics().await else {
             return ServerCounts::default();
         };
         let n = |name| metric_sum(&body, name, "").map(|v| v as u64);
+        let mut dropped = n("celluler_drops_total");
+        for &admin in &self.mesh_admins {
+            let other = tokio::task::spawn_blocking(move || http_get(admin, "/metrics"))
+                .await
+                .ok()
+                .flatten()
+                .and_then(|b| metric_sum(&b, "celluler_drops_total", ""));
+            dropped = dropped.zip(other).map(|(a, b)| a + b as u64);
+        }
         ServerCounts {
             msgs_in: n("celluler_messages_in_total"),
             msgs_out: n("celluler_messages_out_total"),
-            dropped: n("celluler_drops_total"),
+            dropped,
         }
     }
 
