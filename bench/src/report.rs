@@ -139,7 +139,7 @@ pub struct Report {
     pub fanout_target: Option<String>,
     /// Messages the relay dropped during the whole run, warm-up included,
     /// from its metrics (`celluler_drops_total`, every reason; spawned
-    /// relays only).
+    /// relays only; in a mesh, summed over every relay).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay_dropped: Option<u64>,
     /// Messages the server took in during the whole run, warm-up included,
