@@ -57,6 +57,24 @@ pub enum Cmd {
     /// the relay before it is acknowledged; adds the time to that ack
     /// (ack_p50_us, ack_p99_us) to the report. Same flags as throughput.
     Durable(ThroughputArgs),
+    /// Across a mesh (--spawn --relays N): the time from a cell's attach to
+    /// the last relay until a probe from a cell on every other relay has
+    /// reached it (probes every 10 ms), over --attaches cells one after
+    /// another; median and max.
+    Reach(ReachArgs),
+}
+
+/// `reach` flags.
+#[derive(Args, Debug)]
+pub struct ReachArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Cells to attach, one after another (each timed).
+    #[arg(long, value_name = "K", default_value_t = 9, value_parser = parse_count_usize)]
+    pub attaches: usize,
+    /// Write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 /// Which server to measure.

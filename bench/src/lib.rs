@@ -107,6 +107,33 @@ fn dispatch(cli: Cli) -> Result<()> {
             let (common, plan) = mode::fanout::plan(&a)?;
             message_mode(&a.target, common, plan)
         }
+        Cmd::Reach(a) => {
+            mode::check_broker(&a.target, None)?;
+            let mut target = open_target(&a.target)?;
+            let rt = runtime(&a.target)?;
+            let timeout = Duration::from_secs_f64(a.target.connect_timeout);
+            let r = rt.block_on(interruptible(mode::reach::run(
+                &target, a.attaches, timeout,
+            )));
+            rt.shutdown_timeout(Duration::from_secs(2));
+            let report = r.map_err(|e| with_health(e, target.health()))?;
+            target.stop();
+            println!(
+                "relay-bench reach: {} relays, {}: {} attaches to the last relay, reachable from \
+                 every other relay after median {} ms, max {} ms",
+                report.relays,
+                report.topology.as_deref().unwrap_or("-"),
+                report.secs.len(),
+                report.median_ms,
+                report.max_ms
+            );
+            if let Some(p) = &a.json {
+                let body = serde_json::to_string_pretty(&report)?;
+                std::fs::write(p, body + "\n")
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            Ok(())
+        }
         Cmd::Connections(a) => {
             mode::check_broker(&a.target, None)?;
             if a.target.broker == Broker::Nats {

@@ -35,6 +35,9 @@ pub struct Target {
     /// Every relay process of the run (one, or the mesh's N), whose CPU
     /// and memory are summed in the report; empty if unknown.
     pub pids: Vec<u32>,
+    /// Where cells reach each relay of the run, in mesh order (one entry
+    /// for one relay).
+    pub mesh_addrs: Vec<NodeAddr>,
     /// How many relays the run measures (1 unless `--relays N`).
     pub relays: u32,
     /// The mesh's shape (`line`, `ring`, `square`); `None` for one relay.
@@ -59,6 +62,7 @@ impl Target {
         check_pid("--relay-pid", pid, "relay")?;
         Ok(Self {
             rx_addr: addr.clone(),
+            mesh_addrs: vec![addr.clone()],
             addr,
             pids: pid.into_iter().collect(),
             relays: 1,
@@ -108,6 +112,7 @@ impl Target {
         let (addr, admin) = parse_ready(&line, transport)?;
         Ok(Self {
             rx_addr: addr.clone(),
+            mesh_addrs: vec![addr.clone()],
             addr,
             pids: vec![pid],
             relays: 1,
@@ -206,6 +211,7 @@ impl Target {
         Ok(Self {
             addr: ready[0].0.clone(),
             rx_addr: ready[n - 1].0.clone(),
+            mesh_addrs: ready.iter().map(|r| r.0.clone()).collect(),
             pids,
             relays: n as u32,
             topology: Some(topology.name()),
@@ -587,6 +593,8 @@ impl NatsTarget {
 }
 
 /// The server a message mode measures.
+// One per run, never moved in a loop: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Server {
     /// A Celluler relay.
     Relay(Target),

@@ -1033,3 +1033,33 @@ fn transport_is_for_relays_and_endpoints_for_quic() {
         "possible values: quic, tcp",
     );
 }
+
+#[test]
+fn reach_times_each_attach_across_a_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let v = measure(
+        &[
+            "reach",
+            "--spawn",
+            "--relays",
+            "3",
+            "--attaches",
+            "3",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &json,
+        Duration::from_secs(60),
+    );
+    assert_eq!(u(&v, "relays"), 3, "{v:#}");
+    let secs = v["secs"].as_array().expect("secs");
+    assert_eq!(secs.len(), 3, "{v:#}");
+    assert!(secs.iter().all(|s| s.as_f64().unwrap() > 0.0), "{v:#}");
+    assert!(f(&v, "max_ms") >= f(&v, "median_ms"), "{v:#}");
+}
+
+#[test]
+fn reach_needs_a_mesh() {
+    fails_with(&["reach", "--spawn"], 1, "needs a mesh");
+}
