@@ -22,6 +22,8 @@ pub const MIN_SIZE: usize = crate::payload::STAMP_LEN;
         relay-bench latency --spawn --rate 50000 --duration 10 --hgrm lat.hgrm --plot lat.svg\n  \
         relay-bench fanout --spawn --receivers 8 --target service --count 100000\n  \
         relay-bench connections --spawn --cells 10000 --json conns.json\n  \
+        relay-bench throughput --spawn --relays 3 --topology line --count 500000 --window 1000\n  \
+        relay-bench reach --spawn --relays 5 --topology line --attaches 9\n  \
         relay-bench throughput --relay KEY@10.0.0.5:4433 --relay-pid 4242 --duration 30\n  \
         relay-bench throughput --spawn --broker nats --senders 4 --receivers 4 --count 2000000\n  \
         relay-bench latency --broker nats --nats-addr 127.0.0.1:4222 --nats-pid 4343 --rate 50000\n\n\
