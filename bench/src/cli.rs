@@ -22,6 +22,8 @@ pub const MIN_SIZE: usize = crate::payload::STAMP_LEN;
         relay-bench latency --spawn --rate 50000 --duration 10 --hgrm lat.hgrm --plot lat.svg\n  \
         relay-bench fanout --spawn --receivers 8 --target service --count 100000\n  \
         relay-bench connections --spawn --cells 10000 --json conns.json\n  \
+        relay-bench throughput --spawn --relays 3 --topology line --count 500000 --window 1000\n  \
+        relay-bench reach --spawn --relays 5 --topology line --attaches 9\n  \
         relay-bench throughput --relay KEY@10.0.0.5:4433 --relay-pid 4242 --duration 30\n  \
         relay-bench throughput --spawn --broker nats --senders 4 --receivers 4 --count 2000000\n  \
         relay-bench latency --broker nats --nats-addr 127.0.0.1:4222 --nats-pid 4343 --rate 50000\n\n\
@@ -57,6 +59,24 @@ pub enum Cmd {
     /// the relay before it is acknowledged; adds the time to that ack
     /// (ack_p50_us, ack_p99_us) to the report. Same flags as throughput.
     Durable(ThroughputArgs),
+    /// Across a mesh (--spawn --relays N): the time from a cell's attach to
+    /// the last relay until a probe from a cell on every other relay has
+    /// reached it (probes every 10 ms), over --attaches cells one after
+    /// another; median and max.
+    Reach(ReachArgs),
+}
+
+/// `reach` flags.
+#[derive(Args, Debug)]
+pub struct ReachArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Cells to attach, one after another (each timed).
+    #[arg(long, value_name = "K", default_value_t = 9, value_parser = parse_count_usize)]
+    pub attaches: usize,
+    /// Write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 /// Which server to measure.
@@ -83,12 +103,14 @@ pub struct TargetArgs {
     /// ports, default config: no JetStream).
     #[arg(long)]
     pub spawn: bool,
-    /// With --spawn: how many relays to start (more than 1 needs relay
-    /// peering, not available yet).
+    /// With --spawn: how many relays to start, each with its own key and
+    /// data directory, peered as --topology says (at most 64); the run
+    /// starts once every relay sees all N. Senders attach to the first
+    /// relay, receivers to the last (square: the opposite corner).
     #[arg(long, value_name = "N", default_value_t = 1, requires = "spawn",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub relays: u32,
-    /// With --spawn --relays N: how the relays would be linked.
+    /// With --spawn --relays N: how the relays are peered (over QUIC).
     #[arg(long, value_enum, default_value_t = Topology::Line, requires = "spawn")]
     pub topology: Topology,
     /// With --spawn: the relay binary to start.
@@ -174,15 +196,27 @@ impl From<TransportArg> for relay_client::Transport {
     }
 }
 
-/// How spawned relays would be linked.
+/// How spawned relays are peered.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Topology {
     /// r1 - r2 - ... - rN.
     Line,
     /// A line whose ends are linked.
     Ring,
-    /// A grid of sqrt(N) x sqrt(N).
+    /// A grid of ceil(sqrt N) columns, each relay linked to its right and
+    /// lower neighbours.
     Square,
+}
+
+impl Topology {
+    /// Its name in reports, as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Topology::Line => "line",
+            Topology::Ring => "ring",
+            Topology::Square => "square",
+        }
+    }
 }
 
 /// How messages are authenticated.

@@ -107,6 +107,33 @@ fn dispatch(cli: Cli) -> Result<()> {
             let (common, plan) = mode::fanout::plan(&a)?;
             message_mode(&a.target, common, plan)
         }
+        Cmd::Reach(a) => {
+            mode::check_broker(&a.target, None)?;
+            let mut target = open_target(&a.target)?;
+            let rt = runtime(&a.target)?;
+            let timeout = Duration::from_secs_f64(a.target.connect_timeout);
+            let r = rt.block_on(interruptible(mode::reach::run(
+                &target, a.attaches, timeout,
+            )));
+            rt.shutdown_timeout(Duration::from_secs(2));
+            let report = r.map_err(|e| with_health(e, target.health()))?;
+            target.stop();
+            println!(
+                "relay-bench reach: {} relays, {}: {} attaches to the last relay, reachable from \
+                 every other relay after median {} ms, max {} ms",
+                report.relays,
+                report.topology.as_deref().unwrap_or("-"),
+                report.secs.len(),
+                report.median_ms,
+                report.max_ms
+            );
+            if let Some(p) = &a.json {
+                let body = serde_json::to_string_pretty(&report)?;
+                std::fs::write(p, body + "\n")
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            Ok(())
+        }
         Cmd::Connections(a) => {
             mode::check_broker(&a.target, None)?;
             if a.target.broker == Broker::Nats {
@@ -168,17 +195,17 @@ fn open_server(t: &TargetArgs) -> Result<Server> {
 
 /// The relay to measure: started, or attached to.
 fn open_target(t: &TargetArgs) -> Result<Target> {
-    if t.spawn && t.relays > 1 {
-        return Err(Unavailable(format!(
-            "--relays {} --topology {:?}: relays do not peer with each other yet (the mesh \
-             issue), so a multi-relay topology cannot be built; use one relay (--relays 1, the \
-             default)",
-            t.relays, t.topology
-        ))
-        .into());
-    }
     let transport = t.transport.map_or(Transport::Quic, Transport::from);
-    if t.spawn {
+    if t.spawn && t.relays > 1 {
+        Target::spawn_mesh(
+            t.relay_bin.as_deref(),
+            t.relay_config.as_deref(),
+            &t.relay_log,
+            transport,
+            t.relays as usize,
+            t.topology,
+        )
+    } else if t.spawn {
         Target::spawn(
             t.relay_bin.as_deref(),
             t.relay_config.as_deref(),

@@ -27,6 +27,14 @@ pub struct Report {
     /// (none with `--broker nats`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
+    /// How many relays the run measured (`--relays N`; 1 unless a mesh;
+    /// none with `--broker nats`). `relay` is then the first one's address;
+    /// CPU and memory are summed over all of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relays: Option<u32>,
+    /// The mesh's shape (`line`, `ring`, `square`) with `--relays N` > 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topology: Option<String>,
     /// The server's version, where it says (nats-server does).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_version: Option<String>,
@@ -131,7 +139,7 @@ pub struct Report {
     pub fanout_target: Option<String>,
     /// Messages the relay dropped during the whole run, warm-up included,
     /// from its metrics (`celluler_drops_total`, every reason; spawned
-    /// relays only).
+    /// relays only; in a mesh, summed over every relay).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay_dropped: Option<u64>,
     /// Messages the server took in during the whole run, warm-up included,
@@ -323,6 +331,13 @@ pub fn table(r: &Report, notes: &[String]) -> String {
                 _ => "client Cells",
             }
         );
+        if let (Some(n), Some(t)) = (r.relays, r.topology.as_deref()) {
+            let _ = writeln!(
+                s,
+                "mesh: {n} relays, {t}; senders on the first (above), receivers on the last; \
+                 relay CPU, RSS and drops summed over all {n}, in/out counters the first's"
+            );
+        }
     }
     let _ = writeln!(s);
     let mut rows: Vec<(&str, String)> = vec![

@@ -169,7 +169,7 @@ async fn connect_raw(
     timeout: Duration,
 ) -> Result<Vec<crate::raw::RawReceiver>> {
     connect_all(n, |i| {
-        let (addr, services) = (target.addr.clone(), services.clone());
+        let (addr, services) = (target.rx_addr.clone(), services.clone());
         let transport = target.transport;
         async move {
             crate::raw::connect(&addr, transport, services, timeout)
@@ -571,6 +571,7 @@ fn run_seed() -> u64 {
 /// probed until attached.
 async fn connect_many(
     target: &Target,
+    addr: &relay_codec::NodeAddr,
     n: usize,
     opts: relay_client::CellOptions,
     what: &str,
@@ -580,7 +581,7 @@ async fn connect_many(
         ..opts
     };
     connect_all(n, |i| {
-        let (addr, opts) = (target.addr.clone(), opts.clone());
+        let (addr, opts) = (addr.clone(), opts.clone());
         let what = format!("{what} {i}");
         async move {
             let timeout = opts.connect_timeout;
@@ -643,11 +644,14 @@ async fn connect_parties(
             });
         }
     };
+    if target.relays > 1 && common.client == Client::Raw {
+        bail!("--client raw across a mesh (--relays N) is not built; use --client cell");
+    }
     let services = match &plan.fanout {
         Fanout::Service(s) => vec![s.clone()],
         _ => Vec::new(),
     };
-    let rx: Vec<Rx> = match common.client {
+    let mut rx: Vec<Rx> = match common.client {
         Client::Raw => connect_raw(target, plan.receivers, services, common.connect_timeout)
             .await?
             .into_iter()
@@ -655,6 +659,7 @@ async fn connect_parties(
             .collect(),
         _ => connect_many(
             target,
+            &target.rx_addr,
             plan.receivers,
             cells::options(common.auth, false, services, common.connect_timeout),
             "receiver",
@@ -683,6 +688,7 @@ async fn connect_parties(
         _ => {
             let cells = connect_many(
                 target,
+                &target.addr,
                 plan.senders,
                 cells::options(common.auth, true, Vec::new(), common.connect_timeout),
                 "sender",
@@ -694,6 +700,15 @@ async fn connect_parties(
             (cells, Vec::new())
         }
     };
+    if target.relays > 1
+        && let (Fanout::PerReceiver, Some(from)) = (&plan.fanout, tx_cells.first())
+    {
+        for r in &mut rx {
+            if let Rx::Cell(c) = r {
+                reach(from, c, common.connect_timeout).await?;
+            }
+        }
+    }
     let keys: Vec<PublicKey> = rx
         .iter()
         .map(|r| match r {
@@ -717,6 +732,36 @@ async fn connect_parties(
         nats_events: None,
         server_version: None,
     })
+}
+
+/// How long one mesh probe is waited for before the next is sent.
+const PROBE_WAIT: Duration = Duration::from_millis(250);
+
+/// Across a mesh: sends probes from `from` (on the first relay) to `to`
+/// (on the last) until one arrives, so the mesh has learned where `to`
+/// is before the clock starts; fails after `timeout`. Probes carry no
+/// bench stamps: one arriving later is counted as foreign, not as data.
+async fn reach(from: &Cell, to: &mut Cell, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut i = 0u32;
+    while Instant::now() < deadline {
+        from.send(
+            to.public_key(),
+            Lane::Normal,
+            format!("probe {i}").into_bytes(),
+        )
+        .await
+        .context("sending a mesh probe")?;
+        i += 1;
+        if let Ok(Some(_)) = tokio::time::timeout(PROBE_WAIT, to.recv()).await {
+            return Ok(());
+        }
+    }
+    bail!(
+        "receiver {} was not reachable from the first relay within {:?} ({i} probes)",
+        to.public_key(),
+        timeout
+    )
 }
 
 /// Runs `plan` against `server`.
@@ -879,7 +924,7 @@ pub async fn run(server: &Server, common: &Common, plan: &Plan) -> Result<Outcom
     } else {
         Bar::new(plan.count.unwrap_or(0) * factor, "msgs")
     };
-    let pid = server.pid();
+    let pids = server.pids();
     tokio::pin!(all_sent);
     let mut per_sender: Option<Vec<Sent>> = None;
     let mut expected_total = 0u64;
@@ -901,10 +946,13 @@ pub async fn run(server: &Server, common: &Common, plan: &Plan) -> Result<Outcom
             _ = tick.tick() => {}
         }
         if cpu_start.is_none() && now_ns() >= measure_ns {
-            cpu_start = Some(CpuSample::take(pid));
+            cpu_start = Some(CpuSample::take_all(&pids));
         }
         if cpu_start.is_some()
-            && let Some(kib) = pid.and_then(|p| status_kib(Some(p), "VmRSS"))
+            && let Some(kib) = pids
+                .iter()
+                .map(|&p| status_kib(Some(p), "VmRSS"))
+                .sum::<Option<u64>>()
         {
             peak_rss = Some(peak_rss.unwrap_or(0).max(kib));
         }
@@ -913,7 +961,7 @@ pub async fn run(server: &Server, common: &Common, plan: &Plan) -> Result<Outcom
             last_rx = rx;
             last_progress = Instant::now();
             if cpu_start.is_some() {
-                cpu_end = Some(CpuSample::take(pid));
+                cpu_end = Some(CpuSample::take_all(&pids));
             }
         }
         if rate_at.elapsed() >= Duration::from_millis(500) {
@@ -1047,6 +1095,14 @@ pub async fn run(server: &Server, common: &Common, plan: &Plan) -> Result<Outcom
         relay: server.address(),
         transport: match server {
             Server::Relay(t) => Some(t.transport.to_string()),
+            Server::Nats(_) => None,
+        },
+        relays: match server {
+            Server::Relay(t) => Some(t.relays),
+            Server::Nats(_) => None,
+        },
+        topology: match server {
+            Server::Relay(t) => t.topology.map(str::to_owned),
             Server::Nats(_) => None,
         },
         server_version,
@@ -1191,7 +1247,7 @@ pub async fn run(server: &Server, common: &Common, plan: &Plan) -> Result<Outcom
              this short a span: they are that coarse (a longer run measures them finer)"
         ));
     }
-    if pid.is_none() {
+    if pids.is_empty() {
         notes.push(format!(
             "{} CPU and memory are unknown: pass {}",
             server.broker(),

@@ -128,6 +128,21 @@ impl CpuSample {
         }
     }
 
+    /// Samples now, the relay's CPU summed over several processes (the
+    /// relays of a mesh); unknown if any of them is.
+    pub fn take_all(relay_pids: &[u32]) -> Self {
+        let relay = if relay_pids.is_empty() {
+            None
+        } else {
+            relay_pids.iter().map(|&p| cpu_ticks(Some(p))).sum()
+        };
+        Self {
+            at: Instant::now(),
+            relay,
+            bench: cpu_ticks(None),
+        }
+    }
+
     /// What one clock tick is, in CPU %, over the span from `self` to
     /// `later`: the resolution of [`CpuSample::pct_until`] (10 ms ticks
     /// make ±1 % over a second, ±10 % over 0.1 s).

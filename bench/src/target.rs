@@ -4,6 +4,7 @@
 //! (SIGTERM, then kill) whatever happens; or, with `--broker nats`, a
 //! nats-server attached to (`--nats-addr`) or started the same way.
 
+use crate::cli::Topology;
 use anyhow::{Context as _, Result, bail};
 use relay_client::Transport;
 use relay_codec::NodeAddr;
@@ -25,15 +26,34 @@ const LOG_LINES: usize = 40;
 
 /// The relay a run measures.
 pub struct Target {
-    /// Where cells reach it, over [`transport`](Self::transport).
+    /// Where cells reach it, over [`transport`](Self::transport); in a
+    /// mesh (`--relays N`), the first relay: where senders attach.
     pub addr: NodeAddr,
+    /// Where receivers attach: [`addr`](Self::addr) for one relay, the
+    /// last relay of a mesh (for a square, the corner opposite the first).
+    pub rx_addr: NodeAddr,
+    /// Every relay process of the run (one, or the mesh's N), whose CPU
+    /// and memory are summed in the report; empty if unknown.
+    pub pids: Vec<u32>,
+    /// Where cells reach each relay of the run, in mesh order (one entry
+    /// for one relay).
+    pub mesh_addrs: Vec<NodeAddr>,
+    /// How many relays the run measures (1 unless `--relays N`).
+    pub relays: u32,
+    /// The mesh's shape (`line`, `ring`, `square`); `None` for one relay.
+    pub topology: Option<&'static str>,
     /// How cells reach it (`--transport`).
     pub transport: Transport,
     /// Its process, for CPU and memory; `None` if unknown.
     pub pid: Option<u32>,
     /// Its admin HTTP address, if known.
     pub admin: Option<SocketAddr>,
+    /// The admin addresses of the mesh's other relays (all but the first),
+    /// whose drops are added to the first's.
+    pub mesh_admins: Vec<SocketAddr>,
     spawned: Option<Spawned>,
+    /// The mesh's other relays (all but the first), stopped with it.
+    mesh: Vec<Spawned>,
 }
 
 impl Target {
@@ -41,11 +61,18 @@ impl Target {
     pub fn attach(addr: NodeAddr, pid: Option<u32>, transport: Transport) -> Result<Self> {
         check_pid("--relay-pid", pid, "relay")?;
         Ok(Self {
+            rx_addr: addr.clone(),
+            mesh_addrs: vec![addr.clone()],
             addr,
+            pids: pid.into_iter().collect(),
+            relays: 1,
+            topology: None,
             transport,
             pid,
             admin: None,
+            mesh_admins: Vec::new(),
             spawned: None,
+            mesh: Vec::new(),
         })
     }
 
@@ -59,14 +86,7 @@ impl Target {
         log: &str,
         transport: Transport,
     ) -> Result<Self> {
-        let bin = match bin {
-            Some(b) if b.is_file() => b.to_path_buf(),
-            Some(b) => bail!(
-                "--relay-bin {}: no such file; build the relay with `cargo build --release -p relay`",
-                b.display()
-            ),
-            None => find_relay()?,
-        };
+        let bin = relay_bin(bin)?;
         let dir = tempfile::Builder::new()
             .prefix("relay-bench.")
             .tempdir()
@@ -91,11 +111,116 @@ impl Target {
         let pid = spawned.child.id();
         let (addr, admin) = parse_ready(&line, transport)?;
         Ok(Self {
+            rx_addr: addr.clone(),
+            mesh_addrs: vec![addr.clone()],
             addr,
+            pids: vec![pid],
+            relays: 1,
+            topology: None,
             transport,
             pid: Some(pid),
             admin,
+            mesh_admins: Vec::new(),
             spawned: Some(spawned),
+            mesh: Vec::new(),
+        })
+    }
+
+    /// Starts `n` relays (as [`spawn`](Self::spawn) does one), each with
+    /// its own key (made beforehand with `relay id --create`) and a
+    /// planned free port, peered over QUIC along the edges of `topology`
+    /// (both ends of an edge list each other, as `--peer`), and waits
+    /// until every relay has all its peer links up and sees all `n` in
+    /// its `/topology` (bounded by [`MESH_TIMEOUT`]). Senders attach to
+    /// the first relay, receivers to the last.
+    pub fn spawn_mesh(
+        bin: Option<&Path>,
+        config: Option<&Path>,
+        log: &str,
+        transport: Transport,
+        n: usize,
+        topology: Topology,
+    ) -> Result<Self> {
+        if n > MAX_RELAYS {
+            bail!("--relays {n}: at most {MAX_RELAYS} relays are spawned on one machine");
+        }
+        let bin = relay_bin(bin)?;
+        let edges = mesh_edges(n, topology);
+        let mut planned = Vec::with_capacity(n);
+        for i in 0..n {
+            let dir = tempfile::Builder::new()
+                .prefix("relay-bench.")
+                .tempdir()
+                .context("creating a temporary data directory for a relay")?;
+            let data = dir.path().join("data");
+            let out = Command::new(&bin)
+                .args(["id", "--create", "--data-dir"])
+                .arg(&data)
+                .stdin(Stdio::null())
+                .output()
+                .with_context(|| format!("running {} id --create", bin.display()))?;
+            if !out.status.success() {
+                bail!(
+                    "`{} id --create` for relay {i} failed: {}",
+                    bin.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            let key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            planned.push((key, free_port(i)?, dir));
+        }
+        let mut procs = Vec::with_capacity(n);
+        for (i, (_, port, dir)) in planned.iter().enumerate() {
+            let mut cmd = Command::new(&bin);
+            cmd.env("RUST_LOG", log);
+            if let Some(c) = config {
+                cmd.arg("--config").arg(c);
+            }
+            cmd.arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .args(["--admin", "127.0.0.1:0", "--data-dir"])
+                .arg(dir.path().join("data"));
+            for &(a, b) in &edges {
+                let other = match (a == i, b == i) {
+                    (true, _) => b,
+                    (_, true) => a,
+                    _ => continue,
+                };
+                let (key, port, _) = &planned[other];
+                cmd.arg("--peer").arg(format!("{key}@127.0.0.1:{port}"));
+            }
+            procs.push(Spawned::start(cmd, bin.clone(), None)?);
+        }
+        // The data directories go with the processes, removed after they stop.
+        let mut spawned = Vec::with_capacity(n);
+        let mut ready = Vec::with_capacity(n);
+        for ((mut s, lines), (_, _, dir)) in procs.into_iter().zip(planned) {
+            s._dir = Some(dir);
+            let line = s.wait_for("a mesh relay", &lines, |l| {
+                l.starts_with("relay ready:").then(|| l.to_owned())
+            })?;
+            let (addr, admin) = parse_ready(&line, transport)?;
+            let admin = admin.context("a mesh relay's ready line has no admin address")?;
+            ready.push((addr, admin));
+            spawned.push(s);
+        }
+        wait_for_mesh(&mut spawned, &ready, &edges)?;
+        let pids = spawned.iter().map(|s| s.child.id()).collect();
+        let mut spawned = spawned.into_iter();
+        let first = spawned.next().expect("n >= 1");
+        Ok(Self {
+            addr: ready[0].0.clone(),
+            rx_addr: ready[n - 1].0.clone(),
+            mesh_addrs: ready.iter().map(|r| r.0.clone()).collect(),
+            pids,
+            relays: n as u32,
+            topology: Some(topology.name()),
+            transport,
+            pid: Some(first.child.id()),
+            admin: Some(ready[0].1),
+            mesh_admins: ready[1..].iter().map(|r| r.1).collect(),
+            spawned: Some(first),
+            mesh: spawned.collect(),
         })
     }
 
@@ -118,16 +243,27 @@ impl Target {
     }
 
     /// Messages in, out and dropped, every lane and reason, from the
-    /// relay's metrics (one read of `/metrics`).
+    /// relay's metrics (one read of `/metrics`); in a mesh, in and out are
+    /// the first relay's and drops are summed over every relay (a message
+    /// may be dropped at any hop).
     pub async fn counts(&self) -> ServerCounts {
         let Some(body) = self.metrics().await else {
             return ServerCounts::default();
         };
         let n = |name| metric_sum(&body, name, "").map(|v| v as u64);
+        let mut dropped = n("celluler_drops_total");
+        for &admin in &self.mesh_admins {
+            let other = tokio::task::spawn_blocking(move || http_get(admin, "/metrics"))
+                .await
+                .ok()
+                .flatten()
+                .and_then(|b| metric_sum(&b, "celluler_drops_total", ""));
+            dropped = dropped.zip(other).map(|(a, b)| a + b as u64);
+        }
         ServerCounts {
             msgs_in: n("celluler_messages_in_total"),
             msgs_out: n("celluler_messages_out_total"),
-            dropped: n("celluler_drops_total"),
+            dropped,
         }
     }
 
@@ -142,7 +278,10 @@ impl Target {
 
     /// For error messages: whether a spawned relay has died, with its log.
     pub fn health(&mut self) -> Option<String> {
-        self.spawned.as_mut()?.health("relay")
+        if let Some(h) = self.spawned.as_mut()?.health("relay") {
+            return Some(h);
+        }
+        self.mesh.iter_mut().find_map(|s| s.health("mesh relay"))
     }
 
     /// Stops a spawned relay (SIGTERM, then kill after [`STOP_TIMEOUT`]);
@@ -151,6 +290,7 @@ impl Target {
         if let Some(s) = self.spawned.take() {
             drop(s);
         }
+        self.mesh.clear();
     }
 }
 
@@ -453,6 +593,8 @@ impl NatsTarget {
 }
 
 /// The server a message mode measures.
+// One per run, never moved in a loop: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Server {
     /// A Celluler relay.
     Relay(Target),
@@ -474,6 +616,15 @@ impl Server {
         match self {
             Server::Relay(t) => t.pid,
             Server::Nats(n) => n.pid,
+        }
+    }
+
+    /// Every server process whose CPU and memory the report sums (the
+    /// relays of a mesh); empty if unknown.
+    pub fn pids(&self) -> Vec<u32> {
+        match self {
+            Server::Relay(t) => t.pids.clone(),
+            Server::Nats(n) => n.pid.into_iter().collect(),
         }
     }
 
@@ -534,6 +685,128 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut resp = String::new();
     s.read_to_string(&mut resp).ok()?;
     resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+}
+
+/// The relay binary: `bin` if given (and a file), else [`find_relay`].
+fn relay_bin(bin: Option<&Path>) -> Result<PathBuf> {
+    Ok(match bin {
+        Some(b) if b.is_file() => b.to_path_buf(),
+        Some(b) => bail!(
+            "--relay-bin {}: no such file; build the relay with `cargo build --release -p relay`",
+            b.display()
+        ),
+        None => find_relay()?,
+    })
+}
+
+/// The most relays `--relays` starts (each is a process with its own
+/// runtime; more would measure the machine, not the mesh).
+pub const MAX_RELAYS: usize = 64;
+/// How long a spawned mesh may take, after every relay is ready, until
+/// every peer link is up and every relay sees all the others.
+pub const MESH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The peer links of `n` relays in `topology`, as pairs of indices:
+/// line 0-1-...-(n-1); ring, the line plus (n-1)-0 (from 3 relays); square,
+/// a grid of ceil(sqrt n) columns filled row by row, each relay linked to
+/// its right and lower neighbours (relay 0 and relay n-1 are opposite
+/// corners of a full grid).
+pub fn mesh_edges(n: usize, topology: Topology) -> Vec<(usize, usize)> {
+    let line = (1..n).map(|i| (i - 1, i));
+    match topology {
+        Topology::Line => line.collect(),
+        Topology::Ring => {
+            let mut e: Vec<_> = line.collect();
+            if n >= 3 {
+                e.push((n - 1, 0));
+            }
+            e
+        }
+        Topology::Square => {
+            let side = (1..=n).find(|s| s * s >= n).unwrap_or(1);
+            let mut e = Vec::new();
+            for i in 0..n {
+                if (i + 1) % side != 0 && i + 1 < n {
+                    e.push((i, i + 1));
+                }
+                if i + side < n {
+                    e.push((i, i + side));
+                }
+            }
+            e
+        }
+    }
+}
+
+/// A loopback port free on UDP and TCP when asked, for mesh relay `i`:
+/// below Linux's ephemeral range (32768 and up), so no socket bound to
+/// port 0 (a cell's, another relay's) takes it before its relay starts;
+/// tried from a start drawn from the process id, so runs at once start
+/// apart.
+fn free_port(i: usize) -> Result<u16> {
+    const PORTS: std::ops::Range<u32> = 20_000..32_000;
+    let span = PORTS.end - PORTS.start;
+    let base = std::process::id()
+        .wrapping_mul(7919)
+        .wrapping_add(i as u32 * 101);
+    for k in 0..span {
+        let port = (PORTS.start + base.wrapping_add(k.wrapping_mul(37)) % span) as u16;
+        let Ok(_udp) = std::net::UdpSocket::bind(("127.0.0.1", port)) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no port of {PORTS:?} is free on UDP and TCP for a mesh relay")
+}
+
+/// Waits (at most [`MESH_TIMEOUT`]) until every relay has as many peer
+/// links up as `edges` give it (`celluler_peers`) and lists all of them
+/// in its `/topology`; fails naming the relays not there yet.
+fn wait_for_mesh(
+    procs: &mut [Spawned],
+    relays: &[(NodeAddr, SocketAddr)],
+    edges: &[(usize, usize)],
+) -> Result<()> {
+    let n = relays.len();
+    let degree = |i: usize| edges.iter().filter(|&&(a, b)| a == i || b == i).count();
+    let deadline = Instant::now() + MESH_TIMEOUT;
+    loop {
+        let mut waiting = Vec::new();
+        for (i, (addr, admin)) in relays.iter().enumerate() {
+            let peers = http_get(*admin, "/metrics")
+                .and_then(|b| metric_sum(&b, "celluler_peers", ""))
+                .unwrap_or(-1.0);
+            let known = http_get(*admin, "/topology")
+                .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["relays"].as_array().map(Vec::len))
+                .unwrap_or(0);
+            if peers < degree(i) as f64 || known < n {
+                waiting.push(format!(
+                    "relay {i} ({}): {peers} of {} peer links, {known} of {n} relays known",
+                    addr.key,
+                    degree(i)
+                ));
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        for p in procs.iter_mut() {
+            if let Some(h) = p.health("mesh relay") {
+                bail!("{h}");
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the mesh of {n} relays was not up within {}s:\n  {}",
+                MESH_TIMEOUT.as_secs(),
+                waiting.join("\n  ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The `relay` binary beside this executable, else on PATH.
@@ -637,6 +910,25 @@ pub fn raise_nofile_limit() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mesh_edges_follow_the_topology() {
+        assert_eq!(mesh_edges(3, Topology::Line), vec![(0, 1), (1, 2)]);
+        assert_eq!(mesh_edges(1, Topology::Ring), vec![]);
+        assert_eq!(mesh_edges(2, Topology::Ring), vec![(0, 1)]);
+        assert_eq!(mesh_edges(3, Topology::Ring), vec![(0, 1), (1, 2), (2, 0)]);
+        // 0 1
+        // 2 3: relays 0 and 3 are opposite corners, two paths between them.
+        assert_eq!(
+            mesh_edges(4, Topology::Square),
+            vec![(0, 1), (0, 2), (1, 3), (2, 3)]
+        );
+        // 0 1 2
+        // 3 4: every relay linked.
+        assert_eq!(
+            mesh_edges(5, Topology::Square),
+            vec![(0, 1), (0, 3), (1, 2), (1, 4), (3, 4)]
+        );
+    }
     use super::*;
 
     #[test]

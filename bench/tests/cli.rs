@@ -168,18 +168,73 @@ fn durable_delivers_everything_and_times_the_acks() {
 }
 
 #[test]
-fn several_relays_need_the_mesh() {
-    fails_with(
+fn a_line_of_three_relays_carries_the_throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("m.json");
+    let v = measure(
         &[
             "throughput",
             "--spawn",
             "--relays",
             "3",
             "--topology",
-            "ring",
+            "line",
+            "--count",
+            "5000",
+            "--json",
+            json.to_str().unwrap(),
         ],
-        2,
-        "do not peer",
+        &json,
+        Duration::from_secs(60),
+    );
+    assert_eq!(u(&v, "relays"), 3, "{v:#}");
+    assert_eq!(v["topology"], "line", "{v:#}");
+    assert_eq!(u(&v, "received"), 5000, "{v:#}");
+    assert_eq!(u(&v, "lost"), 0, "{v:#}");
+    assert_eq!(u(&v, "duplicates"), 0, "{v:#}");
+    cpu_is_plausible(&v, "relay_cpu_pct");
+}
+
+#[test]
+fn a_square_of_four_relays_reaches_the_opposite_corner() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("s.json");
+    let v = measure(
+        &[
+            "throughput",
+            "--spawn",
+            "--relays",
+            "4",
+            "--topology",
+            "square",
+            "--count",
+            "2000",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &json,
+        Duration::from_secs(60),
+    );
+    assert_eq!(u(&v, "relays"), 4, "{v:#}");
+    assert_eq!(v["topology"], "square", "{v:#}");
+    assert_eq!(u(&v, "received"), 2000, "{v:#}");
+}
+
+#[test]
+fn raw_clients_across_a_mesh_are_refused() {
+    fails_with(
+        &[
+            "throughput",
+            "--spawn",
+            "--relays",
+            "2",
+            "--client",
+            "raw",
+            "--count",
+            "10",
+        ],
+        1,
+        "not built",
     );
 }
 
@@ -977,4 +1032,34 @@ fn transport_is_for_relays_and_endpoints_for_quic() {
         2,
         "possible values: quic, tcp",
     );
+}
+
+#[test]
+fn reach_times_each_attach_across_a_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let v = measure(
+        &[
+            "reach",
+            "--spawn",
+            "--relays",
+            "3",
+            "--attaches",
+            "3",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &json,
+        Duration::from_secs(60),
+    );
+    assert_eq!(u(&v, "relays"), 3, "{v:#}");
+    let secs = v["secs"].as_array().expect("secs");
+    assert_eq!(secs.len(), 3, "{v:#}");
+    assert!(secs.iter().all(|s| s.as_f64().unwrap() > 0.0), "{v:#}");
+    assert!(f(&v, "max_ms") >= f(&v, "median_ms"), "{v:#}");
+}
+
+#[test]
+fn reach_needs_a_mesh() {
+    fails_with(&["reach", "--spawn"], 1, "needs a mesh");
 }

@@ -5,6 +5,7 @@ pub mod connections;
 pub mod durable;
 pub mod fanout;
 pub mod latency;
+pub mod reach;
 pub mod throughput;
 
 use crate::cli::{Auth, Broker, ClientArg, MsgArgs, PayloadArg, TargetArgs};
