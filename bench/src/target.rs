@@ -32,8 +32,9 @@ pub struct Target {
     /// Where receivers attach: [`addr`](Self::addr) for one relay, the
     /// last relay of a mesh (for a square, the corner opposite the first).
     pub rx_addr: NodeAddr,
-    /// Every relay process of the run (one, or the mesh's N), whose CPU
-    /// and memory are summed in the report; empty if unknown.
+    /// Every relay process of the run (one, or the mesh's N, the first
+    /// first), whose CPU and memory are summed in the report; empty if
+    /// unknown.
     pub pids: Vec<u32>,
     /// Where cells reach each relay of the run, in mesh order (one entry
     /// for one relay).
@@ -44,8 +45,6 @@ pub struct Target {
     pub topology: Option<&'static str>,
     /// How cells reach it (`--transport`).
     pub transport: Transport,
-    /// Its process, for CPU and memory; `None` if unknown.
-    pub pid: Option<u32>,
     /// Its admin HTTP address, if known.
     pub admin: Option<SocketAddr>,
     /// The admin addresses of the mesh's other relays (all but the first),
@@ -68,7 +67,6 @@ impl Target {
             relays: 1,
             topology: None,
             transport,
-            pid,
             admin: None,
             mesh_admins: Vec::new(),
             spawned: None,
@@ -118,7 +116,6 @@ impl Target {
             relays: 1,
             topology: None,
             transport,
-            pid: Some(pid),
             admin,
             mesh_admins: Vec::new(),
             spawned: Some(spawned),
@@ -216,7 +213,6 @@ impl Target {
             relays: n as u32,
             topology: Some(topology.name()),
             transport,
-            pid: Some(first.child.id()),
             admin: Some(ready[0].1),
             mesh_admins: ready[1..].iter().map(|r| r.1).collect(),
             spawned: Some(first),
@@ -608,14 +604,6 @@ impl Server {
         match self {
             Server::Relay(_) => "relay",
             Server::Nats(_) => "nats",
-        }
-    }
-
-    /// Its process, if known.
-    pub fn pid(&self) -> Option<u32> {
-        match self {
-            Server::Relay(t) => t.pid,
-            Server::Nats(n) => n.pid,
         }
     }
 

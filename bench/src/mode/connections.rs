@@ -85,7 +85,8 @@ pub async fn run(target: &Target, plan: &Plan) -> Result<(Report, Vec<String>)> 
             .context("creating the client QUIC endpoint")?,
         Transport::Tcp => Vec::new(),
     };
-    let pid = target.pid;
+    // The first relay: where connections attaches its cells.
+    let pid = target.pids.first().copied();
     let links_before = target
         .metric("celluler_links", "role=\"cell\"")
         .await

@@ -1044,17 +1044,18 @@ impl<H: Clone> Node<H> {
                             r
                         }
                     };
-                    // The last hop: delivered here, with or without a mesh.
+                    // The last hop, delivered here: reported to the source
+                    // directly if it is attached here (with or without a
+                    // mesh), else routed to its home through the mesh.
                     if e.trace() && route.is_some() {
                         let env = e.clone().with_ttl(ttl);
-                        if mesh.enabled() {
-                            mesh.trace(now, &env, id, dest, 0, out);
-                        } else if let Some((_, to)) = router.cell(&e.source()) {
-                            // No mesh: the source, if attached, is here.
+                        if let Some((_, to)) = router.cell(&e.source()) {
                             out.push(Action::Control {
                                 to: to.clone(),
                                 frame: Frame::Mesh(mesh.trace_frame(&env, id, dest, 0)),
                             });
+                        } else if mesh.enabled() {
+                            mesh.trace(now, &env, id, dest, 0, out);
                         }
                     }
                     match (route, single) {
