@@ -282,7 +282,7 @@ impl NoticeCode {
     /// messages to KEY were not delivered: ...".
     pub const fn describe(self) -> &'static str {
         match self {
-            NoticeCode::UnknownDestination => "not attached to this relay",
+            NoticeCode::UnknownDestination => "not attached to this relay or any relay it reaches",
             NoticeCode::DroppedSlowReceiver => "the receiver reads too slowly; its queue was full",
             NoticeCode::Expired => {
                 "timestamp older than the relay accepts; check this machine's clock"

@@ -494,7 +494,7 @@ fn a_send_to_an_absent_cell_is_reported_and_exits_3() {
         err.lines().collect::<Vec<_>>(),
         [
             "sent 3 message(s)",
-            &format!("3 to {absent}: not attached to this relay"),
+            &format!("3 to {absent}: not attached to this relay or any relay it reaches"),
             "3 of 3 messages were not delivered",
         ],
         "{err}"

@@ -47,7 +47,7 @@ Without --durable, delivery is best effort, and nothing is stored for later: a m
 attached to the relay is dropped, as is one whose receiver reads too slowly or that the relay \
 refuses (expired, from the future, out of hops). The relay reports each drop to the sender; \
 cell send waits for its reports before it exits and lists them on stderr, e.g.
-  1 to KEY: not attached to this relay
+  1 to KEY: not attached to this relay or any relay it reaches
   1 of 1 messages were not delivered
 A broadcast or service message that no cell receives is not reported.
 
